@@ -1,0 +1,25 @@
+"""One family of typed exceptions. Exit codes live in cli.py, never here."""
+
+
+class OnnxPruneError(Exception):
+    """Base class for every error onnxprune raises on purpose."""
+
+
+class InputError(OnnxPruneError):
+    """The input model is unreadable, corrupt, unsafe or uses something we refuse (exit 3)."""
+
+
+class RequestError(OnnxPruneError):
+    """The request cannot be met on this model: nothing prunable, infeasible target (exit 4)."""
+
+
+class OutputError(OnnxPruneError):
+    """The output cannot be written: same path as the input, permission, disk full (exit 5)."""
+
+
+class AccuracyGateError(OnnxPruneError):
+    """Validation showed a drop beyond the allowed budget (exit 1)."""
+
+    def __init__(self, message, report=None):
+        super().__init__(message)
+        self.report = report

@@ -1,0 +1,185 @@
+"""Weight discovery: which node inputs are prunable weights, resolved to the tensor that holds them.
+
+Handles initializers, Constant(value=...) nodes (Paddle exports), chains of Identity/Cast in front of a weight,
+tied weights (one tensor, several consumers: one Layer), initializers that are also graph inputs, and weights
+inside If/Loop/Scan bodies (including outer-scope names captured by a body).
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+
+import onnx
+from onnx import TensorProto
+
+from .errors import RequestError
+from .io import FLOAT_TYPES
+from .layout import PRUNABLE_OPS, Layout, layout_for, weight_slots
+
+log = logging.getLogger("onnxprune")
+
+# Ops whose presence means the weights are quantized: zeroing q would not give a zero weight (zero_point!).
+QUANTIZED_OPS = {
+    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+    "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+    "QAttention", "QLinearAdd", "QLinearMul", "MatMulBnb4", "GatherBlockQuantized",
+}
+PASS_THROUGH = {"Identity", "Cast"}
+MAX_SUBGRAPH_DEPTH = 64
+MAX_CHAIN = 16
+
+
+@dataclass
+class Consumer:
+    node: str
+    op: str
+    slot: int
+    graph: str
+    layout: Layout
+
+
+@dataclass
+class Layer:
+    """One prunable tensor. Tied weights are one Layer with several consumers."""
+    name: str
+    tensor: TensorProto = field(repr=False)
+    kind: str  # "initializer" | "constant"
+    graph: str  # "" for the main graph, else a path to the subgraph
+    order: int  # position of the first consumer in the main graph's node list
+    consumers: list = field(default_factory=list)
+    graph_input: bool = False
+    excluded: bool = False
+
+    @property
+    def op(self) -> str:
+        return "+".join(sorted({c.op for c in self.consumers}))
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(int(d) for d in self.tensor.dims)
+
+    @property
+    def size(self) -> int:
+        n = 1
+        for d in self.tensor.dims:
+            n *= int(d)
+        return n
+
+    @property
+    def dtype(self) -> str:
+        return FLOAT_TYPES.get(self.tensor.data_type, str(self.tensor.data_type))
+
+    @property
+    def layout(self) -> Layout:
+        return self.consumers[0].layout
+
+
+class _Scope:
+    """Names visible in one graph: initializers, Constant outputs, pass-through producers, graph inputs."""
+
+    def __init__(self, graph: onnx.GraphProto, path: str, parent: "_Scope | None"):
+        self.path, self.parent = path, parent
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.inputs = {i.name for i in graph.input}
+        self.constants = {}
+        self.producers = {}
+        for idx, node in enumerate(graph.node):
+            for out in node.output:
+                self.producers[out] = (idx, node)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and len(node.output) == 1:
+                for a in node.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        self.constants[node.output[0]] = (idx, node, a.t)
+
+    def lookup(self, name: str):
+        scope = self
+        while scope is not None:
+            if name in scope.initializers or name in scope.constants or name in scope.producers or name in scope.inputs:
+                return scope
+            scope = scope.parent
+        return None
+
+
+def _resolve(name: str, scope: _Scope):
+    """Follow Identity/Cast back to a constant tensor. Returns (key, display name, tensor, kind, scope) or None."""
+    for _ in range(MAX_CHAIN):
+        owner = scope.lookup(name)
+        if owner is None:
+            return None
+        if name in owner.initializers:
+            return (f"{owner.path}:init:{name}", name, owner.initializers[name], "initializer", owner)
+        if name in owner.constants:
+            idx, node, tensor = owner.constants[name]
+            return (f"{owner.path}:const:{idx}", name, tensor, "constant", owner)
+        if name in owner.producers:
+            _, node = owner.producers[name]
+            if node.op_type in PASS_THROUGH and node.domain in ("", "ai.onnx") and node.input:
+                name, scope = node.input[0], owner
+                continue
+        return None
+    return None
+
+
+def find_quantized_ops(model: onnx.ModelProto) -> list:
+    found = set()
+    for graph, _, _ in _walk(model.graph, "", None, 0):
+        for node in graph.node:
+            if node.op_type in QUANTIZED_OPS:
+                found.add(node.op_type)
+    return sorted(found)
+
+
+def _walk(graph, path, parent, order, depth=0):
+    if depth > MAX_SUBGRAPH_DEPTH:
+        raise RequestError(f"subgraphs nested deeper than {MAX_SUBGRAPH_DEPTH} levels")
+    scope = _Scope(graph, path, parent)
+    yield graph, scope, order
+    for idx, node in enumerate(graph.node):
+        for attr in node.attribute:
+            subs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for k, sub in enumerate(subs):
+                name = node.name or f"#{idx}"
+                sub_path = f"{path}/{name}.{attr.name}" + (f"[{k}]" if attr.type != onnx.AttributeProto.GRAPH else "")
+                yield from _walk(sub, sub_path, scope, order if depth else idx, depth + 1)
+
+
+def find_layers(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
+    """All prunable tensors of ``model`` in graph order, and a list of warnings."""
+    layers: dict[str, Layer] = {}
+    warnings = []
+    main_inputs = {i.name for i in model.graph.input}
+    for graph, scope, order in _walk(model.graph, "", None, 0):
+        for idx, node in enumerate(graph.node):
+            if node.op_type not in PRUNABLE_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            hit = None
+            for slot in weight_slots(node):
+                if slot < len(node.input) and node.input[slot]:
+                    hit = _resolve(node.input[slot], scope)
+                    if hit is not None:
+                        break
+            if hit is None:
+                continue  # e.g. MatMul of two activations: never pruned
+            key, name, tensor, kind, owner = hit
+            if tensor.data_type not in FLOAT_TYPES:
+                warnings.append(f"{name}: {onnx.TensorProto.DataType.Name(tensor.data_type)} weight of "
+                                f"{node.op_type} '{node.name}' is not a float tensor; left as is")
+                continue
+            node_order = idx if graph is model.graph else order
+            layer = layers.get(key)
+            if layer is None:
+                layer = Layer(name=name, tensor=tensor, kind=kind, graph=owner.path, order=node_order)
+                layer.graph_input = owner.path == "" and kind == "initializer" and name in main_inputs
+                layers[key] = layer
+            layer.consumers.append(Consumer(node.name, node.op_type, slot, scope.path,
+                                            layout_for(node, slot, len(tensor.dims))))
+    result = sorted(layers.values(), key=lambda l: (l.order, l.graph, l.name))
+    for layer in result:
+        if layer.graph_input:
+            warnings.append(f"{layer.name}: initializer is also a graph input; callers can override it at run "
+                            f"time, so the pruned values only hold when it is not fed")
+        patterns = [layer.name] + [c.node for c in layer.consumers if c.node]
+        if any(fnmatch.fnmatchcase(p, g) for g in exclude for p in patterns):
+            layer.excluded = True
+    return result, warnings

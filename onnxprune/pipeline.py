@@ -1,0 +1,172 @@
+"""prune(model, config) -> (model, report): the stages in order. No printing, no exit codes."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from . import __version__
+from .allocation import ALLOCATIONS, Context, LayerInfo
+from .errors import InputError, RequestError
+from .graph import find_layers, find_quantized_ops
+from .io import LoadedModel, load_model, read_tensor, write_tensor
+from .report import LayerReport, Report
+from .scores import SCORES
+from .select import apply_mask, prune_mask
+
+log = logging.getLogger("onnxprune")
+
+# A named method is an (allocation, score) pair; None means "--allocation decides" (default in the 3rd field).
+METHODS = {
+    "lamp": ("lamp", "magnitude", None),
+    "global": ("global", "magnitude", None),
+    "global-mt": ("global-mt", "magnitude", None),
+    "uniform": ("uniform", "magnitude", None),
+    "uniform+": ("uniform+", "magnitude", None),
+    "erk": ("erk", "magnitude", None),
+    "igq": ("igq", "magnitude", None),
+    "random": (None, "random", "igq"),
+}
+
+
+@dataclass
+class PruneConfig:
+    sparsity: float
+    method: str = "lamp"
+    allocation: str | None = None
+    exclude: tuple = ()
+    min_keep: str = "0.05%"
+    seed: int = 0
+    dry_run: bool = False
+    extra: dict = field(default_factory=dict)
+
+    def resolve(self) -> tuple:
+        """(allocation, score) names, checking the combination."""
+        if not isinstance(self.sparsity, (int, float)) or not math.isfinite(self.sparsity) or not 0 <= self.sparsity < 1:
+            raise ValueError(f"sparsity must be a finite number in [0, 1), got {self.sparsity!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {', '.join(METHODS)}")
+        alloc, score, default = METHODS[self.method]
+        if self.allocation is not None:
+            if alloc is not None:
+                raise ValueError(f"--allocation applies to methods that leave it open (random), not {self.method!r}")
+            if self.allocation not in ALLOCATIONS:
+                raise ValueError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
+            alloc = self.allocation
+        return alloc or default, score
+
+
+def parse_min_keep(text, total: int) -> int:
+    """'0.05%' -> that percent of all prunable weights (int, as the reference does); '715' -> 715."""
+    s = str(text).strip()
+    try:
+        if s.endswith("%"):
+            pct = float(s[:-1])
+            if not math.isfinite(pct) or pct < 0:
+                raise ValueError
+            return int(total * pct / 100.0)
+        value = int(s)
+        if value < 0:
+            raise ValueError
+        return value
+    except ValueError:
+        raise ValueError(f"--min-keep must be a count (e.g. 715) or a percent of all prunable weights (e.g. 0.05%), "
+                         f"got {text!r}") from None
+
+
+def prune(model_or_path, sparsity: float, method: str = "lamp", **options):
+    """Prune a model to an exact global sparsity.
+
+    ``model_or_path`` is a path or an ``onnx.ModelProto`` (copied, never modified). Options: allocation, exclude,
+    min_keep, seed, dry_run. Returns ``(pruned ModelProto, Report)``.
+    """
+    config = PruneConfig(sparsity=sparsity, method=method, **options)
+    if isinstance(model_or_path, onnx.ModelProto):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model_or_path)
+        loaded = LoadedModel(model=copy)
+        from .io import check_structure
+        check_structure(copy)
+    else:
+        loaded = load_model(str(model_or_path))
+    report = prune_loaded(loaded, config)
+    return loaded.model, report
+
+
+def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
+    """Prune ``loaded.model`` in place according to ``config`` and describe what was done."""
+    t0 = time.perf_counter()
+    alloc_name, score_name = config.resolve()
+    model = loaded.model
+    report = Report(version=__version__, method=config.method, allocation=alloc_name, score=score_name,
+                    target_sparsity=float(config.sparsity), dry_run=config.dry_run, input=loaded.path,
+                    options={"exclude": list(config.exclude), "min_keep": config.min_keep, "seed": config.seed,
+                             **config.extra})
+    quantized = find_quantized_ops(model)
+    if quantized:
+        raise RequestError(f"quantized model ({', '.join(quantized)}): pruning quantized weights is not supported "
+                           f"yet; prune the float model before quantizing it")
+    layers, warnings = find_layers(model, config.exclude)
+    report.warnings.extend(warnings)
+    for w in warnings:
+        log.warning(w)
+    active = [l for l in layers if not l.excluded]
+    if not active and config.sparsity > 0:
+        what = "every prunable layer is excluded" if layers else "no prunable weights (Conv, ConvTranspose, Gemm, MatMul with a constant operand)"
+        raise RequestError(f"nothing to prune: {what}")
+
+    values, rows = [], []
+    for layer in layers:
+        w = read_tensor(layer.tensor)
+        bad = int(w.size - np.count_nonzero(np.isfinite(w)))
+        if bad:
+            raise InputError(f"tensor '{layer.name}' holds {bad} NaN/Inf value(s); refusing to prune it")
+        zeros = int(w.size - np.count_nonzero(w))
+        values.append(w)
+        rows.append(LayerReport(name=layer.name, op=layer.op, shape=list(layer.shape), dtype=layer.dtype,
+                                kind=layer.kind, graph=layer.graph, consumers=[c.node for c in layer.consumers],
+                                params=int(w.size), zeros_before=zeros, zeros_after=zeros, excluded=layer.excluded))
+    report.layers = rows
+    t1 = time.perf_counter()
+
+    idx = [i for i, l in enumerate(layers) if not l.excluded]
+    total = sum(rows[i].params for i in idx)
+    zeros = sum(rows[i].zeros_before for i in idx)
+    target = int(round(config.sparsity * total))
+    report.target_pruned = target
+    report.options["min_keep_count"] = parse_min_keep(config.min_keep, total)
+    if idx and zeros >= target:
+        report.already_sparser = target < zeros
+        if zeros > target:
+            msg = (f"model is already {zeros / total:.4%} sparse, above the {config.sparsity:.4%} asked for; "
+                   f"nothing more pruned")
+            report.warnings.append(msg)
+            log.warning(msg)
+        counts = np.array([rows[i].zeros_before for i in idx], dtype=np.int64)
+    elif idx:
+        infos = [LayerInfo(size=rows[i].params, zeros=rows[i].zeros_before, shape=tuple(layers[i].shape),
+                           is_conv=any(c.op in ("Conv", "ConvTranspose") for c in layers[i].consumers),
+                           values=values[i]) for i in idx]
+        ctx = Context(layers=infos, prune_total=target, min_keep=report.options["min_keep_count"])
+        counts = ALLOCATIONS[alloc_name](ctx)
+        assert int(counts.sum()) == target, (counts.sum(), target)
+    else:
+        counts = np.zeros(0, dtype=np.int64)
+    t2 = time.perf_counter()
+
+    score_fn = SCORES[score_name]
+    for k, i in enumerate(idx):
+        n_prune = int(counts[k])
+        if n_prune == rows[i].zeros_before:
+            continue  # nothing new: leave the tensor's bytes untouched
+        pruned = prune_mask(score_fn(values[i], config.seed, k), n_prune)
+        rows[i].zeros_after = n_prune
+        if not config.dry_run:
+            write_tensor(layers[i].tensor, apply_mask(values[i], pruned))
+    t3 = time.perf_counter()
+    report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
+    return report

@@ -1,0 +1,97 @@
+"""The report: what was pruned, per layer and in total. Plain data and its JSON; no printing."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class LayerReport:
+    name: str
+    op: str
+    shape: list
+    dtype: str
+    kind: str
+    graph: str
+    consumers: list
+    params: int
+    zeros_before: int
+    zeros_after: int
+    excluded: bool = False
+
+    @property
+    def sparsity_before(self) -> float:
+        return self.zeros_before / self.params if self.params else 0.0
+
+    @property
+    def sparsity_after(self) -> float:
+        return self.zeros_after / self.params if self.params else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity_before"] = self.sparsity_before
+        d["sparsity_after"] = self.sparsity_after
+        return d
+
+
+@dataclass
+class Report:
+    version: str
+    method: str
+    allocation: str
+    score: str
+    target_sparsity: float
+    options: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)
+    warnings: list = field(default_factory=list)
+    timings: dict = field(default_factory=dict)
+    target_pruned: int = 0  # round(S * N) over the layers that may be pruned
+    already_sparser: bool = False
+    dry_run: bool = False
+    input: str | None = None
+    output: str | None = None
+    written: dict = field(default_factory=dict)
+    status: str = "ok"
+    exit_code: int = 0
+    error: str | None = None
+
+    def totals(self, include_excluded: bool = False) -> dict:
+        rows = [l for l in self.layers if include_excluded or not l.excluded]
+        n = sum(l.params for l in rows)
+        before = sum(l.zeros_before for l in rows)
+        after = sum(l.zeros_after for l in rows)
+        return {
+            "layers": len(rows),
+            "params": n,
+            "zeros_before": before,
+            "zeros_after": after,
+            "sparsity_before": before / n if n else 0.0,
+            "sparsity_after": after / n if n else 0.0,
+        }
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "status": self.status,
+            "exit_code": self.exit_code,
+            "error": self.error,
+            "onnxprune_version": self.version,
+            "input": self.input,
+            "output": self.output,
+            "written": self.written,
+            "dry_run": self.dry_run,
+            "method": self.method,
+            "allocation": self.allocation,
+            "score": self.score,
+            "target_sparsity": self.target_sparsity,
+            "target_pruned": self.target_pruned,
+            "already_sparser": self.already_sparser,
+            "options": self.options,
+            "seed": self.options.get("seed"),
+            "totals": self.totals(),
+            "totals_including_excluded": self.totals(include_excluded=True),
+            "layers": [l.to_dict() for l in self.layers],
+            "warnings": self.warnings,
+            "timings_s": self.timings,
+        }

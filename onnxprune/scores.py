@@ -1,0 +1,67 @@
+"""Within-layer scores: pure NumPy, weights in, scores out. Higher score = more worth keeping.
+
+Already-zero weights score -inf so every selection prunes them first and never revives them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def magnitude(w: np.ndarray) -> np.ndarray:
+    """|w|, flattened. fp16/bf16 widen to float32 (exact); float64 stays float64. The ranking is exact."""
+    w = np.asarray(w).ravel()
+    dtype = np.float64 if w.dtype == np.float64 else np.float32
+    return np.abs(w.astype(dtype, copy=False))
+
+
+def sorted_magnitude(w: np.ndarray) -> np.ndarray:
+    """|w| ascending in float64, existing zeros as -inf: the global-magnitude allocation's input."""
+    a = np.sort(magnitude(w)).astype(np.float64)
+    a[a == 0] = -np.inf
+    return a
+
+
+def lamp_sorted(w: np.ndarray) -> np.ndarray:
+    """LAMP scores in ascending-|w| order (ties by flat index): w_u^2 / sum_{v>=u} w_v^2.
+
+    Float64 with a reversed cumulative sum (no total-minus-prefix cancellation). The result is non-decreasing,
+    so a layer's keep set for any threshold is a suffix of its magnitude order. Zeros score -inf; an all-zero
+    layer gives all -inf, never NaN.
+    """
+    sq = np.sort(magnitude(w)).astype(np.float64)
+    zeros = int(np.searchsorted(sq, 0.0, side="right"))
+    np.square(sq, out=sq)
+    suffix = np.cumsum(sq[::-1])[::-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        np.divide(sq, suffix, out=sq)
+    sq[:zeros] = -np.inf
+    return sq
+
+
+def lamp(w: np.ndarray) -> np.ndarray:
+    """LAMP scores in the weight's own positions and shape (for inspection and tests)."""
+    w = np.asarray(w)
+    order = np.argsort(magnitude(w), kind="stable")
+    out = np.empty(w.size, dtype=np.float64)
+    out[order] = lamp_sorted(w)
+    return out.reshape(w.shape)
+
+
+def random_scores(w: np.ndarray, seed: int, layer_index: int) -> np.ndarray:
+    """Uniform random scores, reproducible per (seed, layer position); zeros -inf."""
+    w = np.asarray(w).ravel()
+    rng = np.random.default_rng([int(seed), int(layer_index)])
+    s = rng.random(w.size)
+    s[w == 0] = -np.inf
+    return s
+
+
+def magnitude_scores(w: np.ndarray, seed: int = 0, layer_index: int = 0) -> np.ndarray:
+    return magnitude(w)
+
+
+# Within-layer scores by name (the "which" half of a method).
+SCORES = {
+    "magnitude": magnitude_scores,
+    "random": random_scores,
+}
