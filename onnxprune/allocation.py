@@ -12,6 +12,7 @@ import numpy as np
 
 from . import scores as S
 from .errors import RequestError
+from .threshold import global_counts, global_prune_counts  # noqa: F401  (global_counts: the reference route)
 
 
 @dataclass
@@ -28,6 +29,9 @@ class Context:
     layers: list
     prune_total: int  # P = round(S * N), already >= sum(zeros)
     min_keep: int = 0  # global-mt floor, a count
+    buffer: S.MagnitudeBuffer = field(default_factory=S.MagnitudeBuffer, repr=False)
+    # optional per-layer magnitude thresholds that make the final selection cheaper (see select.prune_mask)
+    hints: list = field(default_factory=list, repr=False)
 
     @property
     def sizes(self):
@@ -36,54 +40,6 @@ class Context:
     @property
     def zeros(self):
         return np.array([l.zeros for l in self.layers], dtype=np.int64)
-
-
-# ---------------------------------------------------------------- exact global selection over sorted scores
-
-def _key(x: np.ndarray) -> np.ndarray:
-    """Order-preserving map float64 -> int64 (an involution)."""
-    u = np.asarray(x, dtype=np.float64).view(np.int64)
-    return u ^ ((u >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))
-
-
-def _unkey(k) -> float:
-    u = np.array([k], dtype=np.int64)
-    return float((u ^ ((u >> 63) & np.int64(0x7FFFFFFFFFFFFFFF))).view(np.float64)[0])
-
-
-def global_counts(sorted_scores: list, prune_total: int) -> np.ndarray:
-    """Prune the ``prune_total`` lowest scores over all layers (each given ascending).
-
-    Ties at the threshold are pruned from earlier layers first, then by position inside a layer: the whole
-    order is (score, layer index, position), so the result is deterministic.
-    """
-    n_layers = len(sorted_scores)
-    counts = np.zeros(n_layers, dtype=np.int64)
-    if prune_total <= 0:
-        return counts
-    total = sum(a.size for a in sorted_scores)
-    if prune_total >= total:
-        return np.array([a.size for a in sorted_scores], dtype=np.int64)
-    lo = min(int(_key(a[:1])[0]) for a in sorted_scores if a.size)
-    hi = max(int(_key(a[-1:])[0]) for a in sorted_scores if a.size)
-    # smallest key t with #(score <= t) >= prune_total
-    while lo < hi:
-        mid = (lo + hi) // 2
-        v = _unkey(mid)
-        if sum(int(np.searchsorted(a, v, side="right")) for a in sorted_scores) >= prune_total:
-            hi = mid
-        else:
-            lo = mid + 1
-    tau = _unkey(lo)
-    below = np.array([np.searchsorted(a, tau, side="left") for a in sorted_scores], dtype=np.int64)
-    equal = np.array([np.searchsorted(a, tau, side="right") for a in sorted_scores], dtype=np.int64) - below
-    need = prune_total - int(below.sum())
-    counts[:] = below
-    for i in range(n_layers):
-        take = min(int(equal[i]), need)
-        counts[i] += take
-        need -= take
-    return counts
 
 
 # ---------------------------------------------------------------- quotas -> exact integer counts
@@ -134,12 +90,14 @@ def fit_counts(desired: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: int, 
 
 def alloc_global(ctx: Context) -> np.ndarray:
     """Global magnitude: one threshold on |w| over all layers."""
-    return global_counts([S.sorted_magnitude(l.values) for l in ctx.layers], ctx.prune_total)
+    counts, ctx.hints = global_prune_counts([l.values for l in ctx.layers], "magnitude", ctx.prune_total, ctx.buffer)
+    return counts
 
 
 def alloc_lamp(ctx: Context) -> np.ndarray:
     """LAMP: one threshold on layer-normalised scores (section 2)."""
-    return global_counts([S.lamp_sorted(l.values) for l in ctx.layers], ctx.prune_total)
+    counts, ctx.hints = global_prune_counts([l.values for l in ctx.layers], "lamp", ctx.prune_total, ctx.buffer)
+    return counts
 
 
 def alloc_uniform(ctx: Context) -> np.ndarray:
@@ -206,11 +164,16 @@ def alloc_igq(ctx: Context) -> np.ndarray:
 
 def alloc_global_mt(ctx: Context) -> np.ndarray:
     """Global magnitude with a minimum keep count per layer (section 4.2, closed form)."""
-    sizes, zeros = ctx.sizes, ctx.zeros
-    gmp = alloc_global(ctx).astype(np.float64)
-    m = ctx.min_keep
-    hi = np.where(sizes < m, zeros, np.maximum(zeros, sizes - m))
-    return fit_counts(gmp, zeros, hi, ctx.prune_total, "global-mt")
+    gmp = alloc_global(ctx)
+    ctx.hints = []  # they describe the global-magnitude counts, not these
+    return min_keep_counts(gmp, ctx.sizes, ctx.zeros, ctx.min_keep, ctx.prune_total)
+
+
+def min_keep_counts(gmp_prune, sizes, zeros, min_keep: int, total: int) -> np.ndarray:
+    """Rescale a global-magnitude profile so every layer keeps >= min_keep (layers smaller than it stay dense)."""
+    sizes, zeros = np.asarray(sizes, dtype=np.int64), np.asarray(zeros, dtype=np.int64)
+    hi = np.where(sizes < min_keep, zeros, np.maximum(zeros, sizes - min_keep))
+    return fit_counts(np.asarray(gmp_prune, dtype=np.float64), zeros, hi, total, "global-mt")
 
 
 # Per-layer counts by name (the "how many" half of a method). The CLI's choices derive from these keys.

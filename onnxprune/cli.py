@@ -106,7 +106,7 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, r
         report.timings["load"] = t_load
         if not dry_run:
             t1 = time.perf_counter()
-            report.written = save_model(loaded, out_path)
+            report.written = save_model(loaded, out_path, digest=bool(report_path or as_json))
             report.output = out_path
             report.timings["save"] = time.perf_counter() - t1
         report.timings["total"] = time.perf_counter() - t0

@@ -134,10 +134,11 @@ def check_output_path(out_path: str, loaded: LoadedModel | None) -> None:
         raise OutputError(f"{out_path}: directory {out_dir} is not writable")
 
 
-def save_model(loaded: LoadedModel, out_path: str) -> dict:
+def save_model(loaded: LoadedModel, out_path: str, digest: bool = True) -> dict:
     """Write the model atomically; tensors that were external stay external in ``<out>.data``.
 
-    Returns {path: sha256} of the files written. On any failure nothing at the destination changes.
+    Returns {path: sha256 or None} of the files written (hashing costs a pass; ``digest=False`` skips it).
+    On any failure nothing at the destination changes.
     """
     check_output_path(out_path, loaded)
     model = loaded.model
@@ -150,11 +151,11 @@ def save_model(loaded: LoadedModel, out_path: str) -> dict:
         tmp_data = os.path.join(tmp, data_name)
         if loaded.external:
             stashed = _externalize(model, loaded.external, tmp_data, data_name)
-            written[os.path.join(out_dir, data_name)] = _sha256(tmp_data)
+            written[os.path.join(out_dir, data_name)] = _sha256(tmp_data) if digest else None
         tmp_model = os.path.join(tmp, "model.onnx")
         payload = model.SerializeToString(deterministic=True)
         _write_synced(tmp_model, payload)
-        written[os.path.abspath(out_path)] = hashlib.sha256(payload).hexdigest()
+        written[os.path.abspath(out_path)] = hashlib.sha256(payload).hexdigest() if digest else None
         del payload
         if loaded.external:
             os.replace(tmp_data, os.path.join(out_dir, data_name))

@@ -15,8 +15,8 @@ from .errors import InputError, RequestError
 from .graph import find_layers, find_quantized_ops
 from .io import LoadedModel, load_model, read_tensor, write_tensor
 from .report import LayerReport, Report
-from .scores import SCORES
-from .select import apply_mask, prune_mask
+from .scores import SCORES, MagnitudeBuffer
+from .select import apply_mask, layout_perm, prune_mask
 
 log = logging.getLogger("onnxprune")
 
@@ -139,6 +139,10 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     target = int(round(config.sparsity * total))
     report.target_pruned = target
     report.options["min_keep_count"] = parse_min_keep(config.min_keep, total)
+    infos = [LayerInfo(size=rows[i].params, zeros=rows[i].zeros_before, shape=tuple(layers[i].shape),
+                       is_conv=any(c.op in ("Conv", "ConvTranspose") for c in layers[i].consumers),
+                       values=values[i]) for i in idx]
+    buffer, hints = MagnitudeBuffer(), []
     if idx and zeros >= target:
         report.already_sparser = target < zeros
         if zeros > target:
@@ -148,11 +152,9 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
             log.warning(msg)
         counts = np.array([rows[i].zeros_before for i in idx], dtype=np.int64)
     elif idx:
-        infos = [LayerInfo(size=rows[i].params, zeros=rows[i].zeros_before, shape=tuple(layers[i].shape),
-                           is_conv=any(c.op in ("Conv", "ConvTranspose") for c in layers[i].consumers),
-                           values=values[i]) for i in idx]
-        ctx = Context(layers=infos, prune_total=target, min_keep=report.options["min_keep_count"])
+        ctx = Context(layers=infos, prune_total=target, min_keep=report.options["min_keep_count"], buffer=buffer)
         counts = ALLOCATIONS[alloc_name](ctx)
+        hints = ctx.hints
         assert int(counts.sum()) == target, (counts.sum(), target)
     else:
         counts = np.zeros(0, dtype=np.int64)
@@ -163,7 +165,11 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
         n_prune = int(counts[k])
         if n_prune == rows[i].zeros_before:
             continue  # nothing new: leave the tensor's bytes untouched
-        pruned = prune_mask(score_fn(values[i], config.seed, k), n_prune)
+        layout = layers[i].layout
+        perm = layout_perm(values[i].shape, layout.out_axis, layout.in_axis)
+        scores = score_fn(values[i], config.seed, k, perm, mag=buffer.of(values[i]) if score_name == "magnitude" else None)
+        hint = hints[k] if score_name == "magnitude" and k < len(hints) else None
+        pruned = prune_mask(scores, n_prune, values[i].shape, perm, hint=hint)
         rows[i].zeros_after = n_prune
         if not config.dry_run:
             write_tensor(layers[i].tensor, apply_mask(values[i], pruned))

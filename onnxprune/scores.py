@@ -14,6 +14,25 @@ def magnitude(w: np.ndarray) -> np.ndarray:
     return np.abs(w.astype(dtype, copy=False))
 
 
+class MagnitudeBuffer:
+    """|w| computed into one reused buffer per float width: no fresh pages per layer on large models.
+
+    The array returned by ``of`` is only valid until the next call.
+    """
+
+    def __init__(self):
+        self._bufs = {}
+
+    def of(self, w: np.ndarray) -> np.ndarray:
+        flat = np.asarray(w).reshape(-1)
+        if flat.dtype not in (np.float32, np.float64):
+            return magnitude(flat)
+        buf = self._bufs.get(flat.dtype)
+        if buf is None or buf.size < flat.size:
+            buf = self._bufs[flat.dtype] = np.empty(flat.size, dtype=flat.dtype)
+        return np.abs(flat, out=buf[: flat.size])
+
+
 def sorted_magnitude(w: np.ndarray) -> np.ndarray:
     """|w| ascending in float64, existing zeros as -inf: the global-magnitude allocation's input."""
     a = np.sort(magnitude(w)).astype(np.float64)
@@ -47,17 +66,25 @@ def lamp(w: np.ndarray) -> np.ndarray:
     return out.reshape(w.shape)
 
 
-def random_scores(w: np.ndarray, seed: int, layer_index: int) -> np.ndarray:
-    """Uniform random scores, reproducible per (seed, layer position); zeros -inf."""
-    w = np.asarray(w).ravel()
+def random_scores(w: np.ndarray, seed: int, layer_index: int, perm: tuple | None = None, mag=None) -> np.ndarray:
+    """Uniform random scores, reproducible per (seed, layer position); zeros -inf.
+
+    Drawn in the canonical (out, in, kernel...) order given by ``perm`` so that the same weights stored in
+    another layout get the same scores.
+    """
+    w = np.asarray(w)
     rng = np.random.default_rng([int(seed), int(layer_index)])
-    s = rng.random(w.size)
-    s[w == 0] = -np.inf
+    if perm is not None and w.ndim:
+        s = rng.random(tuple(w.shape[a] for a in perm)).transpose(np.argsort(perm)).ravel()
+    else:
+        s = rng.random(w.size)
+    s[w.ravel() == 0] = -np.inf
     return s
 
 
-def magnitude_scores(w: np.ndarray, seed: int = 0, layer_index: int = 0) -> np.ndarray:
-    return magnitude(w)
+def magnitude_scores(w: np.ndarray, seed: int = 0, layer_index: int = 0, perm: tuple | None = None,
+                     mag=None) -> np.ndarray:
+    return magnitude(w) if mag is None else mag
 
 
 # Within-layer scores by name (the "which" half of a method).

@@ -8,19 +8,50 @@ from __future__ import annotations
 import numpy as np
 
 
-def prune_mask(scores: np.ndarray, n_prune: int) -> np.ndarray:
-    """Boolean array (flat), True where the weight is pruned: the ``n_prune`` lowest (score, index)."""
+def canonical_index(flat_idx: np.ndarray, shape: tuple, perm: tuple | None) -> np.ndarray:
+    """Flat index in the canonical layout (out, in, kernel...) so that tie-breaks do not depend on how a
+    framework stored the weight (Gemm [out, in] and MatMul [in, out] give the same masks)."""
+    if perm is None or list(perm) == list(range(len(shape))):
+        return flat_idx
+    coords = np.unravel_index(flat_idx, shape)
+    return np.ravel_multi_index(tuple(coords[a] for a in perm), tuple(shape[a] for a in perm))
+
+
+def layout_perm(shape: tuple, out_axis, in_axis) -> tuple:
+    """Axis order (out, in, the rest) for a weight of ``shape``."""
+    rank = len(shape)
+    first = [a % rank for a in (out_axis, in_axis) if a is not None and rank]
+    return tuple(first + [a for a in range(rank) if a not in first])
+
+
+def prune_mask(scores: np.ndarray, n_prune: int, shape: tuple | None = None, perm: tuple | None = None,
+               hint: float | None = None) -> np.ndarray:
+    """Boolean array (flat), True where the weight is pruned: the ``n_prune`` lowest by (score, canonical index).
+
+    ``hint`` may name a score t with #(score < t) <= n_prune <= #(score <= t) (the allocation often knows one);
+    it is checked, and any t that passes gives exactly the same mask, so a wrong hint only costs a partition.
+    """
     scores = np.asarray(scores).ravel()
     n = scores.size
     if n_prune <= 0:
         return np.zeros(n, dtype=bool)
     if n_prune >= n:
         return np.ones(n, dtype=bool)
-    t = np.partition(scores, n_prune - 1)[n_prune - 1]
-    pruned = scores < t
-    short = n_prune - int(np.count_nonzero(pruned))
+    pruned = None
+    if hint is not None:
+        t = scores.dtype.type(hint)
+        pruned = scores < t
+        short = n_prune - int(np.count_nonzero(pruned))
+        if short < 0 or (short and short > int(np.count_nonzero(scores == t))):
+            pruned = None
+    if pruned is None:
+        t = np.partition(scores, n_prune - 1)[n_prune - 1]
+        pruned = scores < t
+        short = n_prune - int(np.count_nonzero(pruned))
     if short:
         ties = np.flatnonzero(scores == t)
+        if shape is not None:
+            ties = ties[np.argsort(canonical_index(ties, shape, perm), kind="stable")]
         pruned[ties[:short]] = True
     return pruned
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -12,14 +13,14 @@ def _pct(x: float) -> str:
 def print_report(report, stderr: bool = False) -> None:
     console = Console(stderr=stderr, highlight=False)
     title = f"onnxprune {report.method}" + (f" (allocation {report.allocation})" if report.method == "random" else "")
-    title += f" → {report.target_sparsity:.2%}" + ("  [dry run]" if report.dry_run else "")
-    table = Table(title=title, show_lines=False)
+    title += f" → {report.target_sparsity:.2%}" + ("  (dry run: nothing written)" if report.dry_run else "")
+    table = Table(title=escape(title), show_lines=False)
     for col, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("dtype", "left"),
                          ("params", "right"), ("sparsity before → after", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     for l in report.layers:
         after = "excluded" if l.excluded else _pct(l.sparsity_after)
-        table.add_row(l.name, l.op, "×".join(map(str, l.shape)), l.dtype, f"{l.params:,}",
+        table.add_row(escape(l.name), l.op, "×".join(map(str, l.shape)), l.dtype, f"{l.params:,}",
                       f"{_pct(l.sparsity_before)} → {after}")
     t = report.totals()
     table.add_section()
@@ -27,6 +28,6 @@ def print_report(report, stderr: bool = False) -> None:
                   f"{_pct(t['sparsity_before'])} → {_pct(t['sparsity_after'])}")
     console.print(table)
     for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}")
+        console.print(f"[yellow]warning:[/yellow] {escape(w)}")
     if report.output:
-        console.print(f"wrote {report.output}")
+        console.print(f"wrote {escape(report.output)}")

@@ -1,0 +1,140 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import helper
+
+from onnxprune.cli import main
+
+from conftest import make_model, sample, two_layer_mlp, vi, weights
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    path = str(tmp_path / "cnn.onnx")
+    shutil.copy(sample("cnn")[0], path)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_main_job_writes_beside_input_with_table(cnn, tmp_path):
+    before = open(cnn, "rb").read()
+    r = invoke(cnn, "--sparsity", "0.95", "--method", "lamp")
+    assert r.exit_code == 0, r.output
+    out = str(tmp_path / "cnn_pruned.onnx")
+    assert os.path.exists(out) and open(cnn, "rb").read() == before
+    assert "conv1.weight" in r.stdout and "total" in r.stdout and "95.00%" in r.stdout
+    w = weights(onnx.load(out))
+    names = ["conv1.weight", "dw.weight", "pw.weight", "branch.weight", "fc1.weight", "fc2.weight"]
+    assert sum(int((w[n] == 0).sum()) for n in names) == round(0.95 * 14304)
+
+
+def test_json_is_one_document_and_report_file(cnn, tmp_path):
+    rep = str(tmp_path / "r.json")
+    r = invoke(cnn, "-s", "0.5", "-m", "erk", "-o", tmp_path / "o.onnx", "--report", rep, "--json")
+    assert r.exit_code == 0
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "ok" and doc["exit_code"] == 0 and doc["schema_version"] == 1
+    assert doc["method"] == "erk" and doc["totals"]["zeros_after"] == 7152 and doc["onnxprune_version"]
+    assert "save" in doc["timings_s"] and doc["seed"] == 0
+    assert json.load(open(rep))["totals"] == doc["totals"]
+
+
+def test_dry_run_writes_nothing(cnn, tmp_path):
+    files = set(os.listdir(tmp_path))
+    r = invoke(cnn, "-s", "0.9", "--dry-run", "--report", tmp_path / "r.json")
+    assert r.exit_code == 0 and "dry run" in r.stdout
+    assert set(os.listdir(tmp_path)) == files
+
+
+@pytest.mark.parametrize("value", ["nan", "1", "1.0", "-0.1", "inf", "abc"])
+def test_bad_sparsity_is_usage_error(cnn, value):
+    r = invoke(cnn, "--sparsity", value)
+    assert r.exit_code == 2 and "sparsity" in r.output.lower()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x07garbage\xff\xfe" * 10, b"this is text, not onnx\n"])
+def test_corrupt_input_exit_3_one_line_no_output(tmp_path, content):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    r = invoke(bad, "-s", "0.5")
+    assert r.exit_code == 3
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not os.path.exists(tmp_path / "bad_pruned.onnx")
+
+
+def test_truncated_and_missing_input(tmp_path, cnn):
+    half = tmp_path / "half.onnx"
+    half.write_bytes(open(cnn, "rb").read()[:20000])
+    assert invoke(half, "-s", "0.5").exit_code == 3
+    assert invoke(tmp_path / "nope.onnx", "-s", "0.5").exit_code == 3
+
+
+def test_nothing_prunable_exit_4_and_json_on_failure(tmp_path):
+    m = make_model([helper.make_node("Relu", ["x"], ["y"])], [vi("x", [2])], [vi("y", [2])])
+    path = str(tmp_path / "relu.onnx")
+    onnx.save(m, path)
+    r = invoke(path, "-s", "0.5", "--json")
+    assert r.exit_code == 4
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "error" and doc["exit_code"] == 4 and "nothing to prune" in doc["error"]
+    assert not os.path.exists(tmp_path / "relu_pruned.onnx")
+
+
+def test_output_equal_to_input_refused_exit_5(cnn, tmp_path):
+    before = open(cnn, "rb").read()
+    assert invoke(cnn, "-s", "0.5", "-o", cnn).exit_code == 5
+    link = tmp_path / "link.onnx"
+    os.symlink(cnn, link)
+    r = invoke(cnn, "-s", "0.5", "-o", link)
+    assert r.exit_code == 5 and "input" in r.stderr
+    assert open(cnn, "rb").read() == before
+
+
+def test_output_dir_missing_exit_5(cnn, tmp_path):
+    assert invoke(cnn, "-s", "0.5", "-o", tmp_path / "no" / "x.onnx").exit_code == 5
+
+
+def test_nan_weights_exit_3_names_tensor(tmp_path):
+    m = two_layer_mlp()
+    w = onnx.numpy_helper.to_array(m.graph.initializer[0]).copy()
+    w[1, 1] = np.inf
+    m.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "w1"))
+    path = str(tmp_path / "m.onnx")
+    onnx.save(m, path)
+    r = invoke(path, "-s", "0.5")
+    assert r.exit_code == 3 and "'w1'" in r.stderr
+
+
+def test_verbose_shows_traceback_only_with_v(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"")
+    assert "Traceback" not in invoke(bad, "-s", "0.5").output
+    assert "Traceback" in invoke(bad, "-s", "0.5", "-v").output
+
+
+def test_allocation_only_with_random_and_min_keep_validated(cnn, tmp_path):
+    assert invoke(cnn, "-s", "0.5", "--allocation", "erk").exit_code == 2
+    assert invoke(cnn, "-s", "0.5", "-m", "global-mt", "--min-keep", "lots").exit_code == 2
+    r = invoke(cnn, "-s", "0.5", "-m", "random", "--allocation", "erk", "--seed", "4", "--json", "-q")
+    assert r.exit_code == 0 and json.loads(r.stdout)["allocation"] == "erk"
+
+
+def test_exclude_option(cnn):
+    r = invoke(cnn, "-s", "0.5", "--exclude", "fc1*", "--exclude", "conv1", "--json", "-q")
+    doc = json.loads(r.stdout)
+    ex = {l["name"] for l in doc["layers"] if l["excluded"]}
+    assert ex == {"fc1.weight", "conv1.weight"}
+
+
+def test_help_and_version():
+    r = invoke("--help")
+    assert r.exit_code == 0 and "--sparsity" in r.output and "Exit codes" in r.output
+    assert invoke("--version").exit_code == 0

@@ -1,0 +1,75 @@
+import numpy as np
+from hypothesis import given, settings, strategies as st
+from onnx import helper, numpy_helper
+
+from onnxprune import METHODS, prune
+
+from conftest import init, make_model, run, vi
+
+
+def model_from(arrays):
+    nodes, prev, inits = [], "x", []
+    for i, w in enumerate(arrays):
+        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"]))
+        inits.append(init(f"w{i}", w))
+        prev = f"h{i}"
+    nodes.append(helper.make_node("Identity", [prev], ["y"]))
+    return make_model(nodes, [vi("x", [1, arrays[0].shape[0]])], [vi("y", None)], inits)
+
+
+@st.composite
+def mlps(draw):
+    dims = draw(st.lists(st.integers(1, 12), min_size=2, max_size=4))
+    seed = draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for a, b in zip(dims, dims[1:]):
+        w = rng.standard_normal((a, b)).astype(np.float32)
+        if draw(st.booleans()):
+            w = np.round(w, 1)  # many ties and some zeros
+        arrays.append(w)
+    return arrays
+
+
+def values(model):
+    return [numpy_helper.to_array(t) for t in model.graph.initializer]
+
+
+@settings(max_examples=60, deadline=None)
+@given(mlps(), st.floats(0.0, 0.999), st.sampled_from(list(METHODS)))
+def test_exact_count_zeros_stay_and_deterministic(arrays, s, method):
+    m = model_from(arrays)
+    n = sum(a.size for a in arrays)
+    zeros = sum(int((a == 0).sum()) for a in arrays)
+    try:
+        out, report = prune(m, sparsity=s, method=method, min_keep="0")
+    except Exception as exc:  # only uniform+ may be infeasible, and it must say so
+        assert method == "uniform+" and "at most" in str(exc)
+        return
+    got = sum(int((v == 0).sum()) for v in values(out))
+    assert got == max(zeros, round(s * n))
+    for before, after in zip(arrays, values(out)):
+        assert (after[before == 0] == 0).all()  # never revived
+        assert ((after == 0) | (after == before)).all()  # only zeroing
+    again, _ = prune(m, sparsity=s, method=method, min_keep="0")
+    assert again.SerializeToString() == out.SerializeToString()
+
+
+@settings(max_examples=20, deadline=None)
+@given(mlps(), st.floats(0.0, 0.9), st.floats(0.0, 0.9))
+def test_global_magnitude_masks_are_nested(arrays, s1, s2):
+    lo, hi = sorted((s1, s2))
+    m = model_from(arrays)
+    a, _ = prune(m, sparsity=lo, method="global")
+    b, _ = prune(m, sparsity=hi, method="global")
+    for wa, wb in zip(values(a), values(b)):
+        assert (wb[wa == 0] == 0).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(mlps())
+def test_sparsity_zero_outputs_bit_identical(arrays):
+    m = model_from(arrays)
+    out, _ = prune(m, sparsity=0.0)
+    x = np.random.default_rng(0).standard_normal((1, arrays[0].shape[0])).astype(np.float32)
+    assert np.array_equal(run(m, {"x": x})[0], run(out, {"x": x})[0])
