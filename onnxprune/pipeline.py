@@ -172,7 +172,7 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
         pruned = prune_mask(scores, n_prune, values[i].shape, perm, hint=hint)
         rows[i].zeros_after = n_prune
         if not config.dry_run:
-            write_tensor(layers[i].tensor, apply_mask(values[i], pruned))
+            write_tensor(layers[i].tensor, apply_mask(values[i], pruned, out=buffer.like(values[i])))
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
     return report

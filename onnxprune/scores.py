@@ -23,6 +23,15 @@ class MagnitudeBuffer:
     def __init__(self):
         self._bufs = {}
 
+    def like(self, w: np.ndarray) -> np.ndarray:
+        """A scratch array with ``w``'s dtype and shape (valid until the next call for that dtype)."""
+        w = np.asarray(w)
+        key = ("like", w.dtype)
+        buf = self._bufs.get(key)
+        if buf is None or buf.size < w.size:
+            buf = self._bufs[key] = np.empty(w.size, dtype=w.dtype)
+        return buf[: w.size].reshape(w.shape)
+
     def of(self, w: np.ndarray) -> np.ndarray:
         flat = np.asarray(w).reshape(-1)
         if flat.dtype not in (np.float32, np.float64):

@@ -56,8 +56,12 @@ def prune_mask(scores: np.ndarray, n_prune: int, shape: tuple | None = None, per
     return pruned
 
 
-def apply_mask(w: np.ndarray, pruned: np.ndarray) -> np.ndarray:
-    """A copy of ``w`` with the pruned entries set to zero, same dtype and shape."""
-    out = np.array(w, copy=True)
-    out.reshape(-1)[pruned] = 0
+def apply_mask(w: np.ndarray, pruned: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """``w`` with the pruned entries set to +0.0, same dtype and shape, written into ``out`` if given
+    (a reused buffer avoids fresh pages on large models, which cost more than the copy itself)."""
+    w = np.asarray(w)
+    if out is None:
+        out = np.empty(w.shape, dtype=w.dtype)
+    np.copyto(out, w)
+    np.copyto(out.reshape(-1), 0, where=pruned)
     return out
