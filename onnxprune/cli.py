@@ -1,4 +1,4 @@
-"""Click CLI: options, tables, exit codes. The only module that prints or exits."""
+"""Click CLI: options, progress, tables, exit codes. The only module that prints or exits."""
 from __future__ import annotations
 
 import json
@@ -14,28 +14,44 @@ import click
 
 from . import __version__
 from .allocation import ALLOCATIONS
-from .errors import AccuracyGateError, InputError, OnnxPruneError, OutputError, RequestError
-from .io import check_output_path, load_model, save_model
+from .errors import AccuracyGateError, ConfigError, InputError, OnnxPruneError, OutputError, RequestError
+from .io import check_output_path, load_model, stage_model
 from .pipeline import METHODS, PruneConfig, parse_min_keep, prune_loaded
 from .report import Report
+from .validate import DEVICES
 
-# Exit codes, defined once (see README "Exit codes").
+# Exit codes, defined once (README "Exit codes").
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_REQUEST, EXIT_OUTPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4, 5, 70
-EXIT_CODES = {AccuracyGateError: EXIT_GATE, InputError: EXIT_INPUT, RequestError: EXIT_REQUEST,
-              OutputError: EXIT_OUTPUT}
+EXIT_CODES = {AccuracyGateError: EXIT_GATE, ConfigError: EXIT_USAGE, InputError: EXIT_INPUT,
+              RequestError: EXIT_REQUEST, OutputError: EXIT_OUTPUT}
 
 
 class SparsityType(click.ParamType):
-    """A finite float in [0, 1). (click.FloatRange lets 'nan' through.)"""
-    name = "FLOAT"
+    """A finite float in [0, 1), or 'auto'. (click.FloatRange lets 'nan' through.)"""
+    name = "FLOAT|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number (or 'auto')", param, ctx)
+        if not math.isfinite(v) or not 0.0 <= v < 1.0:
+            self.fail(f"{value!r} is not a finite number in [0, 1)", param, ctx)
+        return v
+
+
+class FractionType(click.ParamType):
+    name = "FRACTION"
 
     def convert(self, value, param, ctx):
         try:
             v = float(value)
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number", param, ctx)
-        if not math.isfinite(v) or not 0.0 <= v < 1.0:
-            self.fail(f"{value!r} is not a finite number in [0, 1)", param, ctx)
+        if not math.isfinite(v) or not 0.0 <= v <= 1.0:
+            self.fail(f"{value!r} is not a finite number in [0, 1]", param, ctx)
         return v
 
 
@@ -47,7 +63,8 @@ def default_output(model_path: str) -> str:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--sparsity", "-s", type=SparsityType(), required=True,
-              help="Fraction of prunable weights to zero, in [0, 1). Exact: round(S*N) weights end up zero.")
+              help="Fraction of prunable weights to zero, in [0, 1) (exact: round(S*N)); 'auto' with --max-drop "
+                   "searches the highest sparsity within the accuracy budget.")
 @click.option("--method", "-m", type=click.Choice(list(METHODS)), default="lamp", show_default=True,
               help="lamp | global | global-mt | uniform | uniform+ | erk | igq | random.")
 @click.option("--allocation", type=click.Choice(list(ALLOCATIONS)), default=None,
@@ -56,19 +73,39 @@ def default_output(model_path: str) -> str:
               help="Leave layers whose weight or node name matches GLOB dense. Repeatable.")
 @click.option("--min-keep", default="0.05%", show_default=True,
               help="global-mt: weights every layer keeps, a count (715) or a percent of all prunable weights.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --method random.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --method random and synthetic inputs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Output path (default: MODEL_pruned.onnx beside the input). Never the input itself.")
+@click.option("--validate/--no-validate", default=True, show_default=True,
+              help="Run dense and pruned model in ONNX Runtime on the same inputs and compare.")
+@click.option("--data", type=click.Path(exists=False, path_type=str), default=None,
+              help=".npz with arrays named after the inputs (+ labels in 'y' or 'labels'), or a directory of .npy.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Batch size for a dynamic leading dimension.")
+@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Number of synthetic batches when no --data is given.")
+@click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,...",
+              help="Shape of a synthetic input with dynamic dimensions, e.g. images:1,3,224,224. Repeatable.")
+@click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True,
+              help="ONNX Runtime device: auto uses CUDA when a session really runs on it, else the CPU.")
+@click.option("--max-drop", type=FractionType(), default=None,
+              help="Accuracy gate: fail (exit 1, nothing written) when the drop exceeds this fraction "
+                   "(0.01 = one point of accuracy with labels, of top-1 agreement without).")
+@click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails (still exit 1).")
+@click.option("--sensitivity", is_flag=True, help="Also prune one layer at a time to the target and report drops.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+              help="With --sparsity auto: draw the search curve to this PNG (needs matplotlib).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Write the JSON report to this file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (also on failure).")
-@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing (and validate nothing).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
-@click.option("-v", "--verbose", is_flag=True, help="More logging; tracebacks on errors.")
+@click.option("-v", "--verbose", is_flag=True, help="More logging; tracebacks on errors; ONNX Runtime's own messages.")
 @click.version_option(__version__, prog_name="onnxprune")
-def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, report_path, as_json, dry_run,
-         quiet, verbose):
-    """Prune MODEL (an .onnx file) to an exact global SPARSITY and write MODEL_pruned.onnx.
+def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, validate, data, batch_size, batches,
+         input_shape, device, max_drop, keep_failed, sensitivity, plot, report_path, as_json, dry_run, quiet,
+         verbose):
+    """Prune MODEL (an .onnx file) to an exact global SPARSITY, validate it, write MODEL_pruned.onnx.
 
     \b
     Examples:
@@ -76,6 +113,8 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, r
       onnxprune model.onnx -s 0.9 --method global-mt --min-keep 0.1%
       onnxprune model.onnx -s 0.8 --method random --allocation erk --seed 3
       onnxprune model.onnx -s 0.9 --exclude 'classifier*' --report report.json
+      onnxprune model.onnx -s 0.9 --data test.npz --max-drop 0.01      # CI gate: exit 1 if accuracy drops > 1 pt
+      onnxprune model.onnx -s auto --data test.npz --max-drop 0.01 --plot curve.png
       onnxprune model.onnx -s 0.9 --dry-run --json
 
     \b
@@ -84,54 +123,154 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, r
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING,
                         format="onnxprune: %(levelname)s: %(message)s", stream=sys.stderr)
-    out_path = output or default_output(model)
-    config = PruneConfig(sparsity=sparsity, method=method, allocation=allocation, exclude=tuple(exclude),
-                         min_keep=min_keep, seed=seed, dry_run=dry_run)
+    search = sparsity == "auto"
+    config = PruneConfig(sparsity=0.0 if search else sparsity, method=method, allocation=allocation,
+                         exclude=tuple(exclude), min_keep=min_keep, seed=seed, dry_run=dry_run)
     try:
         config.resolve()
         parse_min_keep(min_keep, 1)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
+    if search and (max_drop is None or not validate or dry_run):
+        raise click.UsageError("--sparsity auto needs --max-drop and validation (not --no-validate/--dry-run)")
+    if plot and not search:
+        raise click.UsageError("--plot draws the --sparsity auto search curve")
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
+    if (max_drop is not None or sensitivity) and (not validate or dry_run):
+        raise click.UsageError("--max-drop and --sensitivity need validation (drop --no-validate/--dry-run)")
 
-    report = Report(version=__version__, method=method, allocation=allocation or "", score="",
-                    target_sparsity=sparsity, input=model, dry_run=dry_run)
-    code = EXIT_OK
-    try:
-        t0 = time.perf_counter()
-        loaded = load_model(model)
-        if not dry_run:
-            check_output_path(out_path, loaded)  # fail before any work
-        t_load = time.perf_counter() - t0
-        report = prune_loaded(loaded, config)
-        report.timings["load"] = t_load
-        if not dry_run:
-            t1 = time.perf_counter()
-            report.written = save_model(loaded, out_path, digest=bool(report_path or as_json))
-            report.output = out_path
-            report.timings["save"] = time.perf_counter() - t1
-        report.timings["total"] = time.perf_counter() - t0
-    except OnnxPruneError as exc:
-        code = next(c for t, c in EXIT_CODES.items() if isinstance(exc, t)) if type(exc) is not OnnxPruneError else EXIT_INTERNAL
-        _fail(report, code, str(exc), verbose)
-    except Exception as exc:  # a bug: say so plainly
-        code = EXIT_INTERNAL
-        _fail(report, code, f"internal error: {type(exc).__name__}: {exc} (please report; -v for a traceback)",
-              verbose)
+    run = Run(model, output or default_output(model), config, locals(), quiet or as_json, verbose)
+    code = run.execute()
     if report_path and not dry_run:
-        _write_report(report_path, report, model)
+        _write_report(report_path, run.report, model)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=False))
-    if code == EXIT_OK and not quiet:
+        click.echo(json.dumps(run.report.to_dict(), indent=2))
+    if code in (EXIT_OK, EXIT_GATE) and not quiet:
         from .table import print_report
-        print_report(report, stderr=as_json)
+        print_report(run.report, stderr=as_json)
     sys.exit(code)
 
 
-def _fail(report: Report, code: int, message: str, verbose: bool) -> None:
-    report.status, report.exit_code, report.error = "error", code, message.splitlines()[0] if message else ""
-    if verbose:
-        traceback.print_exc()
-    click.echo(f"onnxprune: error: {report.error}", err=True)
+class Run:
+    """One CLI invocation: load, prune (or search), validate, gate, commit; maps errors to exit codes."""
+
+    def __init__(self, model, out_path, config, opts, quiet, verbose):
+        self.model, self.out_path, self.config, self.o = model, out_path, config, opts
+        self.quiet, self.verbose = quiet, verbose
+        self.report = Report(version=__version__, method=config.method, allocation=config.allocation or "",
+                             score="", target_sparsity=config.sparsity, input=model, dry_run=config.dry_run)
+
+    def execute(self) -> int:
+        try:
+            self._execute()
+            return EXIT_OK
+        except AccuracyGateError as exc:
+            return self._fail(EXIT_GATE, str(exc))
+        except OnnxPruneError as exc:
+            code = next((c for t, c in EXIT_CODES.items() if isinstance(exc, t)), EXIT_INTERNAL)
+            return self._fail(code, str(exc))
+        except Exception as exc:  # a bug: say so plainly
+            return self._fail(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc} "
+                                              f"(please report it; -v shows a traceback)")
+
+    def _execute(self):
+        o, config = self.o, self.config
+        t0 = time.perf_counter()
+        loaded = load_model(self.model)
+        if not config.dry_run:
+            check_output_path(self.out_path, loaded)  # fail before any work
+        t_load = time.perf_counter() - t0
+        validator = self._validator(loaded) if o["validate"] and not config.dry_run else None
+        curve = None
+        if o["sparsity"] == "auto":
+            from .search import plot_curve, search_sparsity
+            with self._progress("search") as cb:
+                best, curve, best_v = search_sparsity(self.model, config, validator, self.out_path, o["max_drop"],
+                                                      progress=cb and (lambda s, v: cb(f"sparsity {s:.3f}", 0, 0)))
+            config.sparsity = best
+            loaded = load_model(self.model)
+        self.report = report = prune_loaded(loaded, config)
+        report.timings["load"] = t_load
+        if curve is not None:
+            report.search = {"max_drop": o["max_drop"], "resolution": 0.005, "chosen": config.sparsity, "curve": curve}
+            if o["plot"]:
+                plot_curve(curve, o["plot"], o["max_drop"], config.sparsity)
+        if config.dry_run:
+            report.timings["total"] = time.perf_counter() - t0
+            return
+        t1 = time.perf_counter()
+        with stage_model(loaded, self.out_path, digest=bool(o["report_path"] or o["as_json"])) as staged:
+            report.timings["save"] = time.perf_counter() - t1
+            gate_error = None
+            if validator is not None:
+                t2 = time.perf_counter()
+                v = validator.compare(staged.model_path, o["max_drop"])
+                v.sparsity = config.sparsity
+                report.validation = v.to_dict()
+                report.timings["validate"] = time.perf_counter() - t2
+                if v.passed is False:
+                    gate_error = (f"accuracy gate failed: {v.metric} drop {v.drop:.4f} > max {o['max_drop']:.4f}"
+                                  + (" (non-finite outputs)" if v.drop <= o["max_drop"] else ""))
+            if o["sensitivity"]:
+                from .search import sensitivity
+                names = [l.name for l in report.layers if not l.excluded]
+                report.sensitivity = sensitivity(self.model, config, validator, self.out_path, names)
+            if gate_error and not o["keep_failed"]:
+                report.timings["total"] = time.perf_counter() - t0
+                raise AccuracyGateError(gate_error + "; nothing written (--keep-failed writes it anyway)")
+            report.written = staged.commit()
+            report.output = self.out_path
+            report.timings["total"] = time.perf_counter() - t0
+            if gate_error:
+                report.warnings.append(f"{gate_error}; written anyway because of --keep-failed")
+                raise AccuracyGateError(gate_error + "; written anyway (--keep-failed)")
+
+    def _validator(self, loaded):
+        from .data import input_specs, load_data, parse_input_shapes, synthesize
+        from .validate import Validator
+        o = self.o
+        specs = input_specs(loaded.model)
+        if o["data"]:
+            dataset = load_data(o["data"], specs, o["batch_size"])
+        else:
+            dataset = synthesize(specs, o["batch_size"], o["batches"], o["seed"], parse_input_shapes(o["input_shape"]))
+        dense_path = self.model
+        with self._progress("validate") as cb:
+            return Validator(dense_path, dataset, o["device"], quiet=not self.verbose, progress=cb)
+
+    def _progress(self, what):
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            if self.quiet:
+                yield None
+                return
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          console=Console(stderr=True), transient=True) as progress:
+                tasks = {}
+
+                def cb(label, done, total):
+                    if label not in tasks:
+                        tasks[label] = progress.add_task(f"{what} {label}", total=total or None)
+                    progress.update(tasks[label], completed=done)
+                yield cb
+        return bar()
+
+    def _fail(self, code: int, message: str) -> int:
+        r = self.report
+        r.status, r.exit_code, r.error = ("failed" if code == EXIT_GATE else "error"), code, \
+            (message.splitlines()[0] if message else "")
+        if self.verbose and code != EXIT_GATE:
+            traceback.print_exc()
+        click.echo(f"onnxprune: error: {r.error}", err=True)
+        return code
 
 
 def _write_report(path: str, report: Report, model: str) -> None:

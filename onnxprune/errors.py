@@ -23,3 +23,7 @@ class AccuracyGateError(OnnxPruneError):
     def __init__(self, message, report=None):
         super().__init__(message)
         self.report = report
+
+
+class ConfigError(OnnxPruneError):
+    """The options do not fit this model, e.g. a dynamic input shape that needs --input-shape (exit 2)."""

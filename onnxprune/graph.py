@@ -144,8 +144,12 @@ def _walk(graph, path, parent, order, depth=0):
                 yield from _walk(sub, sub_path, scope, order if depth else idx, depth + 1)
 
 
-def find_layers(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
-    """All prunable tensors of ``model`` in graph order, and a list of warnings."""
+def find_layers(model: onnx.ModelProto, exclude=(), only=None) -> tuple[list, list]:
+    """All prunable tensors of ``model`` in graph order, and a list of warnings.
+
+    ``exclude``: globs on weight or node names; ``only``: exact weight names to keep prunable (all others are
+    marked excluded), used by the per-layer sensitivity analysis.
+    """
     layers: dict[str, Layer] = {}
     warnings = []
     main_inputs = {i.name for i in model.graph.input}
@@ -181,5 +185,7 @@ def find_layers(model: onnx.ModelProto, exclude=()) -> tuple[list, list]:
                             f"time, so the pruned values only hold when it is not fed")
         patterns = [layer.name] + [c.node for c in layer.consumers if c.node]
         if any(fnmatch.fnmatchcase(p, g) for g in exclude for p in patterns):
+            layer.excluded = True
+        if only is not None and layer.name not in only:
             layer.excluded = True
     return result, warnings

@@ -134,17 +134,49 @@ def check_output_path(out_path: str, loaded: LoadedModel | None) -> None:
         raise OutputError(f"{out_path}: directory {out_dir} is not writable")
 
 
-def save_model(loaded: LoadedModel, out_path: str, digest: bool = True) -> dict:
-    """Write the model atomically; tensors that were external stay external in ``<out>.data``.
+class Staged:
+    """A model written into a temporary directory beside its destination; ``commit`` renames it into place."""
 
-    Returns {path: sha256 or None} of the files written (hashing costs a pass; ``digest=False`` skips it).
-    On any failure nothing at the destination changes.
+    def __init__(self, out_path: str, tmp: str, model_path: str, data_tmp: str | None, data_dest: str | None,
+                 written: dict):
+        self.out_path, self.tmp, self.model_path = out_path, tmp, model_path
+        self.data_tmp, self.data_dest, self.written = data_tmp, data_dest, written
+
+    def commit(self) -> dict:
+        try:
+            if self.data_tmp:
+                os.replace(self.data_tmp, self.data_dest)
+            os.replace(self.model_path, self.out_path)
+        except OSError as exc:
+            raise OutputError(f"{self.out_path}: cannot write ({exc.strerror or exc})") from exc
+        finally:
+            self.discard()
+        return self.written
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.discard()
+
+
+def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True) -> Staged:
+    """Write the model into a fresh temporary directory next to ``out_path`` (nothing at the destination yet).
+
+    Tensors that were external stay external, in ``<out>.data``. The staged file can be opened by path (ONNX
+    Runtime, the checker) before it is committed.
     """
     check_output_path(out_path, loaded)
     model = loaded.model
     out_dir = os.path.dirname(os.path.abspath(out_path))
     data_name = os.path.basename(out_path) + ".data"
-    tmp = tempfile.mkdtemp(dir=out_dir, prefix=".onnxprune-")
+    try:
+        tmp = tempfile.mkdtemp(dir=out_dir, prefix=".onnxprune-")
+    except OSError as exc:
+        raise OutputError(f"{out_path}: cannot write in {out_dir} ({exc.strerror or exc})") from exc
     stashed = []
     try:
         written = {}
@@ -152,25 +184,32 @@ def save_model(loaded: LoadedModel, out_path: str, digest: bool = True) -> dict:
         if loaded.external:
             stashed = _externalize(model, loaded.external, tmp_data, data_name)
             written[os.path.join(out_dir, data_name)] = _sha256(tmp_data) if digest else None
-        tmp_model = os.path.join(tmp, "model.onnx")
+        tmp_model = os.path.join(tmp, os.path.basename(out_path))
         payload = model.SerializeToString(deterministic=True)
         _write_synced(tmp_model, payload)
         written[os.path.abspath(out_path)] = hashlib.sha256(payload).hexdigest() if digest else None
         del payload
-        if loaded.external:
-            os.replace(tmp_data, os.path.join(out_dir, data_name))
-        os.replace(tmp_model, out_path)
-        return written
+        return Staged(out_path, tmp, tmp_model, tmp_data if loaded.external else None,
+                      os.path.join(out_dir, data_name), written)
     except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"{out_path}: cannot write ({exc.strerror or exc})") from exc
     except ValueError as exc:  # protobuf refuses > 2 GiB
+        shutil.rmtree(tmp, ignore_errors=True)
         raise OutputError(f"{out_path}: cannot serialise ({_first_line(exc)})") from exc
     finally:
         for tensor, raw in stashed:  # give the in-memory model its data back
             tensor.raw_data = raw
             tensor.data_location = TensorProto.DEFAULT
             del tensor.external_data[:]
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model(loaded: LoadedModel, out_path: str, digest: bool = True) -> dict:
+    """Write the model atomically (stage, then rename). Returns {path: sha256 or None} of the files written.
+
+    On any failure nothing at the destination changes.
+    """
+    return stage_model(loaded, out_path, digest).commit()
 
 
 def _externalize(model, external: dict, data_path: str, location: str):

@@ -42,6 +42,7 @@ class PruneConfig:
     min_keep: str = "0.05%"
     seed: int = 0
     dry_run: bool = False
+    only: tuple | None = None  # exact weight names that may be pruned (sensitivity analysis)
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> tuple:
@@ -110,7 +111,7 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     if quantized:
         raise RequestError(f"quantized model ({', '.join(quantized)}): pruning quantized weights is not supported "
                            f"yet; prune the float model before quantizing it")
-    layers, warnings = find_layers(model, config.exclude)
+    layers, warnings = find_layers(model, config.exclude, config.only)
     report.warnings.extend(warnings)
     for w in warnings:
         log.warning(w)

@@ -52,6 +52,9 @@ class Report:
     input: str | None = None
     output: str | None = None
     written: dict = field(default_factory=dict)
+    validation: dict | None = None
+    search: dict | None = None
+    sensitivity: list | None = None
     status: str = "ok"
     exit_code: int = 0
     error: str | None = None
@@ -92,6 +95,9 @@ class Report:
             "totals": self.totals(),
             "totals_including_excluded": self.totals(include_excluded=True),
             "layers": [l.to_dict() for l in self.layers],
+            "validation": self.validation,
+            "search": self.search,
+            "sensitivity": self.sensitivity,
             "warnings": self.warnings,
             "timings_s": self.timings,
         }

@@ -27,7 +27,47 @@ def print_report(report, stderr: bool = False) -> None:
     table.add_row("total", "", "", "", f"{t['params']:,}",
                   f"{_pct(t['sparsity_before'])} → {_pct(t['sparsity_after'])}")
     console.print(table)
+    if report.validation:
+        _print_validation(console, report.validation)
+    if report.search:
+        t = Table(title=f"sparsity search (max drop {report.search['max_drop']})")
+        for col in ("sparsity", "metric", "value", "drop", "within budget"):
+            t.add_column(col, justify="right")
+        for c in report.search["curve"]:
+            t.add_row(f"{c['sparsity']:.3f}", c["metric"], f"{c['value']:.4f}", f"{c['drop']:+.4f}",
+                      "yes" if c["passed"] else "no")
+        console.print(t)
+        console.print(f"chosen sparsity: {report.search['chosen']:.3f}")
+    if report.sensitivity:
+        t = Table(title=f"per-layer sensitivity (one layer at {report.target_sparsity:.2%})")
+        for col, j in (("layer", "left"), ("metric", "left"), ("value", "right"), ("drop", "right")):
+            t.add_column(col, justify=j)
+        for r in report.sensitivity:
+            t.add_row(escape(r["layer"]), r["metric"], f"{r['value']:.4f}", f"{r['drop']:+.4f}")
+        console.print(t)
     for w in report.warnings:
         console.print(f"[yellow]warning:[/yellow] {escape(w)}")
     if report.output:
         console.print(f"wrote {escape(report.output)}")
+
+
+def _print_validation(console, v: dict) -> None:
+    t = Table(title=f"validation on {escape(', '.join(v['providers']))} — {v['samples']} samples, "
+                    f"{v['batches']} batches ({escape(str(v['data']))})")
+    for col in ("", "dense", "pruned", "drop"):
+        t.add_column(col, justify="right")
+    t.add_row(v["metric"], f"{v['dense']:.4f}", f"{v['pruned']:.4f}", f"{v['drop']:+.4f}")
+    if v.get("top5_dense") is not None:
+        t.add_row("top5_accuracy", f"{v['top5_dense']:.4f}", f"{v['top5_pruned']:.4f}",
+                  f"{v['top5_dense'] - v['top5_pruned']:+.4f}")
+    if v.get("agreement") is not None and v["metric"] != "top1_agreement":
+        t.add_row("top1_agreement", "1.0000", f"{v['agreement']:.4f}", f"{1 - v['agreement']:+.4f}")
+    t.add_row("latency ms/batch", f"{v['latency_ms_dense']:.3f}", f"{v['latency_ms_pruned']:.3f}", "")
+    console.print(t)
+    for o in v["outputs"]:
+        console.print(f"  output {escape(o['name'])}: max |err| {o['max_abs_error']:.4g}, max rel err "
+                      f"{o['max_rel_error']:.4g}, cosine {o['cosine']:.6f}"
+                      + (f", non-finite {o['nonfinite_pruned']}" if o["nonfinite_pruned"] else ""))
+    if v.get("passed") is not None:
+        verdict = "[green]passed[/green]" if v["passed"] else "[red]FAILED[/red]"
+        console.print(f"accuracy gate (max drop {v['max_drop']}): {verdict}")

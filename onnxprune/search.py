@@ -1,0 +1,92 @@
+"""Accuracy-driven loops over pruned-and-validated models: the sparsity search and per-layer sensitivity."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+from .io import load_model, stage_model
+from .pipeline import PruneConfig, prune_loaded
+
+log = logging.getLogger("onnxprune")
+
+
+def evaluate(model_path: str, config: PruneConfig, validator, out_path: str, max_drop=None):
+    """Prune a fresh copy of the model with ``config``, validate it from a staged file, discard the file."""
+    loaded = load_model(model_path)
+    report = prune_loaded(loaded, config)
+    with stage_model(loaded, out_path, digest=False) as staged:
+        v = validator.compare(staged.model_path, max_drop)
+    v.sparsity = config.sparsity
+    return report, v
+
+
+def search_sparsity(model_path: str, config: PruneConfig, validator, out_path: str, max_drop: float,
+                    resolution: float = 0.005, max_sparsity: float = 0.995, progress=None):
+    """Highest sparsity on the grid k*resolution (<= max_sparsity) whose drop stays within ``max_drop``.
+
+    Bisection over the grid index, assuming the drop grows with sparsity (probes are reported, so a user can
+    see when it does not). Sparsity 0 is the dense model and always passes. Returns (sparsity, curve, best
+    Validation or None).
+    """
+    top = int(round(max_sparsity / resolution))
+    tried = {}
+
+    def probe(k):
+        s = round(k * resolution, 10)
+        _, v = evaluate(model_path, dataclasses.replace(config, sparsity=s), validator, out_path, max_drop)
+        tried[k] = v
+        log.info("search: sparsity %.4f -> %s %.4f (drop %.4f) %s", s, v.metric, v.pruned, v.drop,
+                 "ok" if v.passed else "over budget")
+        if progress:
+            progress(s, v)
+        return v.passed
+
+    lo, hi = 0, top + 1  # lo passes (dense), hi fails (sentinel)
+    if probe(top):
+        lo = top
+    else:
+        hi = top
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if probe(mid):
+                lo = mid
+            else:
+                hi = mid
+    curve = [{"sparsity": round(k * resolution, 10), "metric": v.metric, "value": v.pruned, "drop": v.drop,
+              "passed": v.passed} for k, v in sorted(tried.items())]
+    return round(lo * resolution, 10), curve, tried.get(lo)
+
+
+def sensitivity(model_path: str, config: PruneConfig, validator, out_path: str, layer_names, progress=None):
+    """Prune one layer at a time to the target and measure the drop: sorted, most sensitive first."""
+    rows = []
+    for name in layer_names:
+        cfg = dataclasses.replace(config, only=(name,), exclude=())
+        _, v = evaluate(model_path, cfg, validator, out_path)
+        rows.append({"layer": name, "sparsity": config.sparsity, "metric": v.metric, "value": v.pruned,
+                     "drop": v.drop})
+        if progress:
+            progress(name, v)
+    rows.sort(key=lambda r: (-r["drop"], r["layer"]))
+    return rows
+
+
+def plot_curve(curve, path: str, max_drop: float, chosen: float) -> None:
+    """Draw the search curve (needs matplotlib: pip install 'onnxprune[plot]')."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    xs = [c["sparsity"] for c in curve]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(xs, [c["drop"] for c in curve], "o-", label="drop")
+    ax.axhline(max_drop, color="r", ls="--", label=f"max drop {max_drop}")
+    ax.axvline(chosen, color="g", ls=":", label=f"chosen {chosen:.3f}")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(f"drop in {curve[0]['metric'] if curve else 'metric'}")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

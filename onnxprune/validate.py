@@ -1,0 +1,209 @@
+"""Run the dense and the pruned model in ONNX Runtime on identical inputs and compare them honestly.
+
+Same inputs, same providers, same session options for both; the providers reported are the ones the session
+says it runs (``get_providers()``), never what is merely installed. TF32 is off on CUDA so dense and pruned are
+compared like for like.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .errors import InputError, RequestError
+
+log = logging.getLogger("onnxprune")
+
+DEVICES = ("auto", "cuda", "tensorrt", "cpu")
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TRT = "TensorrtExecutionProvider"
+
+
+@contextlib.contextmanager
+def quiet_native_stderr(enabled: bool = True):
+    """Silence ONNX Runtime's native stderr (e.g. missing CUDA libraries) while sessions are created."""
+    if not enabled:
+        yield
+        return
+    try:
+        fd = os.dup(2)
+    except OSError:  # no real fd 2 (embedded interpreters)
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+        os.close(devnull)
+
+
+def _provider_list(device: str, available: list) -> list:
+    cuda = (CUDA, {"use_tf32": "0"})
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda":
+        return [cuda, CPU]
+    if device == "tensorrt":
+        return [(TRT, {}), cuda, CPU]
+    return [cuda, CPU] if CUDA in available else [CPU]  # auto
+
+
+def make_session(path: str, device: str = "auto", quiet: bool = True, threads: int = 0):
+    """An InferenceSession opened by path (so external data resolves next to the model)."""
+    import onnxruntime as ort
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+    providers = _provider_list(device, ort.get_available_providers())
+    try:
+        with quiet_native_stderr(quiet):
+            sess = ort.InferenceSession(path, so, providers=providers)
+    except Exception as exc:
+        raise InputError(f"ONNX Runtime cannot load {os.path.basename(path)}: {str(exc).strip().splitlines()[0][:300]}") from exc
+    used = sess.get_providers()
+    wanted = {"cuda": CUDA, "tensorrt": TRT}.get(device)
+    if wanted and wanted not in used:
+        raise RequestError(f"--device {device} asked for, but ONNX Runtime runs on {', '.join(used)} "
+                           f"(is onnxruntime-gpu installed with its CUDA/cuDNN libraries?)")
+    return sess
+
+
+@dataclass
+class OutputStats:
+    name: str
+    max_abs_error: float = 0.0
+    max_rel_error: float = 0.0
+    cosine: float = 1.0
+    nonfinite_dense: int = 0
+    nonfinite_pruned: int = 0
+
+
+@dataclass
+class Validation:
+    device: str
+    providers: list
+    data: str
+    samples: int
+    batches: int
+    batch_size: int
+    metric: str  # "top1_accuracy" (labels) or "top1_agreement" (no labels)
+    dense: float
+    pruned: float
+    drop: float
+    top5_dense: float | None = None
+    top5_pruned: float | None = None
+    agreement: float | None = None
+    outputs: list = field(default_factory=list)
+    latency_ms_dense: float = 0.0
+    latency_ms_pruned: float = 0.0
+    max_drop: float | None = None
+    passed: bool | None = None
+    sparsity: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _classes_axis(out: np.ndarray):
+    return 1 if out.ndim >= 2 and out.shape[1] >= 2 else None
+
+
+def _run_all(sess, batches, progress=None, label=""):
+    """Outputs of every batch and the mean latency per batch (after one warm-up run)."""
+    if batches:
+        sess.run(None, batches[0])
+    outs, times = [], []
+    for i, feed in enumerate(batches):
+        t = time.perf_counter()
+        outs.append(sess.run(None, feed))
+        times.append(time.perf_counter() - t)
+        if progress:
+            progress(label, i + 1, len(batches))
+    return outs, 1000.0 * float(np.mean(times)) if times else 0.0
+
+
+class Validator:
+    """Runs the dense model once; ``compare(pruned_path)`` runs a pruned model and returns a Validation."""
+
+    def __init__(self, dense_path: str, dataset, device: str = "auto", quiet: bool = True, progress=None):
+        self.dataset, self.device, self.quiet, self.progress = dataset, device, quiet, progress
+        sess = make_session(dense_path, device, quiet)
+        self.providers = sess.get_providers()
+        self.output_names = [o.name for o in sess.get_outputs()]
+        self.dense_outs, self.dense_latency = _run_all(sess, dataset.batches, progress, "dense")
+        del sess
+
+    def compare(self, pruned_path: str, max_drop: float | None = None) -> Validation:
+        sess = make_session(pruned_path, self.device, self.quiet)
+        used = sess.get_providers()
+        if used != self.providers:  # never compare across providers
+            raise RequestError(f"dense ran on {self.providers} but pruned on {used}")
+        pruned_outs, latency = _run_all(sess, self.dataset.batches, self.progress, "pruned")
+        del sess
+        v = self._metrics(pruned_outs)
+        v.latency_ms_dense, v.latency_ms_pruned = self.dense_latency, latency
+        if max_drop is not None:
+            v.max_drop = max_drop
+            v.passed = bool(v.drop <= max_drop + 1e-12) and not any(
+                o.nonfinite_pruned > o.nonfinite_dense for o in v.outputs)
+        return v
+
+    def _metrics(self, pruned_outs) -> Validation:
+        ds = self.dataset
+        stats = []
+        for k, name in enumerate(self.output_names):
+            st = OutputStats(name)
+            dot = nd = npp = 0.0
+            for d_b, p_b in zip(self.dense_outs, pruned_outs):
+                d = np.asarray(d_b[k], dtype=np.float64)
+                p = np.asarray(p_b[k], dtype=np.float64)
+                st.nonfinite_dense += int(d.size - np.count_nonzero(np.isfinite(d)))
+                st.nonfinite_pruned += int(p.size - np.count_nonzero(np.isfinite(p)))
+                diff = np.abs(d - p)
+                if diff.size:
+                    st.max_abs_error = max(st.max_abs_error, float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf"))
+                    st.max_rel_error = max(st.max_rel_error, float(np.nanmax(diff / (np.abs(d) + 1e-12))) if np.isfinite(diff).any() else float("inf"))
+                dot += float(np.sum(d * p))
+                nd += float(np.sum(d * d))
+                npp += float(np.sum(p * p))
+            st.cosine = dot / np.sqrt(nd * npp) if nd > 0 and npp > 0 else (1.0 if nd == npp else 0.0)
+            if st.nonfinite_pruned and not np.isfinite(st.cosine):
+                st.cosine = 0.0
+            stats.append(st)
+        dense = np.concatenate([b[0] for b in self.dense_outs]) if self.dense_outs else np.zeros((0,))
+        pruned = np.concatenate([b[0] for b in pruned_outs]) if pruned_outs else np.zeros((0,))
+        axis = _classes_axis(dense)
+        common = dict(device=self.device, providers=self.providers, data=ds.source, samples=len(dense),
+                      batches=len(ds.batches), batch_size=ds.batch_size, outputs=stats)
+        if axis is None:  # a regression-style output: agreement is not defined, judge by cosine
+            cos = stats[0].cosine if stats else 1.0
+            return Validation(metric="output_cosine", dense=1.0, pruned=cos, drop=1.0 - cos, **common)
+        top_d = np.argmax(dense, axis=axis)
+        top_p = np.argmax(np.nan_to_num(pruned, nan=-np.inf), axis=axis)
+        agreement = float(np.mean(top_d == top_p)) if top_d.size else 1.0
+        if ds.labels is not None:
+            y = ds.labels.reshape(top_d.shape)
+            acc_d, acc_p = float(np.mean(top_d == y)), float(np.mean(top_p == y))
+            v = Validation(metric="top1_accuracy", dense=acc_d, pruned=acc_p, drop=acc_d - acc_p,
+                           agreement=agreement, **common)
+            if dense.shape[axis] >= 5 and dense.ndim == 2:
+                v.top5_dense, v.top5_pruned = _top5(dense, y), _top5(np.nan_to_num(pruned, nan=-np.inf), y)
+            return v
+        return Validation(metric="top1_agreement", dense=1.0, pruned=agreement, drop=1.0 - agreement,
+                          agreement=agreement, **common)
+
+
+def _top5(logits: np.ndarray, y: np.ndarray) -> float:
+    top = np.argpartition(-logits, 4, axis=1)[:, :5]
+    return float(np.mean((top == y[:, None]).any(axis=1)))
