@@ -161,26 +161,8 @@ class Validator:
 
     def _metrics(self, pruned_outs) -> Validation:
         ds = self.dataset
-        stats = []
-        for k, name in enumerate(self.output_names):
-            st = OutputStats(name)
-            dot = nd = npp = 0.0
-            for d_b, p_b in zip(self.dense_outs, pruned_outs):
-                d = np.asarray(d_b[k], dtype=np.float64)
-                p = np.asarray(p_b[k], dtype=np.float64)
-                st.nonfinite_dense += int(d.size - np.count_nonzero(np.isfinite(d)))
-                st.nonfinite_pruned += int(p.size - np.count_nonzero(np.isfinite(p)))
-                diff = np.abs(d - p)
-                if diff.size:
-                    st.max_abs_error = max(st.max_abs_error, float(np.nanmax(diff)) if np.isfinite(diff).any() else float("inf"))
-                    st.max_rel_error = max(st.max_rel_error, float(np.nanmax(diff / (np.abs(d) + 1e-12))) if np.isfinite(diff).any() else float("inf"))
-                dot += float(np.sum(d * p))
-                nd += float(np.sum(d * d))
-                npp += float(np.sum(p * p))
-            st.cosine = dot / np.sqrt(nd * npp) if nd > 0 and npp > 0 else (1.0 if nd == npp else 0.0)
-            if st.nonfinite_pruned and not np.isfinite(st.cosine):
-                st.cosine = 0.0
-            stats.append(st)
+        stats = [_output_stats(name, [b[k] for b in self.dense_outs], [b[k] for b in pruned_outs])
+                 for k, name in enumerate(self.output_names)]
         dense = np.concatenate([b[0] for b in self.dense_outs]) if self.dense_outs else np.zeros((0,))
         pruned = np.concatenate([b[0] for b in pruned_outs]) if pruned_outs else np.zeros((0,))
         axis = _classes_axis(dense)
@@ -202,6 +184,34 @@ class Validator:
             return v
         return Validation(metric="top1_agreement", dense=1.0, pruned=agreement, drop=1.0 - agreement,
                           agreement=agreement, **common)
+
+
+def _output_stats(name, dense_batches, pruned_batches) -> OutputStats:
+    """Errors and cosine over all batches of one output, in float64, vectorised over the whole output."""
+    st = OutputStats(name)
+    if not dense_batches:
+        return st
+    d = np.concatenate([np.asarray(b).reshape(-1) for b in dense_batches]).astype(np.float64)
+    p = np.concatenate([np.asarray(b).reshape(-1) for b in pruned_batches]).astype(np.float64)
+    fin_d, fin_p = np.isfinite(d), np.isfinite(p)
+    st.nonfinite_dense = int(d.size - np.count_nonzero(fin_d))
+    st.nonfinite_pruned = int(p.size - np.count_nonzero(fin_p))
+    if d.size == 0:
+        return st
+    if st.nonfinite_dense or st.nonfinite_pruned:
+        both = fin_d & fin_p
+        st.max_abs_error = st.max_rel_error = float("inf") if st.nonfinite_pruned > st.nonfinite_dense else 0.0
+        st.cosine = 0.0 if st.nonfinite_pruned > st.nonfinite_dense else 1.0
+        d, p = d[both], p[both]
+        if d.size == 0:
+            return st
+    diff = np.abs(d - p)
+    st.max_abs_error = max(st.max_abs_error, float(diff.max()))
+    st.max_rel_error = max(st.max_rel_error, float((diff / (np.abs(d) + 1e-12)).max()))
+    nd, npp = float(np.dot(d, d)), float(np.dot(p, p))
+    if not (st.nonfinite_pruned > st.nonfinite_dense):
+        st.cosine = float(np.dot(d, p) / np.sqrt(nd * npp)) if nd > 0 and npp > 0 else (1.0 if nd == npp else 0.0)
+    return st
 
 
 def _top5(logits: np.ndarray, y: np.ndarray) -> float:

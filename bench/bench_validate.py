@@ -1,0 +1,69 @@
+"""Benchmark: onnxprune's evaluation loop vs a bare ONNX Runtime loop over the same batches, and the time of a
+--sparsity auto search on the sample CNN.
+
+    python bench/bench_validate.py [--repeat 5]
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from onnxprune import prune_loaded, PruneConfig  # noqa: E402
+from onnxprune.data import Dataset  # noqa: E402
+from onnxprune.io import load_model, save_model  # noqa: E402
+from onnxprune.validate import Validator, _run_all, make_session  # noqa: E402
+
+CNN = os.path.join(ROOT, "sample_models", "cnn.onnx")
+DATA = os.path.join(ROOT, "sample_models", "digits_cnn_test.npz")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=15)
+    args = ap.parse_args()
+    z = np.load(DATA)
+    x = np.concatenate([z["x"]] * 8)  # 4000 samples
+    y = np.concatenate([z["y"]] * 8)
+    batches = [{"x": x[i:i + 32]} for i in range(0, len(x), 32)]
+    ds = Dataset(batches, y[: len(batches) * 32], "digits x8", 32, len(x))
+    tmp = tempfile.mkdtemp()
+    pruned = os.path.join(tmp, "p.onnx")
+    loaded = load_model(CNN)
+    prune_loaded(loaded, PruneConfig(sparsity=0.8))
+    save_model(loaded, pruned)
+
+    validator = Validator(CNN, ds, "cpu")
+    sess = make_session(pruned, "cpu")
+    validator._metrics(_run_all(sess, batches)[0])  # warm both paths before timing
+    bare, ours = [], []
+    for _ in range(args.repeat):  # alternate the two so machine noise hits both alike
+        t = time.perf_counter()
+        for feed in batches:
+            sess.run(None, feed)
+        bare.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        outs, _ = _run_all(sess, batches)
+        validator._metrics(outs)
+        ours.append(time.perf_counter() - t)  # includes the warm-up run and the metrics
+    b, o = statistics.median(bare), statistics.median(ours)
+    print(f"evaluation of {len(x)} samples in {len(batches)} batches (CPU, median of {args.repeat}):")
+    print(f"  bare ORT loop            {b * 1000:8.1f} ms  ({len(x) / b:,.0f} samples/s)")
+    print(f"  onnxprune run + metrics  {o * 1000:8.1f} ms  ({len(x) / o:,.0f} samples/s)  ratio {o / b:.3f}x")
+
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "onnxprune.cli", CNN, "--sparsity", "auto", "--data", DATA,
+                    "--max-drop", "0.01", "-o", os.path.join(tmp, "s.onnx"), "-q"], check=True)
+    print(f"--sparsity auto search on the sample CNN (end to end, one process): {time.perf_counter() - t:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
