@@ -76,6 +76,12 @@ def default_output(model_path: str) -> str:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for --method random and synthetic inputs.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="Output path (default: MODEL_pruned.onnx beside the input). Never the input itself.")
+@click.option("--effective/--no-effective", default=True, show_default=True,
+              help="Remove detached units after pruning (zero weights that reach no output; fold constant inputs "
+                   "into biases where exact). Effective sparsity is reported either way.")
+@click.option("--target", type=click.Choice(["direct", "effective"]), default="direct", show_default=True,
+              help="What --sparsity means: the fraction of weights zeroed (direct) or of weights on no "
+                   "input-to-output path (effective).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Run dense and pruned model in ONNX Runtime on the same inputs and compare.")
 @click.option("--data", type=click.Path(exists=False, path_type=str), default=None,
@@ -102,7 +108,8 @@ def default_output(model_path: str) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging; tracebacks on errors; ONNX Runtime's own messages.")
 @click.version_option(__version__, prog_name="onnxprune")
-def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, validate, data, batch_size, batches,
+def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, effective, target, validate, data,
+         batch_size, batches,
          input_shape, device, max_drop, keep_failed, sensitivity, plot, report_path, as_json, dry_run, quiet,
          verbose):
     """Prune MODEL (an .onnx file) to an exact global SPARSITY, validate it, write MODEL_pruned.onnx.
@@ -125,7 +132,8 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, v
                         format="onnxprune: %(levelname)s: %(message)s", stream=sys.stderr)
     search = sparsity == "auto"
     config = PruneConfig(sparsity=0.0 if search else sparsity, method=method, allocation=allocation,
-                         exclude=tuple(exclude), min_keep=min_keep, seed=seed, dry_run=dry_run)
+                         exclude=tuple(exclude), min_keep=min_keep, seed=seed, dry_run=dry_run, effective=effective,
+                         target=target)
     try:
         config.resolve()
         parse_min_keep(min_keep, 1)

@@ -43,6 +43,8 @@ class PruneConfig:
     seed: int = 0
     dry_run: bool = False
     only: tuple | None = None  # exact weight names that may be pruned (sensitivity analysis)
+    effective: bool = True  # remove detached units after pruning
+    target: str = "direct"  # "effective": --sparsity is an effective-sparsity target
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> tuple:
@@ -162,6 +164,7 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     t2 = time.perf_counter()
 
     score_fn = SCORES[score_name]
+    masked = {}  # layer name -> pruned values (kept for the connectivity analysis)
     for k, i in enumerate(idx):
         n_prune = int(counts[k])
         if n_prune == rows[i].zeros_before:
@@ -172,8 +175,36 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
         hint = hints[k] if score_name == "magnitude" and k < len(hints) else None
         pruned = prune_mask(scores, n_prune, values[i].shape, perm, hint=hint)
         rows[i].zeros_after = n_prune
-        if not config.dry_run:
-            write_tensor(layers[i].tensor, apply_mask(values[i], pruned, out=buffer.like(values[i])))
+        new = apply_mask(values[i], pruned, out=buffer.like(values[i]))
+        if config.dry_run:
+            masked[layers[i].name] = new.copy()
+        else:
+            write_tensor(layers[i].tensor, new)
+            masked[layers[i].name] = read_tensor(layers[i].tensor)
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
+    _connectivity(model, layers, rows, values, masked, config, report)
+    report.timings["connectivity"] = time.perf_counter() - t3
     return report
+
+
+def _connectivity(model, layers, rows, values, masked, config, report):
+    """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run)."""
+    from .connectivity import effective_counts
+    from .removal import remove_detached
+    weights = {l.name: masked.get(l.name, values[i]) for i, l in enumerate(layers)}
+    res = effective_counts(model, layers, weights)
+    info = {"mode": "channel", "note": "exact for MLPs; a lower bound on effective sparsity for CNNs",
+            "unknown_ops": res.unknown_ops, "layers_not_analysed": [l.name for l in layers
+                                                                     if l.name not in res.exact_layers]}
+    for row in rows:
+        row.effective_zeros = row.params - res.effective_count[row.name]
+    if config.effective and not config.dry_run:
+        removal = remove_detached(model, res, layers, weights)
+        for row, layer in zip(rows, layers):
+            row.zeros_after_selection = row.zeros_after
+            row.zeros_after = int(weights[layer.name].size - np.count_nonzero(weights[layer.name]))
+        info["removal"] = {"zeroed_dead_outputs": removal.zeroed_dead_out,
+                           "folded_constant_inputs": removal.folded_const_in,
+                           "left_in_place": removal.left_in_place, "biases_changed": removal.biases_changed}
+    report.connectivity = info

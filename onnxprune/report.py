@@ -19,6 +19,8 @@ class LayerReport:
     zeros_before: int
     zeros_after: int
     excluded: bool = False
+    effective_zeros: int | None = None  # zeros of the effective mask (pruned + detached), None if not analysed
+    zeros_after_selection: int | None = None  # direct zeros before detached-unit removal
 
     @property
     def sparsity_before(self) -> float:
@@ -32,7 +34,14 @@ class LayerReport:
         d = asdict(self)
         d["sparsity_before"] = self.sparsity_before
         d["sparsity_after"] = self.sparsity_after
+        d["effective_sparsity"] = self.effective_sparsity
         return d
+
+    @property
+    def effective_sparsity(self):
+        if self.effective_zeros is None:
+            return None
+        return self.effective_zeros / self.params if self.params else 0.0
 
 
 @dataclass
@@ -52,6 +61,7 @@ class Report:
     input: str | None = None
     output: str | None = None
     written: dict = field(default_factory=dict)
+    connectivity: dict | None = None
     validation: dict | None = None
     search: dict | None = None
     sensitivity: list | None = None
@@ -64,6 +74,9 @@ class Report:
         n = sum(l.params for l in rows)
         before = sum(l.zeros_before for l in rows)
         after = sum(l.zeros_after for l in rows)
+        eff = None
+        if rows and all(l.effective_zeros is not None for l in rows):
+            eff = sum(l.effective_zeros for l in rows)
         return {
             "layers": len(rows),
             "params": n,
@@ -71,6 +84,8 @@ class Report:
             "zeros_after": after,
             "sparsity_before": before / n if n else 0.0,
             "sparsity_after": after / n if n else 0.0,
+            "effective_zeros": eff,
+            "effective_sparsity": (eff / n if n else 0.0) if eff is not None else None,
         }
 
     def to_dict(self) -> dict:
@@ -95,6 +110,7 @@ class Report:
             "totals": self.totals(),
             "totals_including_excluded": self.totals(include_excluded=True),
             "layers": [l.to_dict() for l in self.layers],
+            "connectivity": self.connectivity,
             "validation": self.validation,
             "search": self.search,
             "sensitivity": self.sensitivity,

@@ -16,17 +16,30 @@ def print_report(report, stderr: bool = False) -> None:
     title += f" → {report.target_sparsity:.2%}" + ("  (dry run: nothing written)" if report.dry_run else "")
     table = Table(title=escape(title), show_lines=False)
     for col, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("dtype", "left"),
-                         ("params", "right"), ("sparsity before → after", "right")):
+                         ("params", "right"), ("sparsity before → after", "right"), ("effective", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     for l in report.layers:
         after = "excluded" if l.excluded else _pct(l.sparsity_after)
+        eff = "" if l.effective_sparsity is None else _pct(l.effective_sparsity)
         table.add_row(escape(l.name), l.op, "×".join(map(str, l.shape)), l.dtype, f"{l.params:,}",
-                      f"{_pct(l.sparsity_before)} → {after}")
+                      f"{_pct(l.sparsity_before)} → {after}", eff)
     t = report.totals()
     table.add_section()
     table.add_row("total", "", "", "", f"{t['params']:,}",
-                  f"{_pct(t['sparsity_before'])} → {_pct(t['sparsity_after'])}")
+                  f"{_pct(t['sparsity_before'])} → {_pct(t['sparsity_after'])}",
+                  "" if t["effective_sparsity"] is None else _pct(t["effective_sparsity"]))
     console.print(table)
+    c = report.connectivity
+    if c:
+        line = f"effective sparsity: {c['mode']}-level ({c['note']})"
+        if c.get("removal"):
+            r = c["removal"]
+            line += (f"; detached units removed: {r['zeroed_dead_outputs']:,} weights reaching no output zeroed, "
+                     f"{r['folded_constant_inputs']:,} constant-input weights folded into biases, "
+                     f"{r['left_in_place']:,} left in place")
+        console.print(escape(line))
+        if c["unknown_ops"]:
+            console.print(escape(f"ops treated as all-to-all (not understood): {', '.join(c['unknown_ops'])}"))
     if report.validation:
         _print_validation(console, report.validation)
     if report.search:

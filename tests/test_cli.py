@@ -26,7 +26,7 @@ def invoke(*args):
 
 def test_main_job_writes_beside_input_with_table(cnn, tmp_path):
     before = open(cnn, "rb").read()
-    r = invoke(cnn, "--sparsity", "0.95", "--method", "lamp")
+    r = invoke(cnn, "--sparsity", "0.95", "--method", "lamp", "--no-effective")
     assert r.exit_code == 0, r.output
     out = str(tmp_path / "cnn_pruned.onnx")
     assert os.path.exists(out) and open(cnn, "rb").read() == before
@@ -38,7 +38,7 @@ def test_main_job_writes_beside_input_with_table(cnn, tmp_path):
 
 def test_json_is_one_document_and_report_file(cnn, tmp_path):
     rep = str(tmp_path / "r.json")
-    r = invoke(cnn, "-s", "0.5", "-m", "erk", "-o", tmp_path / "o.onnx", "--report", rep, "--json")
+    r = invoke(cnn, "-s", "0.5", "-m", "erk", "-o", tmp_path / "o.onnx", "--report", rep, "--json", "--no-effective")
     assert r.exit_code == 0
     doc = json.loads(r.stdout)
     assert doc["status"] == "ok" and doc["exit_code"] == 0 and doc["schema_version"] == 1

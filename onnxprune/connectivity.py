@@ -1,0 +1,405 @@
+"""The unit graph over the real ONNX graph: reachability from the inputs and to the outputs, effective masks.
+
+Units are the output channels / neurons of every prunable layer. Forward reachability starts at the graph
+inputs, backward reachability at the graph outputs; a weight is effective when it is non-zero, its input unit
+is reached from an input and its output unit reaches an output (ALGORITHMS.md 5.2(a); biases ignored). Exact
+for MLPs, a lower bound on effective sparsity for CNNs (kernel taps that only read padding are not seen at
+channel level). Anything not understood is mixed all-to-all, so a unit is never called dead when it may live.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .unitops import HANDLED, UNARY, BINARY, Mode, Shapes, Units, backward, flatten_back, forward, norm_axis
+
+BOOL = Mode(True)
+
+
+# ---------------------------------------------------------------- shapes
+
+def infer_shapes(model: onnx.ModelProto) -> Shapes:
+    """Dims of every main-graph tensor, by ONNX shape inference on a copy without large weight payloads."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    g = light.graph
+    g.input.extend(model.graph.input)
+    g.output.extend(model.graph.output)
+    g.value_info.extend(model.graph.value_info)
+    g.node.extend(model.graph.node)
+    consts = {}
+    for t in model.graph.initializer:
+        small = _numel(t.dims) <= 64 or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+        if small:
+            g.initializer.append(t)
+            try:
+                consts[t.name] = numpy_helper.to_array(t)
+            except Exception:
+                pass
+        else:
+            stub = g.initializer.add()
+            stub.name, stub.data_type = t.name, t.data_type
+            stub.dims.extend(t.dims)
+            stub.raw_data = b""
+            # an empty payload is invalid; declare the tensor through an input instead
+            g.initializer.pop()
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            for a in n.attribute:
+                if a.name == "value" and _numel(a.t.dims) <= 64:
+                    consts[n.output[0]] = numpy_helper.to_array(a.t)
+                elif a.name == "value_ints":
+                    consts[n.output[0]] = np.array(a.ints)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception:
+        inferred = light
+    dims, types = {}, {}
+    for vi in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
+        if vi.type.HasField("tensor_type"):
+            types[vi.name] = vi.type.tensor_type.elem_type
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            dims[vi.name] = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None)
+                             for d in vi.type.tensor_type.shape.dim]
+    for t in model.graph.initializer:
+        dims[t.name] = [int(d) for d in t.dims]
+    shapes = Shapes(dims, consts)
+    shapes.types = types
+    return shapes
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+# ---------------------------------------------------------------- one prunable node as a block matrix
+
+@dataclass
+class LayerOp:
+    """A prunable node seen as g block matrices Z[g, ci, co] over (input unit, output unit)."""
+    node: onnx.NodeProto
+    layer: object  # graph.Layer
+    data_slot: int
+    in_axis_from_end: int | None  # channel axis of the data input counted from the end (MatMul), or None
+    in_axis: int | None  # fixed channel axis (Conv, Gemm)
+    groups: int
+    c_in: int
+    c_out: int
+    out_axis: int | None = None
+    out_axis_from_end: int | None = None
+
+    def blocks(self, w: np.ndarray, mode: Mode | None) -> np.ndarray:
+        """Z[g, ci, co] over the kernel taps: the count of non-zeros (mode None), or the sum of squares."""
+        g, ci, co = self.groups, self.c_in // self.groups, self.c_out // self.groups
+        if mode is None:
+            val = (w != 0)
+            red = (lambda x, ax: np.count_nonzero(x, axis=ax)) if w.ndim > 2 else (lambda x, ax: x[..., 0])
+        else:
+            val = np.square(w.astype(np.float64))
+            red = (lambda x, ax: x.sum(axis=ax))
+        op = self.node.op_type
+        if op == "Conv":
+            z = red(val.reshape(g, co, ci, -1), 3)  # [g, co, ci]
+            return np.swapaxes(z, 1, 2)
+        if op == "ConvTranspose":
+            return red(val.reshape(g, ci, co, -1), 3)
+        return self._dense_matrix(val)[None].astype(np.int64 if mode is None else np.float64, copy=False)
+
+    def _dense_matrix(self, val):
+        """[K, N] orientation of a 2-D Gemm/MatMul weight."""
+        return val if self._layout().in_axis % 2 == 0 else val.T
+
+    def forward(self, z, in_vec, mode):
+        g = self.groups
+        x = in_vec.reshape(g, -1)
+        if mode.boolean:
+            return (z & x[:, :, None]).any(axis=1).reshape(-1)
+        return np.einsum("gio,gi->go", z, x).reshape(-1)
+
+    def backward(self, z, out_vec, mode):
+        g = self.groups
+        y = out_vec.reshape(g, -1)
+        if mode.boolean:
+            return (z & y[:, None, :]).any(axis=2).reshape(-1)
+        return np.einsum("gio,go->gi", z, y).reshape(-1)
+
+    def element_mask(self, w, in_vec, out_vec):
+        """Per weight element: its input unit's and output unit's flags, in the weight's own layout."""
+        g, ci, co = self.groups, self.c_in // self.groups, self.c_out // self.groups
+        op = self.node.op_type
+        extra = (1,) * (w.ndim - 2)
+        if op == "Conv":
+            ins = in_vec.reshape(g, ci)[np.arange(self.c_out) // co]  # [O, ci]
+            return ins.reshape(ins.shape + extra) & out_vec.reshape((-1, 1) + extra)
+        if op == "ConvTranspose":
+            outs = out_vec.reshape(g, co)[np.arange(self.c_in) // ci]  # [C_in, co]
+            return in_vec.reshape((-1, 1) + extra) & outs.reshape(outs.shape + extra)
+        m = in_vec[:, None] & out_vec[None, :]  # [K, N]
+        return m if self._layout().in_axis % 2 == 0 else m.T
+
+    def _layout(self):
+        return next((c.layout for c in self.layer.consumers if c.node == self.node.name),
+                    self.layer.consumers[0].layout)
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return default
+
+
+def layer_op(node, layer, shapes: Shapes):
+    """A LayerOp for a main-graph prunable node whose layout the unit graph understands, else None."""
+    w_shape = layer.shape
+    op = node.op_type
+    slot = next(c.slot for c in layer.consumers if c.node == node.name or not c.node)
+    if op == "Conv":
+        g = _attr(node, "group", 1)
+        return LayerOp(node, layer, 0, None, 1, g, w_shape[1] * g, w_shape[0], out_axis=1)
+    if op == "ConvTranspose":
+        g = _attr(node, "group", 1)
+        return LayerOp(node, layer, 0, None, 1, g, w_shape[0], w_shape[1] * g, out_axis=1)
+    if len(w_shape) != 2:
+        return None
+    if op == "Gemm":
+        if slot != 1 or _attr(node, "transA", 0):
+            return None
+        k, n = (w_shape[1], w_shape[0]) if _attr(node, "transB", 0) else w_shape
+        return LayerOp(node, layer, 0, None, 1, 1, k, n, out_axis=1)
+    if op == "MatMul":
+        if slot == 1:
+            return LayerOp(node, layer, 0, 1, None, 1, w_shape[0], w_shape[1], out_axis_from_end=1)
+        return LayerOp(node, layer, 1, 2, None, 1, w_shape[1], w_shape[0], out_axis_from_end=2)
+    return None
+
+
+# ---------------------------------------------------------------- the analysis
+
+@dataclass
+class Analysis:
+    mode: str = "channel"
+    fwd: dict = field(default_factory=dict)
+    bwd: dict = field(default_factory=dict)
+    ops: dict = field(default_factory=dict)  # node index -> LayerOp
+    unknown_ops: list = field(default_factory=list)
+    effective: dict = field(default_factory=dict)  # layer name -> bool mask (weight shape)
+    shapes: Shapes | None = None
+    blocks: dict = field(default_factory=dict)
+    counts: dict = field(default_factory=dict)  # node index -> non-zero counts per (group, in unit, out unit)
+    effective_count: dict = field(default_factory=dict)  # layer name -> effective weights
+    exact_layers: set = field(default_factory=set)  # layers the unit graph analysed (others: effective = direct)
+
+
+def _implicit_inputs(node) -> list:
+    """Outer-scope names a node's subgraphs read (If/Loop/Scan bodies)."""
+    names = []
+    for a in node.attribute:
+        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for g in subs:
+            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
+            for n in g.node:
+                defined.update(n.output)
+            for n in g.node:
+                for i in list(n.input) + _implicit_inputs(n):
+                    if i and i not in defined and i not in names:
+                        names.append(i)
+    return names
+
+
+def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes | None = None,
+            mode: Mode = BOOL, layer_fwd=None, layer_bwd=None) -> Analysis:
+    """Forward/backward unit propagation over the main graph.
+
+    ``weights``: layer name -> current (masked) weight array. ``layer_fwd``/``layer_bwd`` override what a
+    prunable node emits (used by lookahead scoring); by default they propagate through the weights' blocks.
+    """
+    shapes = shapes or infer_shapes(model)
+    graph = model.graph
+    res = Analysis(shapes=shapes)
+    by_node = {}
+    for layer in layers:
+        if layer.graph != "":
+            continue
+        for c in layer.consumers:
+            if c.graph == "":
+                by_node.setdefault(c.node, layer)
+    blocks = res.blocks
+    inits = {t.name for t in graph.initializer}
+    fwd = res.fwd
+    for vi in graph.input:
+        if vi.name not in inits:
+            fwd[vi.name] = Units.agg(True if mode.boolean else 1.0)
+    for name in inits:
+        fwd[name] = Units.agg(mode.zero())
+    unknown = set()
+    nodes = list(graph.node)
+    implicit = {i: _implicit_inputs(n) for i, n in enumerate(nodes) if any(
+        a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute)}
+    for idx, node in enumerate(nodes):
+        if node.op_type == "Constant":
+            fwd[node.output[0]] = Units.agg(mode.zero())
+            continue
+        layer = by_node.get(node.name) if node.name else None
+        lop = layer_op(node, layer, shapes) if layer is not None else None
+        ins = [fwd.get(n, Units.agg(True if mode.boolean else 1.0)) if n else None for n in node.input]
+        if lop is not None:
+            res.ops[idx] = lop
+            if mode.boolean:
+                res.counts[idx] = lop.blocks(weights[layer.name], None)
+                z = blocks[idx] = res.counts[idx] > 0
+            else:
+                z = blocks[idx] = lop.blocks(weights[layer.name], mode)
+            in_vec = _in_vec(lop, node, ins[lop.data_slot], shapes, mode)
+            out = layer_fwd(lop, z, in_vec) if layer_fwd else lop.forward(z, in_vec, mode)
+            fwd[node.output[0]] = Units(_out_axis(lop, node, shapes), out)
+            continue
+        if idx in implicit:
+            ins = ins + [fwd.get(n, Units.agg(True if mode.boolean else 1.0)) for n in implicit[idx]]
+        if node.op_type not in HANDLED or idx in implicit:
+            unknown.add(node.op_type)
+        outs = forward(node, ins, shapes, mode) if idx not in implicit else \
+            [_mix_all(ins, mode)] * len(node.output)
+        for o, u in zip(node.output, outs):
+            if o:
+                fwd[o] = u if u is not None else Units.agg(mode.zero())
+    bwd = res.bwd
+    for vi in graph.output:
+        _acc(bwd, vi.name, Units.agg(True if mode.boolean else 1.0), mode)
+    for idx in range(len(nodes) - 1, -1, -1):
+        node = nodes[idx]
+        outs = [bwd.get(o) for o in node.output]
+        if all(u is None for u in outs):
+            continue
+        lop = res.ops.get(idx)
+        if lop is not None:
+            out_vec = outs[0].on(_out_axis(lop, node, shapes), lop.c_out, mode)
+            back = layer_bwd(lop, blocks[idx], out_vec) if layer_bwd else lop.backward(blocks[idx], out_vec, mode)
+            in_axis = _in_axis(lop, node.input[lop.data_slot], shapes)
+            _acc(bwd, node.input[lop.data_slot], Units(in_axis, back), mode)
+            continue
+        if node.op_type in ("Flatten", "Reshape"):
+            in_u = fwd.get(node.input[0])
+            back = [flatten_back(node, outs[0], in_u.axis if in_u is not None else None, shapes, mode)]
+            back += [_mix_all(outs, mode)] * (len(node.input) - 1)
+        elif idx in implicit:
+            back = [_mix_all(outs, mode)] * (len(node.input) + len(implicit[idx]))
+        else:
+            back = backward(node, None, outs, shapes, mode)
+        names = list(node.input) + implicit.get(idx, [])
+        for name, u in zip(names, back):
+            if name and u is not None:
+                _acc(bwd, name, u, mode)
+    res.unknown_ops = sorted(unknown - UNARY - BINARY)
+    return res
+
+
+def _mix_all(units, mode):
+    units = [u for u in units if u is not None]
+    if mode.boolean:
+        return Units.agg(any(bool(u.vec.any()) for u in units))
+    return Units.agg(float(sum(float(u.vec.mean()) if u.axis is not None else float(u.vec[0]) for u in units)))
+
+
+def _acc(table, name, u, mode):
+    prev = table.get(name)
+    if prev is None:
+        table[name] = u
+    elif prev.axis == u.axis and prev.vec.size == u.vec.size:
+        table[name] = Units(u.axis, mode.combine(prev.vec, u.vec))
+    else:
+        table[name] = _mix_all([prev, u], mode)
+
+
+def _in_axis(lop, name, shapes):
+    if lop.in_axis is not None:
+        return lop.in_axis
+    r = shapes.rank(name)
+    return None if r is None else r - lop.in_axis_from_end
+
+
+def _out_axis(lop, node, shapes):
+    if lop.out_axis is not None:
+        return lop.out_axis
+    r = shapes.rank(node.output[0])
+    return None if r is None else r - lop.out_axis_from_end
+
+
+def _in_vec(lop, node, u, shapes, mode):
+    axis = _in_axis(lop, node.input[lop.data_slot], shapes)
+    if u is None:
+        return np.full(lop.c_in, mode.zero(), dtype=mode.dtype)
+    if axis is None:
+        return np.full(lop.c_in, u.vec.any() if mode.boolean else mode.spread(u), dtype=mode.dtype)
+    return u.on(axis, lop.c_in, mode)
+
+
+def unit_flags(res: Analysis, idx: int, node) -> tuple:
+    """(input units reached from an input, output units reaching an output) of analysed node ``idx``."""
+    lop, sh = res.ops[idx], res.shapes
+    in_vec = _in_vec(lop, node, res.fwd.get(node.input[lop.data_slot]), sh, BOOL)
+    out_u = res.bwd.get(node.output[0])
+    out_vec = out_u.on(_out_axis(lop, node, sh), lop.c_out, BOOL) if out_u is not None else \
+        np.zeros(lop.c_out, dtype=bool)
+    return in_vec, out_vec
+
+
+def effective_counts(model, layers, weights, shapes=None) -> Analysis:
+    """Channel-level effective weight counts for every layer, without materialising masks.
+
+    A layer with a use the unit graph cannot see (a subgraph, a batched weight) counts every non-zero as
+    effective: never claimed dead. A tied weight takes the union over its consumers.
+    """
+    res = analyse(model, layers, weights, shapes)
+    nodes = list(model.graph.node)
+    per_layer = {}
+    for idx, lop in res.ops.items():
+        per_layer.setdefault(lop.layer.name, []).append(idx)
+    for layer in layers:
+        idxs = per_layer.get(layer.name, [])
+        w = weights[layer.name]
+        if len(idxs) < len(layer.consumers):
+            res.effective_count[layer.name] = int(np.count_nonzero(w))
+            continue
+        res.exact_layers.add(layer.name)
+        if len(idxs) == 1:
+            in_vec, out_vec = unit_flags(res, idxs[0], nodes[idxs[0]])
+            lop = res.ops[idxs[0]]
+            g = lop.groups
+            cnt = res.counts[idxs[0]]
+            res.effective_count[layer.name] = int(np.einsum("gio,gi,go->", cnt, in_vec.reshape(g, -1).astype(np.int64),
+                                                            out_vec.reshape(g, -1).astype(np.int64)))
+        else:
+            res.effective_count[layer.name] = int(np.count_nonzero(_union_mask(res, idxs, nodes, w)))
+    return res
+
+
+def _union_mask(res, idxs, nodes, w):
+    eff = np.zeros(w.shape, dtype=bool)
+    for idx in idxs:
+        in_vec, out_vec = unit_flags(res, idx, nodes[idx])
+        eff |= (w != 0) & res.ops[idx].element_mask(w, in_vec, out_vec)
+    return eff
+
+
+def effective_masks(model, layers, weights, shapes=None) -> dict:
+    """layer name -> boolean effective mask (for tests and small models; the pipeline counts instead)."""
+    res = analyse(model, layers, weights, shapes)
+    nodes = list(model.graph.node)
+    per_layer = {}
+    for idx, lop in res.ops.items():
+        per_layer.setdefault(lop.layer.name, []).append(idx)
+    out = {}
+    for layer in layers:
+        w = weights[layer.name]
+        idxs = per_layer.get(layer.name, [])
+        out[layer.name] = _union_mask(res, idxs, nodes, w) if len(idxs) == len(layer.consumers) else (w != 0)
+    return out

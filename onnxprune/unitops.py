@@ -1,0 +1,522 @@
+"""How units (channels/features) flow through non-prunable ONNX ops, forward and backward.
+
+A tensor's units are ``Units(axis, vec)``: ``vec`` holds one value per index of ``axis`` (its channel axis), or
+``axis is None`` and ``vec`` has one value for the whole tensor (aggregated). Values are booleans (reachability,
+combined with OR) or floats (lookahead norms, combined with +). An op this module does not understand mixes
+everything: the result is aggregated, which never claims a unit dead that might be alive.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Units:
+    axis: int | None
+    vec: np.ndarray
+
+    @staticmethod
+    def agg(value) -> "Units":
+        return Units(None, np.array([value]))
+
+    def total(self, mode):
+        return self.vec.any() if mode.boolean else self.vec.sum() if self.axis is not None else self.vec[0]
+
+    def on(self, axis: int, size: int, mode) -> np.ndarray:
+        """A vector of ``size`` values along ``axis`` (aggregated or mismatched axes are spread)."""
+        if self.axis == axis and self.vec.size == size:
+            return self.vec
+        return np.full(size, self.vec.any() if mode.boolean else mode.spread(self), dtype=mode.dtype)
+
+
+class Mode:
+    """Boolean reachability (OR) or float norms (sum)."""
+
+    def __init__(self, boolean: bool):
+        self.boolean = boolean
+        self.dtype = bool if boolean else np.float64
+
+    def combine(self, a, b):
+        return (a | b) if self.boolean else (a + b)
+
+    def spread(self, u: Units):
+        # for norms an aggregated value stands for each unit; a vector on another axis averages out
+        return float(u.vec.mean()) if u.axis is not None else float(u.vec[0])
+
+    def zero(self):
+        return False if self.boolean else 0.0
+
+
+UNARY = {
+    "Relu", "LeakyRelu", "PRelu", "Elu", "Selu", "Celu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Softplus",
+    "Softsign", "Gelu", "Erf", "Exp", "Log", "Abs", "Neg", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Sign",
+    "Sin", "Cos", "Clip", "Identity", "Dropout", "Cast", "CastLike", "BatchNormalization", "InstanceNormalization",
+    "MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool", "Pad", "Resize",
+    "Upsample", "Mish", "ThresholdedRelu", "Shrink", "IsNaN", "IsInf", "Not", "Pow",
+}
+BINARY = {"Add", "Sub", "Mul", "Div", "Sum", "Max", "Min", "Mean", "Where", "Equal", "Less", "Greater", "And", "Or"}
+# inputs after the first that are parameters, not data, for the ops that have them
+DATA_INPUTS = {"BatchNormalization": 1, "InstanceNormalization": 1, "Clip": 1, "Pad": 1, "Resize": 1,
+               "Upsample": 1, "Dropout": 1, "PRelu": 1, "LayerNormalization": 1, "Pow": 1, "CastLike": 1}
+HANDLED = UNARY | BINARY | {"MatMul", "Concat", "Split", "Slice", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze",
+                            "Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum", "ReduceMax",
+                            "ReduceMin", "ReduceL2", "ReduceProd"}
+
+
+def norm_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+class Shapes:
+    """Ranks and dims of every tensor, from ONNX shape inference."""
+
+    def __init__(self, dims: dict, consts: dict):
+        self.dims, self.consts = dims, consts
+
+    def rank(self, name):
+        d = self.dims.get(name)
+        return None if d is None else len(d)
+
+    def dim(self, name, axis):
+        d = self.dims.get(name)
+        if d is None or axis is None or axis >= len(d):
+            return None
+        return d[axis]
+
+
+def _attr(node, name, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            if a.type == a.INT:
+                return a.i
+            if a.type == a.INTS:
+                return list(a.ints)
+            if a.type == a.FLOAT:
+                return a.f
+    return default
+
+
+def forward(node, ins: list, shapes: Shapes, mode: Mode):
+    """Units of each output of ``node`` from the Units of its inputs (None for an absent input)."""
+    op = node.op_type
+    data = [u for u in ins[: DATA_INPUTS.get(op, len(ins))] if u is not None]
+    out_names = [o for o in node.output]
+    if op in UNARY and data:
+        return [data[0]] + [Units.agg(mode.zero()) for _ in out_names[1:]]
+    if op in BINARY:
+        return [_broadcast_merge(node, ins, shapes, mode)]
+    handler = _FORWARD.get(op)
+    if handler is not None:
+        res = handler(node, ins, shapes, mode)
+        if res is not None:
+            return res
+    return [_mix(ins, mode)] * len(out_names)
+
+
+def backward(node, ins: list, outs: list, shapes: Shapes, mode: Mode):
+    """Units flowing back to each input of ``node`` from the Units at its outputs (None: output unused)."""
+    op = node.op_type
+    outs_present = [u for u in outs if u is not None]
+    if not outs_present:
+        return [None] * len(node.input)
+    n_data = DATA_INPUTS.get(op, len(node.input))
+    if op in UNARY:
+        res = [outs[0] if outs[0] is not None else _mix(outs_present, mode)]
+        return res + [_mix(outs_present, mode)] * (len(node.input) - 1)
+    if op in BINARY:
+        return _broadcast_back(node, outs[0], shapes, mode)
+    handler = _BACKWARD.get(op)
+    if handler is not None:
+        res = handler(node, outs, shapes, mode)
+        if res is not None:
+            return res + [_mix(outs_present, mode)] * (len(node.input) - len(res))
+    return [_mix(outs_present, mode)] * len(node.input)
+
+
+def _mix(units, mode):
+    units = [u for u in units if u is not None]
+    if not units:
+        return Units.agg(mode.zero())
+    if mode.boolean:
+        return Units.agg(any(bool(u.vec.any()) for u in units))
+    return Units.agg(float(sum(mode.spread(u) for u in units)))
+
+
+def _out_axis(name_in, u: Units, shapes, name_out):
+    """Where the channel axis of input ``name_in`` lands in the broadcast output."""
+    if u.axis is None:
+        return None
+    r_in, r_out = shapes.rank(name_in), shapes.rank(name_out)
+    if r_in is None or r_out is None:
+        return None
+    a = u.axis + (r_out - r_in)
+    d = shapes.dim(name_in, u.axis)
+    return a if d == u.vec.size and d != 1 else None
+
+
+def _broadcast_merge(node, ins, shapes, mode):
+    out = node.output[0]
+    vecs, scal = [], []
+    for name, u in zip(node.input, ins):
+        if u is None:
+            continue
+        a = _out_axis(name, u, shapes, out)
+        if a is None:
+            scal.append(u)
+        else:
+            vecs.append((a, u.vec))
+    if not vecs:
+        return _mix(scal, mode)
+    axis, size = vecs[0][0], vecs[0][1].size
+    if any(a != axis or v.size != size for a, v in vecs):
+        return _mix(ins, mode)
+    acc = np.full(size, mode.zero(), dtype=mode.dtype)
+    for _, v in vecs:
+        acc = mode.combine(acc, v)
+    for u in scal:
+        acc = mode.combine(acc, np.full(size, u.vec.any() if mode.boolean else mode.spread(u), dtype=mode.dtype))
+    return Units(axis, acc)
+
+
+def _broadcast_back(node, out_u, shapes, mode):
+    out = node.output[0]
+    res = []
+    for name in node.input:
+        r_in, r_out = shapes.rank(name), shapes.rank(out)
+        if out_u is None:
+            res.append(None)
+            continue
+        if out_u.axis is not None and r_in is not None and r_out is not None:
+            a = out_u.axis - (r_out - r_in)
+            if a >= 0 and shapes.dim(name, a) == out_u.vec.size:
+                res.append(Units(a, out_u.vec))
+                continue
+        res.append(_mix([out_u], mode))
+    return res
+
+
+# ---------------------------------------------------------------- shape-moving ops
+
+def _concat_fwd(node, ins, shapes, mode):
+    out = node.output[0]
+    r = shapes.rank(out)
+    if r is None:
+        return None
+    ax = norm_axis(_attr(node, "axis", 0), r)
+    sizes = [shapes.dim(n, ax) for n in node.input]
+    channel = [u.axis for u in ins if u is not None and u.axis is not None]
+    if channel and all(c == ax for c in channel) and all(isinstance(s, int) for s in sizes):
+        return [Units(ax, np.concatenate([u.on(ax, s, mode) for u, s in zip(ins, sizes)]))]
+    if channel and all(c == channel[0] for c in channel) and channel[0] != ax:
+        return [_broadcast_merge(node, ins, shapes, mode)]
+    return None
+
+
+def _concat_bwd(node, outs, shapes, mode):
+    out_u, out = outs[0], node.output[0]
+    r = shapes.rank(out)
+    if out_u is None or r is None:
+        return None
+    ax = norm_axis(_attr(node, "axis", 0), r)
+    sizes = [shapes.dim(n, ax) for n in node.input]
+    if out_u.axis == ax and all(isinstance(s, int) for s in sizes) and sum(sizes) == out_u.vec.size:
+        offs = np.cumsum([0] + sizes)
+        return [Units(ax, out_u.vec[offs[i]:offs[i + 1]]) for i in range(len(sizes))]
+    if out_u.axis is not None and out_u.axis != ax:
+        return [out_u] * len(node.input)
+    return None
+
+
+def _split_fwd(node, ins, shapes, mode):
+    u, name = ins[0], node.input[0]
+    r = shapes.rank(name)
+    if u is None or r is None:
+        return None
+    ax = norm_axis(_attr(node, "axis", 0), r)
+    if u.axis != ax:
+        return [u] * len(node.output)
+    sizes = [shapes.dim(o, ax) for o in node.output]
+    if not all(isinstance(s, int) for s in sizes) or sum(sizes) != u.vec.size:
+        return None
+    offs = np.cumsum([0] + sizes)
+    return [Units(ax, u.vec[offs[i]:offs[i + 1]]) for i in range(len(sizes))]
+
+
+def _split_bwd(node, outs, shapes, mode):
+    name = node.input[0]
+    r = shapes.rank(name)
+    if r is None:
+        return None
+    ax = norm_axis(_attr(node, "axis", 0), r)
+    sizes = [shapes.dim(o, ax) for o in node.output]
+    if all(isinstance(s, int) for s in sizes) and all(u is None or u.axis == ax for u in outs):
+        parts = [u.vec if u is not None else np.full(s, mode.zero(), dtype=mode.dtype) for u, s in zip(outs, sizes)]
+        return [Units(ax, np.concatenate(parts))]
+    present = [u for u in outs if u is not None]
+    if present and all(u.axis is not None and u.axis != ax and u.axis == present[0].axis
+                       and u.vec.size == present[0].vec.size for u in present):
+        acc = present[0].vec
+        for u in present[1:]:
+            acc = mode.combine(acc, u.vec)
+        return [Units(present[0].axis, acc)]
+    return None
+
+
+def _slice_params(node, shapes):
+    consts = shapes.consts
+    vals = [consts.get(n) if n else None for n in node.input[1:5]]
+    if vals[0] is None or vals[1] is None:
+        return None
+    starts, ends = list(vals[0]), list(vals[1])
+    r = shapes.rank(node.input[0])
+    axes = list(vals[2]) if len(vals) > 2 and vals[2] is not None else list(range(len(starts)))
+    steps = list(vals[3]) if len(vals) > 3 and vals[3] is not None else [1] * len(starts)
+    return [(norm_axis(int(a), r), int(s), int(e), int(st)) for a, s, e, st in zip(axes, starts, ends, steps)]
+
+
+def _slice_fwd(node, ins, shapes, mode):
+    u = ins[0]
+    if u is None or u.axis is None:
+        return [u] if u is not None else None
+    params = _slice_params(node, shapes)
+    if params is None:
+        return None
+    for a, s, e, st in params:
+        if a == u.axis:
+            return [Units(a, u.vec[slice(s, e, st)])]
+    return [u]
+
+
+def _slice_bwd(node, outs, shapes, mode):
+    out_u = outs[0]
+    if out_u is None or out_u.axis is None:
+        return None
+    params = _slice_params(node, shapes)
+    size = shapes.dim(node.input[0], out_u.axis)
+    if params is None or not isinstance(size, int):
+        return None
+    for a, s, e, st in params:
+        if a == out_u.axis:
+            vec = np.full(size, mode.zero(), dtype=mode.dtype)
+            idx = np.arange(size)[slice(s, e, st)]
+            if idx.size != out_u.vec.size:
+                return None
+            vec[idx] = out_u.vec
+            return [Units(a, vec)]
+    return [out_u]
+
+
+def _flatten_layout(node, shapes, axis_in):
+    """For Flatten/Reshape that merges dims [k:] of the input into axis 1: (k, dims[k:])."""
+    name, out = node.input[0], node.output[0]
+    din, dout = shapes.dims.get(name), shapes.dims.get(out)
+    if din is None or dout is None or axis_in is None:
+        return None
+    if node.op_type == "Flatten":
+        k = norm_axis(_attr(node, "axis", 1), len(din))
+    else:
+        if len(dout) != 2 or not all(isinstance(d, int) for d in din[1:]):
+            return None
+        k = 1
+        if dout[1] != int(np.prod(din[1:])):
+            return None
+    rest = din[k:]
+    if not all(isinstance(d, int) for d in rest) or axis_in < k:
+        return None
+    return k, rest
+
+
+def _same_axis_reshape(node, u, shapes):
+    """A Reshape that keeps the channel axis and everything before it, e.g. [N,C,H,W] -> [N,C,H*W]."""
+    din, dout = shapes.dims.get(node.input[0]), shapes.dims.get(node.output[0])
+    if din is None or dout is None or u.axis is None:
+        return False
+    a = u.axis
+    return len(dout) > a and din[: a + 1] == dout[: a + 1] and all(isinstance(d, int) for d in din[: a + 1])
+
+
+def _flatten_fwd(node, ins, shapes, mode):
+    u = ins[0]
+    if u is None:
+        return None
+    if u.axis is None:
+        return [u]
+    if node.op_type == "Reshape" and _same_axis_reshape(node, u, shapes):
+        return [u]
+    lay = _flatten_layout(node, shapes, u.axis)
+    if lay is None:
+        return None
+    k, rest = lay
+    c = u.axis - k
+    shape = [1] * len(rest)
+    shape[c] = rest[c]
+    full = np.broadcast_to(u.vec.reshape(shape), rest).reshape(-1)
+    return [Units(1, np.ascontiguousarray(full))]
+
+
+def flatten_back(node, out_u: Units, in_axis: int | None, shapes, mode):
+    """Backward through Flatten/Reshape given the channel axis the forward pass used at the input."""
+    if out_u is None:
+        return None
+    if in_axis is None:
+        return _mix([out_u], mode)
+    if node.op_type == "Reshape" and _same_axis_reshape(node, Units(in_axis, np.zeros(1)), shapes) \
+            and out_u.axis == in_axis:
+        return out_u
+    lay = _flatten_layout(node, shapes, in_axis)
+    if lay is None or out_u.axis != 1:
+        return _mix([out_u], mode)
+    k, rest = lay
+    if out_u.vec.size != int(np.prod(rest)):
+        return _mix([out_u], mode)
+    c = in_axis - k
+    grid = out_u.vec.reshape(rest)
+    other = tuple(i for i in range(len(rest)) if i != c)
+    vec = grid.any(axis=other) if mode.boolean else grid.sum(axis=other)
+    return Units(in_axis, np.asarray(vec).reshape(-1))
+
+
+def _transpose_fwd(node, ins, shapes, mode):
+    u = ins[0]
+    if u is None or u.axis is None:
+        return [u] if u is not None else None
+    perm = _attr(node, "perm")
+    r = shapes.rank(node.input[0])
+    if perm is None:
+        perm = list(range(r))[::-1] if r is not None else None
+    if perm is None:
+        return None
+    return [Units(list(perm).index(u.axis), u.vec)]
+
+
+def _transpose_bwd(node, outs, shapes, mode):
+    u = outs[0]
+    if u is None or u.axis is None:
+        return None
+    perm = _attr(node, "perm")
+    r = shapes.rank(node.input[0])
+    if perm is None:
+        perm = list(range(r))[::-1] if r is not None else None
+    if perm is None:
+        return None
+    return [Units(perm[u.axis], u.vec)]
+
+
+def _axes_of(node, shapes, rank):
+    axes = _attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        c = shapes.consts.get(node.input[1])
+        axes = None if c is None else [int(a) for a in c]
+    return None if axes is None else [norm_axis(a, rank) for a in axes]
+
+
+def _unsqueeze_fwd(node, ins, shapes, mode):
+    u = ins[0]
+    if u is None or u.axis is None:
+        return [u] if u is not None else None
+    r_out = shapes.rank(node.output[0])
+    axes = _axes_of(node, shapes, r_out) if r_out is not None else None
+    if axes is None:
+        return None
+    kept = [i for i in range(r_out) if i not in axes]
+    return [Units(kept[u.axis], u.vec)]
+
+
+def _unsqueeze_bwd(node, outs, shapes, mode):
+    u = outs[0]
+    if u is None or u.axis is None:
+        return None
+    r_out = shapes.rank(node.output[0])
+    axes = _axes_of(node, shapes, r_out) if r_out is not None else None
+    if axes is None or u.axis in axes:
+        return None
+    kept = [i for i in range(r_out) if i not in axes]
+    return [Units(kept.index(u.axis), u.vec)]
+
+
+def _squeeze_fwd(node, ins, shapes, mode):
+    u = ins[0]
+    if u is None or u.axis is None:
+        return [u] if u is not None else None
+    r_in = shapes.rank(node.input[0])
+    axes = _axes_of(node, shapes, r_in) if r_in is not None else None
+    if axes is None:
+        din = shapes.dims.get(node.input[0])
+        if din is None:
+            return None
+        axes = [i for i, d in enumerate(din) if d == 1]
+    if u.axis in axes:
+        return None
+    return [Units(u.axis - sum(1 for a in axes if a < u.axis), u.vec)]
+
+
+def _squeeze_bwd(node, outs, shapes, mode):
+    u = outs[0]
+    if u is None or u.axis is None:
+        return None
+    r_in = shapes.rank(node.input[0])
+    axes = _axes_of(node, shapes, r_in) if r_in is not None else None
+    if axes is None:
+        din = shapes.dims.get(node.input[0])
+        if din is None:
+            return None
+        axes = [i for i, d in enumerate(din) if d == 1]
+    kept = [i for i in range(r_in) if i not in axes]
+    return [Units(kept[u.axis], u.vec)] if u.axis < len(kept) else None
+
+
+def _along_axis_fwd(node, ins, shapes, mode):
+    """Softmax/LogSoftmax/LayerNorm/Reduce*: mixing along the channel axis aggregates; elsewhere units pass."""
+    u = ins[0]
+    if u is None:
+        return None
+    r = shapes.rank(node.input[0])
+    if r is None:
+        return None
+    op = node.op_type
+    if op in ("Softmax", "LogSoftmax"):
+        mixed = [norm_axis(_attr(node, "axis", -1), r)]
+    elif op == "LayerNormalization":
+        mixed = list(range(norm_axis(_attr(node, "axis", -1), r), r))
+    else:
+        mixed = _axes_of(node, shapes, r)
+        if mixed is None:
+            mixed = list(range(r))
+    if u.axis is None or u.axis in mixed:
+        return [_mix([u], mode)] + [Units.agg(mode.zero())] * (len(node.output) - 1)
+    axis = u.axis
+    if op.startswith("Reduce") and not _attr(node, "keepdims", 1):
+        axis -= sum(1 for a in mixed if a < u.axis)
+    return [Units(axis, u.vec)] + [Units.agg(mode.zero())] * (len(node.output) - 1)
+
+
+def _matmul_fwd(node, ins, shapes, mode):
+    """A @ B of two activations (attention): output feature j follows B's feature j (B's units on its last
+    axis, e.g. attn @ V) and everything in A; anything else mixes."""
+    a, b = ins[0], ins[1]
+    rb, ro = shapes.rank(node.input[1]), shapes.rank(node.output[0])
+    if a is None or b is None or rb is None or ro is None or rb < 2 or b.axis != rb - 1:
+        return None
+    if mode.boolean:
+        return [Units(ro - 1, b.vec & bool(a.vec.any()))]
+    return [Units(ro - 1, b.vec * mode.spread(a))]
+
+
+def _matmul_bwd(node, outs, shapes, mode):
+    u = outs[0]
+    rb, ro = shapes.rank(node.input[1]), shapes.rank(node.output[0])
+    if u is None or rb is None or ro is None or rb < 2 or u.axis != ro - 1:
+        return None
+    return [_mix([u], mode), Units(rb - 1, u.vec)]
+
+
+_FORWARD = {"MatMul": _matmul_fwd, "Concat": _concat_fwd, "Split": _split_fwd, "Slice": _slice_fwd, "Flatten": _flatten_fwd,
+            "Reshape": _flatten_fwd, "Transpose": _transpose_fwd, "Unsqueeze": _unsqueeze_fwd,
+            "Squeeze": _squeeze_fwd, "Softmax": _along_axis_fwd, "LogSoftmax": _along_axis_fwd,
+            "LayerNormalization": _along_axis_fwd, "ReduceMean": _along_axis_fwd, "ReduceSum": _along_axis_fwd,
+            "ReduceMax": _along_axis_fwd, "ReduceMin": _along_axis_fwd, "ReduceL2": _along_axis_fwd,
+            "ReduceProd": _along_axis_fwd}
+_BACKWARD = {"MatMul": _matmul_bwd, "Concat": _concat_bwd, "Split": _split_bwd, "Slice": _slice_bwd, "Transpose": _transpose_bwd,
+             "Unsqueeze": _unsqueeze_bwd, "Squeeze": _squeeze_bwd}
