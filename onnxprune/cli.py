@@ -66,9 +66,9 @@ def default_output(model_path: str) -> str:
               help="Fraction of prunable weights to zero, in [0, 1) (exact: round(S*N)); 'auto' with --max-drop "
                    "searches the highest sparsity within the accuracy budget.")
 @click.option("--method", "-m", type=click.Choice(list(METHODS)), default="lamp", show_default=True,
-              help="lamp | global | global-mt | uniform | uniform+ | erk | igq | random.")
+              help="lamp | global | global-mt | uniform | uniform+ | erk | igq | random | lap (lookahead).")
 @click.option("--allocation", type=click.Choice(list(ALLOCATIONS)), default=None,
-              help="Per-layer counts for --method random (default igq).")
+              help="Per-layer counts for --method random (default igq) and lap (default uniform).")
 @click.option("--exclude", multiple=True, metavar="GLOB",
               help="Leave layers whose weight or node name matches GLOB dense. Repeatable.")
 @click.option("--min-keep", default="0.05%", show_default=True,
@@ -119,6 +119,8 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
       onnxprune model.onnx --sparsity 0.95                      # LAMP, writes model_pruned.onnx
       onnxprune model.onnx -s 0.9 --method global-mt --min-keep 0.1%
       onnxprune model.onnx -s 0.8 --method random --allocation erk --seed 3
+      onnxprune model.onnx -s 0.9 --method lap --allocation lamp
+      onnxprune model.onnx -s 0.99 --target effective          # 99 % of weights on no input-output path
       onnxprune model.onnx -s 0.9 --exclude 'classifier*' --report report.json
       onnxprune model.onnx -s 0.9 --data test.npz --max-drop 0.01      # CI gate: exit 1 if accuracy drops > 1 pt
       onnxprune model.onnx -s auto --data test.npz --max-drop 0.01 --plot curve.png

@@ -132,17 +132,18 @@ class LayerOp:
         return np.einsum("gio,go->gi", z, y).reshape(-1)
 
     def element_mask(self, w, in_vec, out_vec):
-        """Per weight element: its input unit's and output unit's flags, in the weight's own layout."""
+        """Per weight element: its input unit's and output unit's flags (or factors, multiplied), in the weight's
+        own layout."""
         g, ci, co = self.groups, self.c_in // self.groups, self.c_out // self.groups
         op = self.node.op_type
         extra = (1,) * (w.ndim - 2)
         if op == "Conv":
             ins = in_vec.reshape(g, ci)[np.arange(self.c_out) // co]  # [O, ci]
-            return ins.reshape(ins.shape + extra) & out_vec.reshape((-1, 1) + extra)
+            return ins.reshape(ins.shape + extra) * out_vec.reshape((-1, 1) + extra)
         if op == "ConvTranspose":
             outs = out_vec.reshape(g, co)[np.arange(self.c_in) // ci]  # [C_in, co]
-            return in_vec.reshape((-1, 1) + extra) & outs.reshape(outs.shape + extra)
-        m = in_vec[:, None] & out_vec[None, :]  # [K, N]
+            return in_vec.reshape((-1, 1) + extra) * outs.reshape(outs.shape + extra)
+        m = in_vec[:, None] * out_vec[None, :]  # [K, N]
         return m if self._layout().in_axis % 2 == 0 else m.T
 
     def _layout(self):

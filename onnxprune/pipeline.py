@@ -30,6 +30,7 @@ METHODS = {
     "erk": ("erk", "magnitude", None),
     "igq": ("igq", "magnitude", None),
     "random": (None, "random", "igq"),
+    "lap": (None, "lap", "uniform"),
 }
 
 
@@ -56,7 +57,7 @@ class PruneConfig:
         alloc, score, default = METHODS[self.method]
         if self.allocation is not None:
             if alloc is not None:
-                raise ValueError(f"--allocation applies to methods that leave it open (random), not {self.method!r}")
+                raise ValueError(f"--allocation applies to methods that leave it open (random, lap), not {self.method!r}")
             if self.allocation not in ALLOCATIONS:
                 raise ValueError(f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}")
             alloc = self.allocation
@@ -139,43 +140,28 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     idx = [i for i, l in enumerate(layers) if not l.excluded]
     total = sum(rows[i].params for i in idx)
     zeros = sum(rows[i].zeros_before for i in idx)
-    target = int(round(config.sparsity * total))
-    report.target_pruned = target
     report.options["min_keep_count"] = parse_min_keep(config.min_keep, total)
+    report.options["target"] = config.target
     infos = [LayerInfo(size=rows[i].params, zeros=rows[i].zeros_before, shape=tuple(layers[i].shape),
                        is_conv=any(c.op in ("Conv", "ConvTranspose") for c in layers[i].consumers),
                        values=values[i]) for i in idx]
-    buffer, hints = MagnitudeBuffer(), []
-    if idx and zeros >= target:
-        report.already_sparser = target < zeros
-        if zeros > target:
-            msg = (f"model is already {zeros / total:.4%} sparse, above the {config.sparsity:.4%} asked for; "
-                   f"nothing more pruned")
-            report.warnings.append(msg)
-            log.warning(msg)
-        counts = np.array([rows[i].zeros_before for i in idx], dtype=np.int64)
-    elif idx:
-        ctx = Context(layers=infos, prune_total=target, min_keep=report.options["min_keep_count"], buffer=buffer)
-        counts = ALLOCATIONS[alloc_name](ctx)
-        hints = ctx.hints
-        assert int(counts.sum()) == target, (counts.sum(), target)
-    else:
-        counts = np.zeros(0, dtype=np.int64)
+    sel = _Selector(model, layers, values, idx, infos, alloc_name, score_name, config, report)
+    target = int(round(config.sparsity * total))
+    if config.target == "effective" and idx:
+        target = sel.effective_target(target, zeros)
+    report.target_pruned = target
+    if idx and zeros > target:
+        report.already_sparser = True
+        msg = (f"model is already {zeros / total:.4%} sparse, above the {config.sparsity:.4%} asked for; "
+               f"nothing more pruned")
+        report.warnings.append(msg)
+        log.warning(msg)
+    counts, hints = sel.allocate(target)
     t2 = time.perf_counter()
 
-    score_fn = SCORES[score_name]
     masked = {}  # layer name -> pruned values (kept for the connectivity analysis)
-    for k, i in enumerate(idx):
-        n_prune = int(counts[k])
-        if n_prune == rows[i].zeros_before:
-            continue  # nothing new: leave the tensor's bytes untouched
-        layout = layers[i].layout
-        perm = layout_perm(values[i].shape, layout.out_axis, layout.in_axis)
-        scores = score_fn(values[i], config.seed, k, perm, mag=buffer.of(values[i]) if score_name == "magnitude" else None)
-        hint = hints[k] if score_name == "magnitude" and k < len(hints) else None
-        pruned = prune_mask(scores, n_prune, values[i].shape, perm, hint=hint)
-        rows[i].zeros_after = n_prune
-        new = apply_mask(values[i], pruned, out=buffer.like(values[i]))
+    for k, i, new in sel.masks(counts, hints):
+        rows[i].zeros_after = int(counts[k])
         if config.dry_run:
             masked[layers[i].name] = new.copy()
         else:
@@ -183,17 +169,102 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
             masked[layers[i].name] = read_tensor(layers[i].tensor)
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
-    _connectivity(model, layers, rows, values, masked, config, report)
+    _connectivity(model, layers, rows, values, masked, config, report, sel.shapes)
     report.timings["connectivity"] = time.perf_counter() - t3
     return report
 
 
-def _connectivity(model, layers, rows, values, masked, config, report):
+class _Selector:
+    """Allocation + selection for a given direct count: the one path every run and every probe takes."""
+
+    def __init__(self, model, layers, values, idx, infos, alloc_name, score_name, config, report):
+        self.model, self.layers, self.values, self.idx, self.infos = model, layers, values, idx, infos
+        self.alloc_name, self.score_name, self.config, self.report = alloc_name, score_name, config, report
+        self.buffer = MagnitudeBuffer()
+        self.zeros = np.array([i.zeros for i in infos], dtype=np.int64)
+        self.shapes = None
+        self._lap = None
+
+    def allocate(self, target: int):
+        if not self.idx:
+            return np.zeros(0, dtype=np.int64), []
+        if self.zeros.sum() >= target:
+            return self.zeros.copy(), []
+        ctx = Context(layers=self.infos, prune_total=target, min_keep=self.report.options["min_keep_count"],
+                      buffer=self.buffer)
+        counts = ALLOCATIONS[self.alloc_name](ctx)
+        assert int(counts.sum()) == target, (counts.sum(), target)
+        return counts, ctx.hints
+
+    def masks(self, counts, hints):
+        """Yield (position, layer index, pruned values) for every layer that gains zeros."""
+        score_fn = SCORES[self.score_name] if self.score_name != "lap" else None
+        for k, i in enumerate(self.idx):
+            n_prune = int(counts[k])
+            if n_prune == self.infos[k].zeros:
+                continue  # nothing new: leave the tensor's bytes untouched
+            w = self.values[i]
+            layout = self.layers[i].layout
+            perm = layout_perm(w.shape, layout.out_axis, layout.in_axis)
+            if self.score_name == "lap":
+                scores = self.lap_scores(i)
+            else:
+                mag = self.buffer.of(w) if self.score_name == "magnitude" else None
+                scores = score_fn(w, self.config.seed, k, perm, mag=mag)
+            hint = hints[k] if self.score_name == "magnitude" and k < len(hints) else None
+            pruned = prune_mask(scores, n_prune, w.shape, perm, hint=hint)
+            yield k, i, apply_mask(w, pruned, out=self.buffer.like(w))
+
+    def lap_scores(self, i):
+        from .lookahead import lap_scores, lookahead_factors
+        if self._lap is None:
+            self._lap = lookahead_factors(self.model, self.layers, self.values, self._shapes())
+        return lap_scores(self.values[i], self.layers[i], self._lap)
+
+    def _shapes(self):
+        if self.shapes is None:
+            from .connectivity import infer_shapes
+            self.shapes = infer_shapes(self.model)
+        return self.shapes
+
+    def effective_zeros(self, target: int) -> int:
+        from .connectivity import effective_counts
+        counts, hints = self.allocate(target)
+        weights = {l.name: self.values[i] for i, l in enumerate(self.layers)}
+        for k, i, new in self.masks(counts, hints):
+            weights[self.layers[i].name] = new.copy()
+        res = effective_counts(self.model, self.layers, weights, self._shapes())
+        return sum(self.infos[k].size - res.effective_count[self.layers[i].name] for k, i in enumerate(self.idx))
+
+    def effective_target(self, wanted: int, zeros: int) -> int:
+        """Largest direct count whose effective zeros stay <= ``wanted`` (bisection; masks are nested)."""
+        total = sum(i.size for i in self.infos)
+        lo, hi = zeros, total
+        probes = []
+        e_lo = self.effective_zeros(lo)
+        probes.append((lo, e_lo))
+        if e_lo > wanted:
+            hi = lo
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            e = self.effective_zeros(mid)
+            probes.append((mid, e))
+            if e <= wanted:
+                lo = mid
+            else:
+                hi = mid
+        achieved = dict(probes).get(lo, e_lo)
+        self.report.options["effective_target"] = {"wanted_zeros": wanted, "direct_count": lo,
+                                                   "effective_zeros": int(achieved), "probes": len(probes)}
+        return lo
+
+
+def _connectivity(model, layers, rows, values, masked, config, report, shapes=None):
     """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run)."""
     from .connectivity import effective_counts
     from .removal import remove_detached
     weights = {l.name: masked.get(l.name, values[i]) for i, l in enumerate(layers)}
-    res = effective_counts(model, layers, weights)
+    res = effective_counts(model, layers, weights, shapes)
     info = {"mode": "channel", "note": "exact for MLPs; a lower bound on effective sparsity for CNNs",
             "unknown_ops": res.unknown_ops, "layers_not_analysed": [l.name for l in layers
                                                                      if l.name not in res.exact_layers]}

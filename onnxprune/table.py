@@ -15,18 +15,17 @@ def print_report(report, stderr: bool = False) -> None:
     title = f"onnxprune {report.method}" + (f" (allocation {report.allocation})" if report.method == "random" else "")
     title += f" → {report.target_sparsity:.2%}" + ("  (dry run: nothing written)" if report.dry_run else "")
     table = Table(title=escape(title), show_lines=False)
-    for col, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("dtype", "left"),
-                         ("params", "right"), ("sparsity before → after", "right"), ("effective", "right")):
+    for col, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("params", "right"),
+                         ("before", "right"), ("after", "right"), ("effective", "right")):
         table.add_column(col, justify=justify, overflow="fold")
     for l in report.layers:
         after = "excluded" if l.excluded else _pct(l.sparsity_after)
         eff = "" if l.effective_sparsity is None else _pct(l.effective_sparsity)
-        table.add_row(escape(l.name), l.op, "×".join(map(str, l.shape)), l.dtype, f"{l.params:,}",
-                      f"{_pct(l.sparsity_before)} → {after}", eff)
+        shape = "×".join(map(str, l.shape)) + ("" if l.dtype == "float32" else f" {l.dtype}")
+        table.add_row(escape(l.name), l.op, shape, f"{l.params:,}", _pct(l.sparsity_before), after, eff)
     t = report.totals()
     table.add_section()
-    table.add_row("total", "", "", "", f"{t['params']:,}",
-                  f"{_pct(t['sparsity_before'])} → {_pct(t['sparsity_after'])}",
+    table.add_row("total", "", "", f"{t['params']:,}", _pct(t["sparsity_before"]), _pct(t["sparsity_after"]),
                   "" if t["effective_sparsity"] is None else _pct(t["effective_sparsity"]))
     console.print(table)
     c = report.connectivity

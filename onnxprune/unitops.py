@@ -34,9 +34,10 @@ class Units:
 class Mode:
     """Boolean reachability (OR) or float norms (sum)."""
 
-    def __init__(self, boolean: bool):
+    def __init__(self, boolean: bool, scale=None):
         self.boolean = boolean
         self.dtype = bool if boolean else np.float64
+        self.scale = scale  # float mode: node -> per-channel multiplier (BatchNormalization) or None
 
     def combine(self, a, b):
         return (a | b) if self.boolean else (a + b)
@@ -104,7 +105,7 @@ def forward(node, ins: list, shapes: Shapes, mode: Mode):
     data = [u for u in ins[: DATA_INPUTS.get(op, len(ins))] if u is not None]
     out_names = [o for o in node.output]
     if op in UNARY and data:
-        return [data[0]] + [Units.agg(mode.zero()) for _ in out_names[1:]]
+        return [_scaled(node, data[0], mode)] + [Units.agg(mode.zero()) for _ in out_names[1:]]
     if op in BINARY:
         return [_broadcast_merge(node, ins, shapes, mode)]
     handler = _FORWARD.get(op)
@@ -123,7 +124,7 @@ def backward(node, ins: list, outs: list, shapes: Shapes, mode: Mode):
         return [None] * len(node.input)
     n_data = DATA_INPUTS.get(op, len(node.input))
     if op in UNARY:
-        res = [outs[0] if outs[0] is not None else _mix(outs_present, mode)]
+        res = [_scaled(node, outs[0], mode) if outs[0] is not None else _mix(outs_present, mode)]
         return res + [_mix(outs_present, mode)] * (len(node.input) - 1)
     if op in BINARY:
         return _broadcast_back(node, outs[0], shapes, mode)
@@ -133,6 +134,18 @@ def backward(node, ins: list, outs: list, shapes: Shapes, mode: Mode):
         if res is not None:
             return res + [_mix(outs_present, mode)] * (len(node.input) - len(res))
     return [_mix(outs_present, mode)] * len(node.input)
+
+
+def _scaled(node, u: Units, mode):
+    """Float mode: BatchNormalization multiplies a channel's factor by its squared scale."""
+    if mode.boolean or mode.scale is None or node.op_type != "BatchNormalization":
+        return u
+    s = mode.scale(node)
+    if s is None:
+        return u
+    if u.axis == 1 and u.vec.size == s.size:
+        return Units(1, u.vec * s)
+    return Units(1, np.full(s.size, mode.spread(u)) * s) if u.axis is None else u
 
 
 def _mix(units, mode):

@@ -217,3 +217,110 @@ def test_report_has_effective_sparsity_also_on_dry_run():
     t = rep.totals()
     assert t["zeros_after"] == 13 and t["effective_zeros"] == 15
     assert rep.connectivity["mode"] == "channel"
+
+
+def lap_chain():
+    """ALGORITHMS.md 3.6: W1 (3x2), W2 (2x3), W3 (1x2) in PyTorch [out, in] layout."""
+    w1 = np.array([[1, 2], [0.5, 0.1], [3, 1]], np.float32)
+    w2 = np.array([[1, 0.2, 0.5], [0.3, 2, 1]], np.float32)
+    w3 = np.array([[2, 0.5]], np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["a"], name="l1", transB=1),
+             helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("Gemm", ["ar", "w2"], ["b"], name="l2", transB=1),
+             helper.make_node("Relu", ["b"], ["br"]),
+             helper.make_node("Gemm", ["br", "w3"], ["y"], name="l3", transB=1)]
+    return make_model(nodes, [vi("x", ["N", 2])], [vi("y", ["N", 1])], [init("w1", w1), init("w2", w2), init("w3", w3)])
+
+
+def test_lap_scores_and_masks_vector():
+    from onnxprune.connectivity import infer_shapes
+    from onnxprune.lookahead import lap_scores, lookahead_factors
+    model = lap_chain()
+    layers, w = masks_of(model)
+    values = [w[l.name] for l in layers]
+    f = lookahead_factors(model, layers, values, infer_shapes(model))
+    np.testing.assert_allclose(lap_scores(w["w1"], layers[0], f).reshape(3, 2), [[1.09, 4.36], [1.01, 0.0404], [11.25, 1.25]], rtol=1e-5)
+    np.testing.assert_allclose(lap_scores(w["w2"], layers[1], f).reshape(2, 3), [[20, 0.0416, 10], [0.1125, 0.26, 2.5]], rtol=1e-5)
+    np.testing.assert_allclose(lap_scores(w["w3"], layers[2], f).reshape(1, 2), [[5.16, 1.2725]], rtol=1e-5)
+    out, _ = prune(model, sparsity=0.5, method="lap", effective=False)
+    got = weights(out)
+    assert (got["w1"] != 0).astype(int).tolist() == [[0, 1], [0, 0], [1, 1]]
+    assert (got["w2"] != 0).astype(int).tolist() == [[1, 0, 1], [0, 0, 1]]  # keeps 0.5, drops 2.0
+    assert (got["w3"] != 0).astype(int).tolist() == [[1, 0]]
+
+
+def test_lap_with_batchnorm_vector():
+    """ALGORITHMS.md 3.6 LAP-BN: beta after W1 = (1, 2, 0.5), after W2 = (0.1, 1)."""
+    model = lap_chain()
+    g = model.graph
+    for name, beta in (("a", [1, 2, 0.5]), ("b", [0.1, 1])):
+        n = len(beta)
+        g.initializer.extend([init(f"{name}_g", np.array(beta, np.float32)), init(f"{name}_b", np.zeros(n, np.float32)),
+                              init(f"{name}_m", np.zeros(n, np.float32)), init(f"{name}_v", np.ones(n, np.float32))])
+    nodes = list(g.node)
+    new = []
+    for nd in nodes:
+        if nd.op_type == "Relu":
+            src = nd.input[0]
+            new.append(helper.make_node("BatchNormalization", [src, f"{src}_g", f"{src}_b", f"{src}_m", f"{src}_v"],
+                                        [f"{src}_bn"], epsilon=1e-10))
+            nd = helper.make_node("Relu", [f"{src}_bn"], list(nd.output))
+        new.append(nd)
+    del g.node[:]
+    g.node.extend(new)
+    out, _ = prune(model, sparsity=0.5, method="lap", effective=False)
+    got = weights(out)
+    assert (got["w1"] != 0).astype(int).tolist() == [[0, 1], [1, 0], [1, 0]]
+    assert (got["w2"] != 0).astype(int).tolist() == [[1, 0, 0], [0, 1, 1]]
+    assert (got["w3"] != 0).astype(int).tolist() == [[0, 1]]
+
+
+def test_conv_lap_factors_vector():
+    """ALGORITHMS.md 3.2: conv1 [2,1,2,2], conv2 [3,2,1,1], fc [4,6] over 3 channels x 2 positions."""
+    from onnxprune.connectivity import infer_shapes
+    from onnxprune.lookahead import lookahead_factors
+    c1 = np.arange(1, 9, dtype=np.float32).reshape(2, 1, 2, 2)
+    c2 = np.array([[1, 2], [0, 1], [3, 0.5]], np.float32).reshape(3, 2, 1, 1)
+    fc = (np.arange(1, 25, dtype=np.float32) / 10).reshape(4, 6)
+    nodes = [helper.make_node("Conv", ["x", "c1"], ["a"], name="conv1"),
+             helper.make_node("Conv", ["a", "c2"], ["b"], name="conv2"),
+             helper.make_node("Flatten", ["b"], ["f"]),
+             helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1)]
+    model = make_model(nodes, [vi("x", [1, 1, 3, 2])], [vi("y", [1, 4])], [init("c1", c1), init("c2", c2), init("fc", fc)])
+    layers, w = masks_of(model)
+    f = lookahead_factors(model, layers, [w[l.name] for l in layers], infer_shapes(model))
+    _, _, b1 = f["c1"][0]
+    _, f2, b2 = f["c2"][0]
+    _, f3, _ = f["fc"][0]
+    np.testing.assert_allclose(b1, [10, 5.25])
+    np.testing.assert_allclose(f2, [30, 174])
+    np.testing.assert_allclose(b2, [12.44, 16.12, 20.44], rtol=1e-6)
+    np.testing.assert_allclose(f3, [5, 5, 1, 1, 9.25, 9.25])
+
+
+@pytest.mark.parametrize("method", ["random", "lamp", "uniform"])
+def test_target_effective_bisection(method):
+    from conftest import sample
+    path = sample("mlp_gemm")[0]
+    n = 6464
+    _, rep = prune(path, sparsity=0.95, method=method, target="effective", seed=2)
+    info = rep.options["effective_target"]
+    wanted = round(0.95 * n)
+    assert info["wanted_zeros"] == wanted and rep.totals()["effective_zeros"] <= wanted
+    assert rep.totals()["effective_zeros"] == info["effective_zeros"]
+    # one more directly pruned weight would overshoot the effective target
+    _, nxt = prune(path, sparsity=(info["direct_count"] + 1) / n, method=method, seed=2, effective=False)
+    if round((info["direct_count"] + 1) / n * n) == info["direct_count"] + 1:
+        assert nxt.totals()["effective_zeros"] > wanted
+    assert sum(l.zeros_after_selection for l in rep.layers) == info["direct_count"] < wanted
+
+
+@pytest.mark.parametrize("alloc", ["uniform", "lamp", "erk", "igq", "global"])
+def test_lap_allocations_on_cnn_keep_outputs_after_removal(alloc):
+    from conftest import sample
+    path, data = sample("cnn")
+    a, rep = prune(path, sparsity=0.9, method="lap", allocation=alloc, effective=False)
+    b, rep2 = prune(path, sparsity=0.9, method="lap", allocation=alloc)
+    assert rep.totals()["zeros_after"] == round(0.9 * 14304)
+    x = np.load(data)["x"][:32]
+    np.testing.assert_allclose(run(b, {"x": x})[0], run(a, {"x": x})[0], rtol=1e-4, atol=1e-4)
