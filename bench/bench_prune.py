@@ -8,6 +8,7 @@ Writes the figures as ratios to the floor measured in the same run.
 Needs: pip install '.[bench]'  (onnxsim)
 """
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -96,10 +97,11 @@ def main():
     py = sys.executable
     contenders = {
         "floor (onnx load + save)": [py, "-c", FLOOR, MODEL, out],
+        # pruning speed: validation (ONNX Runtime inference) is timed separately in bench_validate.py
         "onnxprune --method lamp": [py, "-m", "onnxprune.cli", MODEL, "--sparsity", str(SPARSITY), "--method", "lamp",
-                                    "-o", out, "-q"],
+                                    "-o", out, "-q", "--no-validate"],
         "onnxprune --method global": [py, "-m", "onnxprune.cli", MODEL, "--sparsity", str(SPARSITY), "--method",
-                                      "global", "-o", out, "-q"],
+                                      "global", "-o", out, "-q", "--no-validate"],
     }
     if not args.skip_onnxsim:
         contenders["onnxsim global magnitude"] = [py, "-c", ONNXSIM, MODEL, out]
@@ -117,6 +119,20 @@ def main():
     if "onnxsim global magnitude" in results:
         lamp_t = results["onnxprune --method lamp"][0]
         lines += ["", f"onnxsim time / onnxprune lamp time: {results['onnxsim global magnitude'][0] / lamp_t:.1f}x"]
+    lines += ["", "Connectivity (effective sparsity + detached-unit removal) against pruning, from the report's timings "
+              "(median of the runs):", "", "| sparsity | pruning s (analyse+allocate+apply) | connectivity s | ratio | "
+              "effective sparsity |", "|---|---|---|---|---|"]
+    for s in (SPARSITY, 0.999):
+        rows = []
+        for _ in range(args.repeat):
+            doc = json.loads(subprocess.run([py, "-m", "onnxprune.cli", MODEL, "--sparsity", str(s), "-o", out,
+                                             "--no-validate", "--json", "-q"], check=True, capture_output=True,
+                                            text=True).stdout)
+            t = doc["timings_s"]
+            rows.append((t["analyse"] + t["allocate"] + t["apply"], t["connectivity"],
+                         doc["totals"]["effective_sparsity"]))
+        p, c = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+        lines.append(f"| {s} | {p:.3f} | {c:.3f} | {c / p:.2f}x | {rows[0][2]:.5f} |")
     text = "\n".join(lines)
     print("\n" + text)
     if args.write_results:

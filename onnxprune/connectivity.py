@@ -111,7 +111,7 @@ class LayerOp:
             return np.swapaxes(z, 1, 2)
         if op == "ConvTranspose":
             return red(val.reshape(g, ci, co, -1), 3)
-        return self._dense_matrix(val)[None].astype(np.int64 if mode is None else np.float64, copy=False)
+        return self._dense_matrix(val)[None]  # counts of a 2-D weight are its non-zero flags
 
     def _dense_matrix(self, val):
         """[K, N] orientation of a 2-D Gemm/MatMul weight."""
@@ -121,6 +121,10 @@ class LayerOp:
         g = self.groups
         x = in_vec.reshape(g, -1)
         if mode.boolean:
+            if x.all():  # the common case: no temporary the size of the weight
+                return z.any(axis=1).reshape(-1)
+            if g == 1:
+                return z[0][x[0]].any(axis=0)
             return (z & x[:, :, None]).any(axis=1).reshape(-1)
         return np.einsum("gio,gi->go", z, x).reshape(-1)
 
@@ -128,6 +132,10 @@ class LayerOp:
         g = self.groups
         y = out_vec.reshape(g, -1)
         if mode.boolean:
+            if y.all():
+                return z.any(axis=2).reshape(-1)
+            if g == 1:
+                return z[0][:, y[0]].any(axis=1)
             return (z & y[:, None, :]).any(axis=2).reshape(-1)
         return np.einsum("gio,go->gi", z, y).reshape(-1)
 
@@ -145,6 +153,50 @@ class LayerOp:
             return in_vec.reshape((-1, 1) + extra) * outs.reshape(outs.shape + extra)
         m = in_vec[:, None] * out_vec[None, :]  # [K, N]
         return m if self._layout().in_axis % 2 == 0 else m.T
+
+    def out_index(self, u: int):
+        """Index (into the weight) of every weight of output unit ``u``."""
+        op = self.node.op_type
+        if op == "Conv":
+            return (u,)
+        if op == "ConvTranspose":
+            ci, co = self.c_in // self.groups, self.c_out // self.groups
+            g = u // co
+            return (slice(g * ci, (g + 1) * ci), u % co)
+        return (slice(None), u) if self._layout().in_axis % 2 == 0 else (u,)
+
+    def out_index_many(self, units: np.ndarray):
+        """One index for all weights of several output units, or None where a loop is needed."""
+        op = self.node.op_type
+        if op == "Conv":
+            return (units,)
+        if op == "ConvTranspose":
+            return None
+        return (slice(None), units) if self._layout().in_axis % 2 == 0 else (units,)
+
+    def in_index_many(self, units: np.ndarray):
+        """One index for all weights reading several input units (ungrouped layers), or None."""
+        op = self.node.op_type
+        if self.groups != 1:
+            return None
+        if op == "Conv":
+            return (slice(None), units)
+        if op == "ConvTranspose":
+            return (units,)
+        return (units,) if self._layout().in_axis % 2 == 0 else (slice(None), units)
+
+    def in_index(self, i: int):
+        """(index of every weight reading input unit ``i``, the output units those weights feed)."""
+        op = self.node.op_type
+        ci, co = self.c_in // self.groups, self.c_out // self.groups
+        g = i // ci
+        if op == "Conv":
+            return (slice(g * co, (g + 1) * co), i % ci), np.arange(g * co, (g + 1) * co)
+        if op == "ConvTranspose":
+            return (i,), np.arange(g * co, (g + 1) * co)
+        if self._layout().in_axis % 2 == 0:
+            return (i,), np.arange(self.c_out)
+        return (slice(None), i), np.arange(self.c_out)
 
     def _layout(self):
         return next((c.layout for c in self.layer.consumers if c.node == self.node.name),
@@ -196,6 +248,7 @@ class Analysis:
     shapes: Shapes | None = None
     blocks: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)  # node index -> non-zero counts per (group, in unit, out unit)
+    nonzero: dict = field(default_factory=dict)  # layer name -> non-zero weights
     effective_count: dict = field(default_factory=dict)  # layer name -> effective weights
     exact_layers: set = field(default_factory=set)  # layers the unit graph analysed (others: effective = direct)
 
@@ -255,8 +308,9 @@ def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes 
         if lop is not None:
             res.ops[idx] = lop
             if mode.boolean:
-                res.counts[idx] = lop.blocks(weights[layer.name], None)
-                z = blocks[idx] = res.counts[idx] > 0
+                res.counts[idx] = cnt = lop.blocks(weights[layer.name], None)
+                res.nonzero[layer.name] = int(np.count_nonzero(cnt) if cnt.dtype == bool else cnt.sum())
+                z = blocks[idx] = res.counts[idx] if res.counts[idx].dtype == bool else res.counts[idx] > 0
             else:
                 z = blocks[idx] = lop.blocks(weights[layer.name], mode)
             in_vec = _in_vec(lop, node, ins[lop.data_slot], shapes, mode)
@@ -366,9 +420,8 @@ def effective_counts(model, layers, weights, shapes=None) -> Analysis:
         per_layer.setdefault(lop.layer.name, []).append(idx)
     for layer in layers:
         idxs = per_layer.get(layer.name, [])
-        w = weights[layer.name]
         if len(idxs) < len(layer.consumers):
-            res.effective_count[layer.name] = int(np.count_nonzero(w))
+            res.effective_count[layer.name] = int(np.count_nonzero(weights[layer.name]))
             continue
         res.exact_layers.add(layer.name)
         if len(idxs) == 1:
@@ -376,10 +429,15 @@ def effective_counts(model, layers, weights, shapes=None) -> Analysis:
             lop = res.ops[idxs[0]]
             g = lop.groups
             cnt = res.counts[idxs[0]]
-            res.effective_count[layer.name] = int(np.einsum("gio,gi,go->", cnt, in_vec.reshape(g, -1).astype(np.int64),
-                                                            out_vec.reshape(g, -1).astype(np.int64)))
+            if in_vec.all() and out_vec.all():
+                res.effective_count[layer.name] = res.nonzero[layer.name]
+            elif cnt.dtype == bool:
+                res.effective_count[layer.name] = int(np.count_nonzero(cnt[0][in_vec][:, out_vec]))
+            else:
+                res.effective_count[layer.name] = int(np.einsum(
+                    "gio,gi,go->", cnt, in_vec.reshape(g, -1).astype(np.int64), out_vec.reshape(g, -1).astype(np.int64)))
         else:
-            res.effective_count[layer.name] = int(np.count_nonzero(_union_mask(res, idxs, nodes, w)))
+            res.effective_count[layer.name] = int(np.count_nonzero(_union_mask(res, idxs, nodes, weights[layer.name])))
     return res
 
 

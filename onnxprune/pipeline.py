@@ -159,14 +159,13 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     counts, hints = sel.allocate(target)
     t2 = time.perf_counter()
 
-    masked = {}  # layer name -> pruned values (kept for the connectivity analysis)
+    masked = {}  # dry run: layer name -> pruned values (otherwise they are read back from the tensors)
     for k, i, new in sel.masks(counts, hints):
         rows[i].zeros_after = int(counts[k])
         if config.dry_run:
             masked[layers[i].name] = new.copy()
         else:
             write_tensor(layers[i].tensor, new)
-            masked[layers[i].name] = read_tensor(layers[i].tensor)
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
     _connectivity(model, layers, rows, values, masked, config, report, sel.shapes)
@@ -259,11 +258,24 @@ class _Selector:
         return lo
 
 
+class _Weights:
+    """layer name -> current values, read from the tensor on each access (no second copy of the model held)."""
+
+    def __init__(self, layers, overrides):
+        self.tensors = {l.name: l.tensor for l in layers}
+        self.overrides = overrides
+
+    def __getitem__(self, name):
+        if name in self.overrides:
+            return self.overrides[name]
+        return read_tensor(self.tensors[name])
+
+
 def _connectivity(model, layers, rows, values, masked, config, report, shapes=None):
     """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run)."""
     from .connectivity import effective_counts
     from .removal import remove_detached
-    weights = {l.name: masked.get(l.name, values[i]) for i, l in enumerate(layers)}
+    weights = _Weights(layers, masked)
     res = effective_counts(model, layers, weights, shapes)
     info = {"mode": "channel", "note": "exact for MLPs; a lower bound on effective sparsity for CNNs",
             "unknown_ops": res.unknown_ops, "layers_not_analysed": [l.name for l in layers
@@ -274,7 +286,9 @@ def _connectivity(model, layers, rows, values, masked, config, report, shapes=No
         removal = remove_detached(model, res, layers, weights)
         for row, layer in zip(rows, layers):
             row.zeros_after_selection = row.zeros_after
-            row.zeros_after = int(weights[layer.name].size - np.count_nonzero(weights[layer.name]))
+            if layer.name in removal.rewritten:
+                w = read_tensor(layer.tensor)
+                row.zeros_after = int(w.size - np.count_nonzero(w))
         info["removal"] = {"zeroed_dead_outputs": removal.zeroed_dead_out,
                            "folded_constant_inputs": removal.folded_const_in,
                            "left_in_place": removal.left_in_place, "biases_changed": removal.biases_changed}

@@ -28,6 +28,7 @@ class Removal:
     folded_const_in: int = 0
     left_in_place: int = 0
     biases_changed: list = field(default_factory=list)
+    rewritten: list = field(default_factory=list)
     notes: list = field(default_factory=list)
 
 
@@ -105,8 +106,9 @@ def _probe(model, names, shapes, seed=0):
         return {}
 
 
-def remove_detached(model, res: Analysis, layers, weights: dict) -> Removal:
-    """Apply removal in place on ``model`` (and ``weights``: layer name -> masked array); returns counts."""
+def remove_detached(model, res: Analysis, layers, weights) -> Removal:
+    """Apply removal in place on ``model``. ``weights[name]`` gives a layer's current (masked) values; only
+    layers with detached units are read again and rewritten."""
     out = Removal()
     nodes = list(model.graph.node)
     scope = _Scope(model.graph, "", None)
@@ -118,51 +120,57 @@ def remove_detached(model, res: Analysis, layers, weights: dict) -> Removal:
     per_layer = {}
     for idx, lop in res.ops.items():
         per_layer.setdefault(lop.layer.name, []).append(idx)
-    single = {name: idxs[0] for name, idxs in per_layer.items()
-              if len(idxs) == 1 and len(res.ops[idxs[0]].layer.consumers) == 1}
-    plans = []
-    need_probe = []
-    for name, idx in single.items():
+    plans, need_probe = [], []
+    for name, idxs in per_layer.items():
+        if len(idxs) != 1 or len(res.ops[idxs[0]].layer.consumers) != 1:
+            continue  # a tied weight: what is dead for one use may live for another
+        idx = idxs[0]
         node, lop = nodes[idx], res.ops[idx]
         in_vec, out_vec = unit_flags(res, idx, node)
-        w = weights[name]
-        nz = w != 0
-        dead_out = nz & ~lop.element_mask(w, np.ones_like(in_vec), out_vec)
-        const_in = nz & ~dead_out & ~lop.element_mask(w, in_vec, np.ones_like(out_vec))
-        if not dead_out.any() and not const_in.any():
-            continue
+        if in_vec.all() and out_vec.all():
+            continue  # every unit lives: nothing to remove
         bias = _bias(model, node, lop, scope, uses, consumers)
-        plans.append((name, idx, node, lop, in_vec, out_vec, dead_out, const_in, bias))
-        if const_in.any() and bias is not None and _foldable_conv(node, lop):
+        plans.append((name, node, lop, in_vec, out_vec, bias))
+        if not in_vec.all() and bias is not None and _foldable_conv(node, lop):
             need_probe.append(node.input[lop.data_slot])
-    values = _probe(model, sorted(set(need_probe)), res.shapes)
-    for name, idx, node, lop, in_vec, out_vec, dead_out, const_in, bias in plans:
+    values = _probe(model, sorted(set(need_probe)), res.shapes) if need_probe else {}
+    for name, node, lop, in_vec, out_vec, bias in plans:
         w = np.array(weights[name])
-        changed_bias = None
-        if bias is not None:
-            b_arr = read_tensor(bias[0]).astype(np.float64).reshape(-1)
-        if dead_out.any():
-            w[dead_out] = 0
-            out.zeroed_dead_out += int(dead_out.sum())
-            if bias is not None:
-                b_arr[~out_vec] = 0.0
-                changed_bias = b_arr
-        if const_in.any():
-            consts = _constants(values.get(node.input[lop.data_slot]), lop, node, res, ~in_vec)
-            if consts is None or bias is None:
-                out.left_in_place += int(const_in.sum())
+        b_arr = read_tensor(bias[0]).astype(np.float64).reshape(-1) if bias is not None else None
+        changed = False
+        dead = np.flatnonzero(~out_vec)
+        many = lop.out_index_many(dead) if dead.size else None
+        for sl in ([many] if many is not None else [lop.out_index(int(u)) for u in dead]):
+            out.zeroed_dead_out += int(np.count_nonzero(w[sl]))
+            w[sl] = 0
+        if b_arr is not None and not out_vec.all():
+            b_arr[~out_vec] = 0.0
+            changed = True
+        unreached = np.flatnonzero(~in_vec)
+        if unreached.size:
+            many = lop.in_index_many(unreached)
+            alive = int(np.count_nonzero(w[many])) if many is not None else \
+                sum(int(np.count_nonzero(w[lop.in_index(int(i))[0]])) for i in unreached)
+            consts = _constants(values.get(node.input[lop.data_slot]), lop, node, res, ~in_vec) \
+                if bias is not None and _foldable_conv(node, lop) else None
+            if consts is None:
+                out.left_in_place += alive
             else:
-                contrib = _contribution(w, const_in, consts, lop)
+                contrib = np.zeros(lop.c_out)
+                for i in unreached:
+                    sl, targets = lop.in_index(int(i))
+                    part = w[sl].astype(np.float64)
+                    contrib[targets] += consts[i] * part.reshape(len(targets), -1).sum(axis=1)
+                    w[sl] = 0
                 b_arr = b_arr + contrib / bias[1]
-                changed_bias = b_arr
-                w[const_in] = 0
-                out.folded_const_in += int(const_in.sum())
-        weights[name] = w
+                changed = True
+                out.folded_const_in += alive
         write_tensor(lop.layer.tensor, w)
-        if changed_bias is not None:
+        if changed:
             tensor = bias[0]
-            write_tensor(tensor, changed_bias.astype(read_tensor(tensor).dtype).reshape([int(d) for d in tensor.dims]))
+            write_tensor(tensor, b_arr.astype(read_tensor(tensor).dtype).reshape([int(d) for d in tensor.dims]))
             out.biases_changed.append(tensor.name or node.name)
+        out.rewritten.append(name)
     return out
 
 
@@ -195,17 +203,3 @@ def _constants(x, lop, node, res, unreached):
             return None
         consts[i] = row[0]
     return consts
-
-
-def _contribution(w, const_in, consts, lop) -> np.ndarray:
-    """Per output unit: sum over the folded weights of weight * constant input (float64)."""
-    w64 = np.where(const_in, w.astype(np.float64), 0.0)
-    op = lop.node.op_type
-    if op == "Conv":
-        g, ci = lop.groups, lop.c_in // lop.groups
-        co = lop.c_out // g
-        per = w64.reshape(lop.c_out, ci, -1).sum(axis=2)  # [O, ci]
-        c = consts.reshape(g, ci)[np.arange(lop.c_out) // co]  # [O, ci]
-        return (per * c).sum(axis=1)
-    kn = w64 if lop._layout().in_axis % 2 == 0 else w64.T  # [K, N]
-    return consts @ kn
