@@ -211,7 +211,7 @@ class _Selector:
                 mag = self.buffer.of(w) if self.score_name == "magnitude" else None
                 scores = score_fn(w, self.config.seed, k, perm, mag=mag)
             hint = hints[k] if self.score_name == "magnitude" and k < len(hints) else None
-            pruned = prune_mask(scores, n_prune, w.shape, perm, hint=hint)
+            pruned = prune_mask(scores, n_prune, w.shape, perm, hint=hint, out=self.buffer.bools(w.size))
             yield k, i, apply_mask(w, pruned, out=self.buffer.like(w))
 
     def lap_scores(self, i):

@@ -23,6 +23,14 @@ class MagnitudeBuffer:
     def __init__(self):
         self._bufs = {}
 
+    def bools(self, n: int, slot: int = 0) -> np.ndarray:
+        """A reused boolean scratch array of length ``n`` (one per slot)."""
+        key = ("bool", slot)
+        buf = self._bufs.get(key)
+        if buf is None or buf.size < n:
+            buf = self._bufs[key] = np.empty(n, dtype=bool)
+        return buf[:n]
+
     def like(self, w: np.ndarray) -> np.ndarray:
         """A scratch array with ``w``'s dtype and shape (valid until the next call for that dtype)."""
         w = np.asarray(w)

@@ -25,11 +25,12 @@ def layout_perm(shape: tuple, out_axis, in_axis) -> tuple:
 
 
 def prune_mask(scores: np.ndarray, n_prune: int, shape: tuple | None = None, perm: tuple | None = None,
-               hint: float | None = None) -> np.ndarray:
+               hint: float | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Boolean array (flat), True where the weight is pruned: the ``n_prune`` lowest by (score, canonical index).
 
     ``hint`` may name a score t with #(score < t) <= n_prune <= #(score <= t) (the allocation often knows one);
     it is checked, and any t that passes gives exactly the same mask, so a wrong hint only costs a partition.
+    ``out``: a boolean scratch array of the scores' size to write the mask into.
     """
     scores = np.asarray(scores).ravel()
     n = scores.size
@@ -40,13 +41,13 @@ def prune_mask(scores: np.ndarray, n_prune: int, shape: tuple | None = None, per
     pruned = None
     if hint is not None:
         t = scores.dtype.type(hint)
-        pruned = scores < t
+        pruned = np.less(scores, t, out=out) if out is not None else scores < t
         short = n_prune - int(np.count_nonzero(pruned))
         if short < 0 or (short and short > int(np.count_nonzero(scores == t))):
             pruned = None
     if pruned is None:
         t = np.partition(scores, n_prune - 1)[n_prune - 1]
-        pruned = scores < t
+        pruned = np.less(scores, t, out=out) if out is not None else scores < t
         short = n_prune - int(np.count_nonzero(pruned))
     if short:
         ties = np.flatnonzero(scores == t)

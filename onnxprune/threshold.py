@@ -141,14 +141,14 @@ def _try(layers, buffer, kind, prune_total, samples, cuts, half):
         else:
             m_lo = s[c - half] if c - half > 0 else -np.inf
             m_hi = s[c + half] if c + half < s.size else np.inf
-        ge_lo = a >= m_lo
-        lt_hi = a < m_hi
+        ge_lo = np.greater_equal(a, m_lo, out=buffer.bools(a.size, 0))
+        lt_hi = np.less(a, m_hi, out=buffer.bools(a.size, 1))
         n_below = a.size - int(np.count_nonzero(ge_lo))
         n_above = a.size - int(np.count_nonzero(lt_hi))
-        br = np.sort(a[ge_lo & lt_hi]).astype(np.float64)
+        br = np.sort(a[np.logical_and(ge_lo, lt_hi, out=ge_lo)]).astype(np.float64)
         s_above = 0.0
         if kind == "lamp" and n_above:
-            top = a[~lt_hi].astype(np.float64)
+            top = a[np.logical_not(lt_hi, out=lt_hi)].astype(np.float64)
             s_above = float(np.dot(top, top))
         sc = _bracket_scores(br, kind, s_above)
         # bounds: every element below the bracket scores <= lo_bound, every element above scores >= hi_bound
