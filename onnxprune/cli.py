@@ -82,6 +82,9 @@ def default_output(model_path: str) -> str:
 @click.option("--target", type=click.Choice(["direct", "effective"]), default="direct", show_default=True,
               help="What --sparsity means: the fraction of weights zeroed (direct) or of weights on no "
                    "input-to-output path (effective).")
+@click.option("--effective-mode", type=click.Choice(["channel", "exact"]), default="channel", show_default=True,
+              help="channel: unit-level reachability (exact for MLPs, a lower bound for CNNs); exact: per "
+                   "(channel, position), also catching kernel taps that only read padding (slower).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
               help="Run dense and pruned model in ONNX Runtime on the same inputs and compare.")
 @click.option("--data", type=click.Path(exists=False, path_type=str), default=None,
@@ -108,7 +111,8 @@ def default_output(model_path: str) -> str:
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging; tracebacks on errors; ONNX Runtime's own messages.")
 @click.version_option(__version__, prog_name="onnxprune")
-def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, effective, target, validate, data,
+def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, effective, target, effective_mode,
+         validate, data,
          batch_size, batches,
          input_shape, device, max_drop, keep_failed, sensitivity, plot, report_path, as_json, dry_run, quiet,
          verbose):

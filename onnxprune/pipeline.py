@@ -46,6 +46,7 @@ class PruneConfig:
     only: tuple | None = None  # exact weight names that may be pruned (sensitivity analysis)
     effective: bool = True  # remove detached units after pruning
     target: str = "direct"  # "effective": --sparsity is an effective-sparsity target
+    effective_mode: str = "channel"  # "exact": per-position analysis for convolutions
     extra: dict = field(default_factory=dict)
 
     def resolve(self) -> tuple:
@@ -232,8 +233,12 @@ class _Selector:
         weights = {l.name: self.values[i] for i, l in enumerate(self.layers)}
         for k, i, new in self.masks(counts, hints):
             weights[self.layers[i].name] = new.copy()
-        res = effective_counts(self.model, self.layers, weights, self._shapes())
-        return sum(self.infos[k].size - res.effective_count[self.layers[i].name] for k, i in enumerate(self.idx))
+        counts = None
+        if self.config.effective_mode == "exact":
+            counts, _ = _exact_counts(self.model, self.layers, weights, self._shapes())
+        if counts is None:
+            counts = effective_counts(self.model, self.layers, weights, self._shapes()).effective_count
+        return sum(self.infos[k].size - counts[self.layers[i].name] for k, i in enumerate(self.idx))
 
     def effective_target(self, wanted: int, zeros: int) -> int:
         """Largest direct count whose effective zeros stay <= ``wanted`` (bisection; masks are nested)."""
@@ -258,6 +263,14 @@ class _Selector:
         return lo
 
 
+def _exact_counts(model, layers, weights, shapes):
+    from .exact import Unsupported, effective_exact
+    try:
+        return effective_exact(model, layers, weights, shapes), None
+    except Unsupported as exc:
+        return None, str(exc)
+
+
 class _Weights:
     """layer name -> current values, read from the tensor on each access (no second copy of the model held)."""
 
@@ -280,8 +293,17 @@ def _connectivity(model, layers, rows, values, masked, config, report, shapes=No
     info = {"mode": "channel", "note": "exact for MLPs; a lower bound on effective sparsity for CNNs",
             "unknown_ops": res.unknown_ops, "layers_not_analysed": [l.name for l in layers
                                                                      if l.name not in res.exact_layers]}
+    counts = res.effective_count
+    if config.effective_mode == "exact":
+        exact, why = _exact_counts(model, layers, weights, res.shapes)
+        if exact is not None:
+            counts = exact
+            info.update(mode="exact", note="per (channel, position): also catches taps that only read padding")
+        else:
+            info["note"] += f"; exact mode not possible here ({why}), channel-level used"
+            report.warnings.append(f"--effective-mode exact: {why}; channel-level analysis used instead")
     for row in rows:
-        row.effective_zeros = row.params - res.effective_count[row.name]
+        row.effective_zeros = row.params - counts[row.name]
     if config.effective and not config.dry_run:
         removal = remove_detached(model, res, layers, weights)
         for row, layer in zip(rows, layers):

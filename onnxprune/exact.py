@@ -1,0 +1,283 @@
+"""Per-position effective sparsity (ALGORITHMS.md 5.2(b)): binary forward and backward passes over
+(channel, position) units, which also catch kernel taps that only ever read padding or cut-off positions.
+
+Forward: a_out = [conv(a_in, mask) > 0] (max-pool treated as average-pool: every window position is a path);
+backward: b_in = [conv_transpose(b_out, mask) > 0]; a weight tap is effective iff its mask is set and some
+output position pairs a reached input position with an output position that reaches an output. Supports the
+ops of typical CNNs and MLPs (Conv 1-D/2-D with groups, strides, dilations and pads, Gemm/MatMul, pools,
+Flatten/Reshape to features, Add/Concat, element-wise ops); anything else raises ``Unsupported`` and the caller
+falls back to the channel-level analysis.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .unitops import BINARY, UNARY
+
+PASS = (UNARY - {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
+                 "Pad", "Resize", "Upsample"}) | {"Identity", "Dropout"}
+
+
+class Unsupported(Exception):
+    pass
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i if a.type == a.INT else list(a.ints) if a.type == a.INTS else a.s.decode()
+    return default
+
+
+def _conv_geometry(node, w_shape, in_spatial):
+    k = list(w_shape[2:])
+    nd = len(k)
+    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+        raise Unsupported("Conv auto_pad SAME_*")
+    strides = _attr(node, "strides", [1] * nd)
+    dil = _attr(node, "dilations", [1] * nd)
+    pads = _attr(node, "pads", [0] * (2 * nd))
+    out = [(in_spatial[d] + pads[d] + pads[d + nd] - dil[d] * (k[d] - 1) - 1) // strides[d] + 1 for d in range(nd)]
+    return k, strides, dil, pads[:nd], out
+
+
+def _tap_view(a, tap, strides, dil, pads, out):
+    """a[:, o*s + t*d - p] for every output position o (False outside the input): shape [C, *out]."""
+    res = np.zeros((a.shape[0],) + tuple(out), dtype=bool)
+    src, dst = [slice(None)], [slice(None)]
+    for d in range(len(out)):
+        start = tap[d] * dil[d] - pads[d]
+        idx = start + strides[d] * np.arange(out[d])
+        ok = (idx >= 0) & (idx < a.shape[1 + d])
+        if not ok.any():
+            return res
+        lo, hi = np.flatnonzero(ok)[[0, -1]]
+        src.append(slice(idx[lo], idx[hi] + 1, strides[d]))
+        dst.append(slice(lo, hi + 1))
+    res[tuple(dst)] = a[tuple(src)]
+    return res
+
+
+def _scatter_tap(b, tap, strides, dil, pads, in_shape):
+    """The transpose of _tap_view: positions of the input that tap ``tap`` reads from output positions b."""
+    res = np.zeros((b.shape[0],) + tuple(in_shape), dtype=bool)
+    src, dst = [slice(None)], [slice(None)]
+    out = b.shape[1:]
+    for d in range(len(out)):
+        start = tap[d] * dil[d] - pads[d]
+        idx = start + strides[d] * np.arange(out[d])
+        ok = (idx >= 0) & (idx < in_shape[d])
+        if not ok.any():
+            return res
+        lo, hi = np.flatnonzero(ok)[[0, -1]]
+        dst.append(slice(idx[lo], idx[hi] + 1, strides[d]))
+        src.append(slice(lo, hi + 1))
+    res[tuple(dst)] = b[tuple(src)]
+    return res
+
+
+class _Conv:
+    def __init__(self, node, w, in_shape):
+        self.node, self.nz = node, (w != 0)
+        self.g = _attr(node, "group", 1)
+        self.k, self.s, self.d, self.p, self.out = _conv_geometry(node, w.shape, in_shape[1:])
+        self.in_shape = in_shape
+
+    def taps(self):
+        return list(np.ndindex(*self.k))
+
+    def forward(self, a):
+        o, ci = self.nz.shape[0], self.nz.shape[1]
+        co = o // self.g
+        res = np.zeros((o,) + tuple(self.out), dtype=bool)
+        for tap in self.taps():
+            v = _tap_view(a, tap, self.s, self.d, self.p, self.out).reshape(a.shape[0], -1).astype(np.float32)
+            m = self.nz[(slice(None), slice(None)) + tap].astype(np.float32)  # [O, ci]
+            for g in range(self.g):
+                res[g * co:(g + 1) * co] |= (m[g * co:(g + 1) * co] @ v[g * ci:(g + 1) * ci] > 0).reshape(
+                    (co,) + tuple(self.out))
+        return res
+
+    def backward(self, b):
+        o, ci = self.nz.shape[0], self.nz.shape[1]
+        co = o // self.g
+        res = np.zeros(self.in_shape, dtype=bool)
+        flat = b.reshape(o, -1).astype(np.float32)
+        for tap in self.taps():
+            m = self.nz[(slice(None), slice(None)) + tap].astype(np.float32)
+            per = np.zeros((ci * self.g, flat.shape[1]), dtype=bool)
+            for g in range(self.g):
+                per[g * ci:(g + 1) * ci] = m[g * co:(g + 1) * co].T @ flat[g * co:(g + 1) * co] > 0
+            res |= _scatter_tap(per.reshape((ci * self.g,) + tuple(self.out)), tap, self.s, self.d, self.p,
+                                self.in_shape[1:])
+        return res
+
+    def effective(self, a, b):
+        o, ci = self.nz.shape[0], self.nz.shape[1]
+        co = o // self.g
+        eff = np.zeros(self.nz.shape, dtype=bool)
+        bf = b.reshape(o, -1).astype(np.float32)
+        for tap in self.taps():
+            v = _tap_view(a, tap, self.s, self.d, self.p, self.out).reshape(a.shape[0], -1).astype(np.float32)
+            for g in range(self.g):
+                pair = bf[g * co:(g + 1) * co] @ v[g * ci:(g + 1) * ci].T > 0  # [co, ci]
+                eff[(slice(g * co, (g + 1) * co), slice(None)) + tap] = pair
+        return eff & self.nz
+
+
+def _pool(node, a, backward_b=None):
+    """Max/average pooling as 'any in the window' (forward) or its transpose (backward)."""
+    op = node.op_type
+    if op in ("GlobalAveragePool", "GlobalMaxPool"):
+        if backward_b is None:
+            return a.reshape(a.shape[0], -1).any(axis=1).reshape((a.shape[0],) + (1,) * (a.ndim - 1))
+        return np.broadcast_to(backward_b.reshape((a.shape[0],) + (1,) * (a.ndim - 1)), a.shape).copy()
+    k = _attr(node, "kernel_shape", None)
+    nd = len(k)
+    fake = np.ones((1, 1) + tuple(k))
+    geom = _Conv.__new__(_Conv)
+    geom.k, geom.s, geom.d, geom.p, geom.out = _conv_geometry(node, fake.shape, a.shape[1:])
+    if _attr(node, "ceil_mode", 0):
+        raise Unsupported("pooling with ceil_mode")
+    if backward_b is None:
+        res = np.zeros((a.shape[0],) + tuple(geom.out), dtype=bool)
+        for tap in np.ndindex(*k):
+            res |= _tap_view(a, tap, geom.s, geom.d, geom.p, geom.out)
+        return res
+    res = np.zeros(a.shape, dtype=bool)
+    for tap in np.ndindex(*k):
+        res |= _scatter_tap(backward_b, tap, geom.s, geom.d, geom.p, a.shape[1:])
+    return res
+
+
+def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
+    """layer name -> number of effective weights, per position. Raises Unsupported for other graphs."""
+    graph = model.graph
+    inits = {t.name for t in graph.initializer}
+    consts = {n.output[0] for n in graph.node if n.op_type == "Constant"}
+    by_node = {}
+    for layer in layers:
+        if layer.graph != "" or len(layer.consumers) != 1:
+            raise Unsupported("weights in subgraphs or tied weights")
+        by_node[layer.consumers[0].node] = layer
+
+    def shape_of(name):
+        d = shapes.dims.get(name)
+        if d is None or not all(isinstance(x, int) for x in d[1:]):
+            raise Unsupported(f"unknown static shape of '{name}'")
+        return tuple(d[1:])  # drop the batch dimension
+
+    fwd, ops = {}, {}
+    for vi in graph.input:
+        if vi.name not in inits:
+            fwd[vi.name] = np.ones(shape_of(vi.name), dtype=bool)
+    nodes = list(graph.node)
+    for idx, node in enumerate(nodes):
+        op = node.op_type
+        if op == "Constant":
+            continue
+        ins = [fwd.get(n) if n and n not in inits and n not in consts else None for n in node.input]
+        layer = by_node.get(node.name)
+        if layer is not None:
+            w = np.asarray(weights[layer.name])
+            x = ins[0]
+            if op == "Conv":
+                ops[idx] = _Conv(node, w, x.shape)
+                out = ops[idx].forward(x)
+            elif op == "Gemm" and not _attr(node, "transA", 0) and layer.consumers[0].slot == 1 and x.ndim == 1:
+                nz = (w != 0) if _attr(node, "transB", 0) else (w != 0).T  # [N, K]
+                ops[idx] = ("dense", nz)
+                out = (nz.astype(np.float32) @ x.astype(np.float32)) > 0
+            elif op == "MatMul" and layer.consumers[0].slot == 1 and w.ndim == 2 and x.ndim == 1:
+                nz = (w != 0).T
+                ops[idx] = ("dense", nz)
+                out = (nz.astype(np.float32) @ x.astype(np.float32)) > 0
+            else:
+                raise Unsupported(f"{op} '{node.name}' in exact mode")
+            fwd[node.output[0]] = out
+            continue
+        data = [a for a in ins if a is not None]
+        if op in PASS:
+            fwd[node.output[0]] = ins[0] if ins[0] is not None else None
+        elif op in ("Add", "Sum", "Sub", "Mul", "Max", "Min", "Mean") and op in BINARY | {"Sum"}:
+            target = shape_of(node.output[0])
+            acc = np.zeros(target, dtype=bool)
+            for a in data:
+                acc |= np.broadcast_to(a, target)
+            fwd[node.output[0]] = acc
+        elif op == "Concat":
+            ax = _attr(node, "axis", 1)
+            if ax <= 0:
+                raise Unsupported("Concat along the batch axis")
+            parts = [a if a is not None else np.zeros(shape_of(n), dtype=bool) for a, n in zip(ins, node.input)]
+            fwd[node.output[0]] = np.concatenate(parts, axis=ax - 1)
+        elif op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):
+            fwd[node.output[0]] = _pool(node, ins[0])
+        elif op in ("Flatten", "Reshape"):
+            target = shape_of(node.output[0])
+            if int(np.prod(target)) != ins[0].size:
+                raise Unsupported(f"{op} that changes the per-sample size")
+            fwd[node.output[0]] = ins[0].reshape(target)
+        else:
+            raise Unsupported(f"op {op} in exact mode")
+    bwd = {}
+    for vi in graph.output:
+        bwd[vi.name] = np.ones(shape_of(vi.name), dtype=bool)
+    counts = {}
+    for idx in range(len(nodes) - 1, -1, -1):
+        node = nodes[idx]
+        op = node.op_type
+        b = bwd.get(node.output[0]) if node.output else None
+        if op == "Constant" or b is None:
+            if idx in ops:
+                counts[by_node[node.name].name] = 0
+            continue
+        x_name = node.input[0]
+        if idx in ops:
+            layer = by_node[node.name]
+            o = ops[idx]
+            if isinstance(o, _Conv):
+                counts[layer.name] = int(o.effective(fwd[x_name], b).sum())
+                back = o.backward(b)
+            else:
+                nz = o[1]
+                counts[layer.name] = int((nz & b[:, None] & fwd[x_name][None, :]).sum())
+                back = (nz.T.astype(np.float32) @ b.astype(np.float32)) > 0
+            _acc(bwd, x_name, back)
+            continue
+        if op in PASS:
+            _acc(bwd, x_name, b)
+        elif op in ("Add", "Sum", "Sub", "Mul", "Max", "Min", "Mean"):
+            for n in node.input:
+                if n in fwd:
+                    _acc(bwd, n, _unbroadcast(b, fwd[n].shape))
+        elif op == "Concat":
+            ax = _attr(node, "axis", 1) - 1
+            off = 0
+            for n in node.input:
+                size = shape_of(n)[ax]
+                if n in fwd:
+                    _acc(bwd, n, np.take(b, np.arange(off, off + size), axis=ax))
+                off += size
+        elif op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):
+            _acc(bwd, x_name, _pool(node, fwd[x_name], b))
+        elif op in ("Flatten", "Reshape"):
+            _acc(bwd, x_name, b.reshape(fwd[x_name].shape))
+    for layer in layers:
+        counts.setdefault(layer.name, 0)
+    return counts
+
+
+def _unbroadcast(b, shape):
+    if b.shape == shape:
+        return b
+    extra = b.ndim - len(shape)
+    r = b.any(axis=tuple(range(extra))) if extra > 0 else b
+    axes = tuple(i for i, s in enumerate(shape) if s == 1 and r.shape[i] != 1)
+    return r.any(axis=axes, keepdims=True) if axes else r
+
+
+def _acc(table, name, arr):
+    prev = table.get(name)
+    table[name] = arr if prev is None else (prev | arr)
