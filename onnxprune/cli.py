@@ -139,7 +139,7 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
     search = sparsity == "auto"
     config = PruneConfig(sparsity=0.0 if search else sparsity, method=method, allocation=allocation,
                          exclude=tuple(exclude), min_keep=min_keep, seed=seed, dry_run=dry_run, effective=effective,
-                         target=target)
+                         target=target, effective_mode=effective_mode)
     try:
         config.resolve()
         parse_min_keep(min_keep, 1)

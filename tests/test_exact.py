@@ -62,3 +62,14 @@ def test_unsupported_graph_falls_back_to_channel_with_a_warning():
                    [init("w", np.ones((4, 4), np.float32)), init("k", np.array([2], np.int64))])
     _, rep = prune(m, sparsity=0.5, effective_mode="exact", effective=False)
     assert rep.connectivity["mode"] == "channel" and "exact" in rep.warnings[-1]
+
+
+def test_cli_exact_mode_and_effective_target(tmp_path):
+    import json
+    from click.testing import CliRunner
+    from onnxprune.cli import main
+    r = CliRunner().invoke(main, [sample("cnn")[0], "-s", "0.99", "-m", "random", "--effective-mode", "exact",
+                                  "--target", "effective", "--no-validate", "-o", str(tmp_path / "o.onnx"), "--json", "-q"])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["connectivity"]["mode"] == "exact"
+    assert doc["totals"]["effective_zeros"] <= round(0.99 * 14304) == doc["options"]["effective_target"]["wanted_zeros"]
