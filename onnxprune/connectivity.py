@@ -165,6 +165,16 @@ class LayerOp:
             return (slice(g * ci, (g + 1) * ci), u % co)
         return (slice(None), u) if self._layout().in_axis % 2 == 0 else (u,)
 
+    def out_broadcast(self, flags: np.ndarray):
+        """Per-output-unit flags shaped to broadcast over the weight (None for ConvTranspose)."""
+        op = self.node.op_type
+        rank = len(self.layer.shape)
+        if op == "Conv":
+            return flags.reshape((-1,) + (1,) * (rank - 1))
+        if op == "ConvTranspose":
+            return None
+        return flags.reshape(1, -1) if self._layout().in_axis % 2 == 0 else flags.reshape(-1, 1)
+
     def out_index_many(self, units: np.ndarray):
         """One index for all weights of several output units, or None where a loop is needed."""
         op = self.node.op_type

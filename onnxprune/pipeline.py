@@ -160,17 +160,27 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     counts, hints = sel.allocate(target)
     t2 = time.perf_counter()
 
-    masked = {}  # dry run: layer name -> pruned values (otherwise they are read back from the tensors)
-    for k, i, new in sel.masks(counts, hints):
+    pruned_bits = {}  # layer index -> packed mask of what selection pruned (written once, after removal)
+    for k, i, pruned in sel.masks(counts, hints):
         rows[i].zeros_after = int(counts[k])
-        if config.dry_run:
-            masked[layers[i].name] = new.copy()
-        else:
-            write_tensor(layers[i].tensor, new)
+        pruned_bits[i] = np.packbits(pruned)
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
-    _connectivity(model, layers, rows, values, masked, config, report, sel.shapes)
-    report.timings["connectivity"] = time.perf_counter() - t3
+    weights = _Weights(layers, values, pruned_bits, sel.buffer)
+    written = set()
+
+    def flush():
+        """Write every pruned layer not written yet (the constant probe must run the pruned model)."""
+        for i in pruned_bits:
+            if i not in written and not config.dry_run:
+                write_tensor(layers[i].tensor, weights.masked(i))
+                written.add(i)
+    rewritten = _connectivity(model, layers, rows, weights, config, report, sel.shapes, flush)
+    t4 = time.perf_counter()
+    written.update(i for i, l in enumerate(layers) if l.name in rewritten)
+    flush()
+    report.timings["connectivity"] = t4 - t3
+    report.timings["write"] = time.perf_counter() - t4
     return report
 
 
@@ -197,7 +207,8 @@ class _Selector:
         return counts, ctx.hints
 
     def masks(self, counts, hints):
-        """Yield (position, layer index, pruned values) for every layer that gains zeros."""
+        """Yield (position, layer index, flat pruned mask) for every layer that gains zeros (the mask lives in a
+        reused buffer: valid until the next item)."""
         score_fn = SCORES[self.score_name] if self.score_name != "lap" else None
         for k, i in enumerate(self.idx):
             n_prune = int(counts[k])
@@ -212,8 +223,7 @@ class _Selector:
                 mag = self.buffer.of(w) if self.score_name == "magnitude" else None
                 scores = score_fn(w, self.config.seed, k, perm, mag=mag)
             hint = hints[k] if self.score_name == "magnitude" and k < len(hints) else None
-            pruned = prune_mask(scores, n_prune, w.shape, perm, hint=hint, out=self.buffer.bools(w.size))
-            yield k, i, apply_mask(w, pruned, out=self.buffer.like(w))
+            yield k, i, prune_mask(scores, n_prune, w.shape, perm, hint=hint, out=self.buffer.bools(w.size))
 
     def lap_scores(self, i):
         from .lookahead import lap_scores, lookahead_factors
@@ -231,8 +241,8 @@ class _Selector:
         from .connectivity import effective_counts
         counts, hints = self.allocate(target)
         weights = {l.name: self.values[i] for i, l in enumerate(self.layers)}
-        for k, i, new in self.masks(counts, hints):
-            weights[self.layers[i].name] = new.copy()
+        for k, i, pruned in self.masks(counts, hints):
+            weights[self.layers[i].name] = apply_mask(self.values[i], pruned)
         counts = None
         if self.config.effective_mode == "exact":
             counts, _ = _exact_counts(self.model, self.layers, weights, self._shapes())
@@ -272,23 +282,29 @@ def _exact_counts(model, layers, weights, shapes):
 
 
 class _Weights:
-    """layer name -> current values, read from the tensor on each access (no second copy of the model held)."""
+    """layer name -> values after selection, rebuilt from the original values and a packed mask on each access
+    (no second copy of the model is held; the array may live in a reused buffer)."""
 
-    def __init__(self, layers, overrides):
-        self.tensors = {l.name: l.tensor for l in layers}
-        self.overrides = overrides
+    def __init__(self, layers, values, pruned_bits, buffer):
+        self.index = {l.name: i for i, l in enumerate(layers)}
+        self.values, self.bits, self.buffer = values, pruned_bits, buffer
+
+    def masked(self, i):
+        w = self.values[i]
+        if i not in self.bits:
+            return w
+        pruned = np.unpackbits(self.bits[i], count=w.size).view(bool)
+        return apply_mask(w, pruned, out=self.buffer.like(w))
 
     def __getitem__(self, name):
-        if name in self.overrides:
-            return self.overrides[name]
-        return read_tensor(self.tensors[name])
+        return self.masked(self.index[name])
 
 
-def _connectivity(model, layers, rows, values, masked, config, report, shapes=None):
-    """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run)."""
+def _connectivity(model, layers, rows, weights, config, report, shapes=None, flush=None) -> dict:
+    """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run).
+    Returns the layers removal wrote (name -> weights it zeroed)."""
     from .connectivity import effective_counts
     from .removal import remove_detached
-    weights = _Weights(layers, masked)
     res = effective_counts(model, layers, weights, shapes)
     info = {"mode": "channel", "note": "exact for MLPs; a lower bound on effective sparsity for CNNs",
             "unknown_ops": res.unknown_ops, "layers_not_analysed": [l.name for l in layers
@@ -305,13 +321,13 @@ def _connectivity(model, layers, rows, values, masked, config, report, shapes=No
     for row in rows:
         row.effective_zeros = row.params - counts[row.name]
     if config.effective and not config.dry_run:
-        removal = remove_detached(model, res, layers, weights)
+        removal = remove_detached(model, res, layers, weights, before_probe=flush)
         for row, layer in zip(rows, layers):
             row.zeros_after_selection = row.zeros_after
-            if layer.name in removal.rewritten:
-                w = read_tensor(layer.tensor)
-                row.zeros_after = int(w.size - np.count_nonzero(w))
+            row.zeros_after += removal.rewritten.get(layer.name, 0)
+        rewritten = removal.rewritten
         info["removal"] = {"zeroed_dead_outputs": removal.zeroed_dead_out,
                            "folded_constant_inputs": removal.folded_const_in,
                            "left_in_place": removal.left_in_place, "biases_changed": removal.biases_changed}
     report.connectivity = info
+    return rewritten if config.effective and not config.dry_run else {}

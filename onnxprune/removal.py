@@ -28,7 +28,7 @@ class Removal:
     folded_const_in: int = 0
     left_in_place: int = 0
     biases_changed: list = field(default_factory=list)
-    rewritten: list = field(default_factory=list)
+    rewritten: dict = field(default_factory=dict)  # layer name -> weights it zeroed
     notes: list = field(default_factory=list)
 
 
@@ -106,7 +106,7 @@ def _probe(model, names, shapes, seed=0):
         return {}
 
 
-def remove_detached(model, res: Analysis, layers, weights) -> Removal:
+def remove_detached(model, res: Analysis, layers, weights, before_probe=None) -> Removal:
     """Apply removal in place on ``model``. ``weights[name]`` gives a layer's current (masked) values; only
     layers with detached units are read again and rewritten."""
     out = Removal()
@@ -133,16 +133,23 @@ def remove_detached(model, res: Analysis, layers, weights) -> Removal:
         plans.append((name, node, lop, in_vec, out_vec, bias))
         if not in_vec.all() and bias is not None and _foldable_conv(node, lop):
             need_probe.append(node.input[lop.data_slot])
+    if need_probe and before_probe is not None:
+        before_probe()  # the model must hold the pruned weights when it is run
     values = _probe(model, sorted(set(need_probe)), res.shapes) if need_probe else {}
     for name, node, lop, in_vec, out_vec, bias in plans:
-        w = np.array(weights[name])
+        w = np.array(weights[name])  # a private copy: weights[] may hand out a shared buffer
         b_arr = read_tensor(bias[0]).astype(np.float64).reshape(-1) if bias is not None else None
         changed = False
+        nz_before = int(np.count_nonzero(w))
         dead = np.flatnonzero(~out_vec)
-        many = lop.out_index_many(dead) if dead.size else None
-        for sl in ([many] if many is not None else [lop.out_index(int(u)) for u in dead]):
-            out.zeroed_dead_out += int(np.count_nonzero(w[sl]))
-            w[sl] = 0
+        where = lop.out_broadcast(~out_vec) if dead.size else None
+        if where is not None:  # one contiguous pass instead of a strided scatter
+            np.copyto(w, 0, where=where)
+        else:
+            for u in dead:
+                w[lop.out_index(int(u))] = 0
+        nz_mid = int(np.count_nonzero(w))
+        out.zeroed_dead_out += nz_before - nz_mid
         if b_arr is not None and not out_vec.all():
             b_arr[~out_vec] = 0.0
             changed = True
@@ -166,11 +173,11 @@ def remove_detached(model, res: Analysis, layers, weights) -> Removal:
                 changed = True
                 out.folded_const_in += alive
         write_tensor(lop.layer.tensor, w)
+        out.rewritten[name] = nz_before - int(np.count_nonzero(w))
         if changed:
             tensor = bias[0]
             write_tensor(tensor, b_arr.astype(read_tensor(tensor).dtype).reshape([int(d) for d in tensor.dims]))
             out.biases_changed.append(tensor.name or node.name)
-        out.rewritten.append(name)
     return out
 
 
