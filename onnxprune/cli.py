@@ -55,12 +55,34 @@ class FractionType(click.ParamType):
         return v
 
 
+class JsonAwareCommand(click.Command):
+    """With --json, a usage error still prints one JSON document on stdout (and Click's message on stderr)."""
+
+    def main(self, args=None, *a, **kw):
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            return super().main(argv, *a, standalone_mode=False, **{k: v for k, v in kw.items()
+                                                                     if k != "standalone_mode"})
+        except click.exceptions.Exit as exc:
+            sys.exit(exc.exit_code)
+        except click.Abort:
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        except click.ClickException as exc:
+            if "--json" in argv:
+                click.echo(json.dumps({"schema_version": 1, "status": "error", "exit_code": exc.exit_code,
+                                       "error": exc.format_message(), "onnxprune_version": __version__}, indent=2))
+            exc.show()
+            sys.exit(exc.exit_code)
+
+
 def default_output(model_path: str) -> str:
     root, ext = os.path.splitext(model_path)
     return f"{root}_pruned{ext or '.onnx'}"
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.command(cls=JsonAwareCommand,
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.argument("model", type=click.Path(dir_okay=False, path_type=str))
 @click.option("--sparsity", "-s", type=SparsityType(), required=True,
               help="Fraction of prunable weights to zero, in [0, 1) (exact: round(S*N)); 'auto' with --max-drop "

@@ -138,3 +138,42 @@ def test_help_and_version():
     r = invoke("--help")
     assert r.exit_code == 0 and "--sparsity" in r.output and "Exit codes" in r.output
     assert invoke("--version").exit_code == 0
+
+
+def test_disk_full_keeps_previous_output_and_leaves_no_litter(cnn, tmp_path, monkeypatch):
+    import errno
+    import onnxprune.io as io
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous output")
+
+    def full(path, payload):
+        with open(path, "wb") as fh:
+            fh.write(payload[: len(payload) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(io, "_write_synced", full)
+    r = invoke(cnn, "-s", "0.5", "-o", out, "--no-validate")
+    assert r.exit_code == 5 and "No space left" in r.stderr
+    assert out.read_bytes() == b"previous output"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".onnxprune")]
+
+
+def test_failed_rename_keeps_previous_output(cnn, tmp_path, monkeypatch):
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"previous output")
+    real = os.replace
+
+    def boom(src, dst):
+        if str(dst) == str(out):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", boom)
+    r = invoke(cnn, "-s", "0.5", "-o", out, "--no-validate")
+    assert r.exit_code == 5 and out.read_bytes() == b"previous output"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".onnxprune")]
+
+
+def test_json_document_also_on_usage_errors(cnn):
+    r = invoke(cnn, "--sparsity", "nan", "--json")
+    assert r.exit_code == 2
+    doc = json.loads(r.stdout)
+    assert doc["status"] == "error" and doc["exit_code"] == 2 and "sparsity" in doc["error"]

@@ -185,3 +185,11 @@ def test_gpu_validation_runs_on_cuda(cnn):
     r = invoke(cnn, "-s", "0.5", "--data", sample("cnn")[1], "--device", "cuda", "--json", "-q")
     v = json.loads(r.stdout)["validation"]
     assert r.exit_code == 0 and v["providers"][0] == "CUDAExecutionProvider" and abs(v["drop"]) < 0.05
+
+
+def test_search_plot_png(cnn, tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "curve.png"
+    r = invoke(cnn, "-s", "auto", "--data", sample("cnn")[1], "--max-drop", "0.02", "-o", tmp_path / "o.onnx",
+               "--plot", png, "-q")
+    assert r.exit_code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
