@@ -143,7 +143,7 @@ def main():
     text = "\n".join(lines)
     print("\n" + text)
     if args.write_results:
-        with open(os.path.join(HERE, "RESULTS_latest.md"), "w") as fh:
+        with open(os.path.join(HERE, "RESULTS_latest.md"), "w") as fh:  # raw table; RESULTS.md is curated
             fh.write(text + "\n")
 
 

@@ -59,6 +59,25 @@ def main():
     print(f"  bare ORT loop            {b * 1000:8.1f} ms  ({len(x) / b:,.0f} samples/s)")
     print(f"  onnxprune run + metrics  {o * 1000:8.1f} ms  ({len(x) / o:,.0f} samples/s)  ratio {o / b:.3f}x")
 
+    big = os.path.join(HERE, "cache", "bench30m.onnx")  # made by bench_prune.py
+    if os.path.exists(big):
+        rng = np.random.default_rng(0)
+        bb = [{"x": rng.standard_normal((1, 256, 8, 8)).astype(np.float32)} for _ in range(40)]
+        bds = Dataset(bb, None, "synthetic", 1, 40)
+        bv = Validator(big, bds, "cpu")
+        bs = make_session(big, "cpu")
+        bare, ours = [], []
+        for _ in range(5):
+            t = time.perf_counter()
+            for feed in bb:
+                bs.run(None, feed)
+            bare.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            bv._metrics(_run_all(bs, bb)[0])
+            ours.append(time.perf_counter() - t)
+        b, o = statistics.median(bare), statistics.median(ours)
+        print(f"30 M-weight benchmark model, 40 batches of 1: bare {b * 1000:.1f} ms, onnxprune {o * 1000:.1f} ms, "
+              f"ratio {o / b:.3f}x")
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "onnxprune.cli", CNN, "--sparsity", "auto", "--data", DATA,
                     "--max-drop", "0.01", "-o", os.path.join(tmp, "s.onnx"), "-q"], check=True)
