@@ -44,6 +44,20 @@ class Context:
 
 # ---------------------------------------------------------------- quotas -> exact integer counts
 
+def solve_increasing(fn, target: float, start: float, ceiling: float) -> float:
+    """Smallest x (to float precision, by bracketing then 200 bisections) with fn(x) >= target, fn non-decreasing
+    on [0, ceiling]."""
+    lo, hi = 0.0, start
+    while fn(hi) < target and hi < ceiling:
+        hi *= 4.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if fn(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
 def fit_counts(desired: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: int, what: str) -> np.ndarray:
     """Integer counts within [lo, hi] summing to ``total``, proportional to ``desired``.
 
@@ -60,15 +74,7 @@ def fit_counts(desired: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: int, 
                            f"pruned under its per-layer limits")
     def f(c):
         return np.clip(c * desired, lo, hi).sum()
-    c_lo, c_hi = 0.0, 1.0
-    while f(c_hi) < total and c_hi < 1e300:
-        c_hi *= 2.0
-    for _ in range(200):
-        mid = 0.5 * (c_lo + c_hi)
-        if f(mid) < total:
-            c_lo = mid
-        else:
-            c_hi = mid
+    c_hi = solve_increasing(f, total, 1.0, 1e300)
     y = np.clip(c_hi * desired, lo, hi)
     if f(c_hi) < total:  # desired is zero where room is left: spread the rest by room
         y = y + (hi - y) * ((total - y.sum()) / max(1e-300, (hi - y).sum()))
@@ -145,16 +151,8 @@ def igq_sparsities(sizes, prune_total: int) -> np.ndarray:
 
     def pruned(f):
         return (f * n / (1 + f * n) * n).sum()
-    f_lo, f_hi = 0.0, 1e-12
-    while pruned(f_hi) < prune_total and f_hi < 1e20:
-        f_hi *= 4.0
-    for _ in range(200):
-        mid = 0.5 * (f_lo + f_hi)
-        if pruned(mid) < prune_total:
-            f_lo = mid
-        else:
-            f_hi = mid
-    return f_hi * n / (1 + f_hi * n)
+    f = solve_increasing(pruned, prune_total, 1e-12, 1e20)
+    return f * n / (1 + f * n)
 
 
 def alloc_igq(ctx: Context) -> np.ndarray:

@@ -42,38 +42,36 @@ def _conv_geometry(node, w_shape, in_spatial):
     return k, strides, dil, pads[:nd], out
 
 
-def _tap_view(a, tap, strides, dil, pads, out):
-    """a[:, o*s + t*d - p] for every output position o (False outside the input): shape [C, *out]."""
-    res = np.zeros((a.shape[0],) + tuple(out), dtype=bool)
+def _tap_slices(tap, strides, dil, pads, out, in_shape):
+    """(input slices, output slices) pairing, along every spatial axis, the output positions o whose tap ``tap``
+    reads input position o*s + t*d - p inside the input; None when the tap never lands inside."""
     src, dst = [slice(None)], [slice(None)]
     for d in range(len(out)):
-        start = tap[d] * dil[d] - pads[d]
-        idx = start + strides[d] * np.arange(out[d])
-        ok = (idx >= 0) & (idx < a.shape[1 + d])
+        idx = tap[d] * dil[d] - pads[d] + strides[d] * np.arange(out[d])
+        ok = (idx >= 0) & (idx < in_shape[d])
         if not ok.any():
-            return res
+            return None
         lo, hi = np.flatnonzero(ok)[[0, -1]]
         src.append(slice(idx[lo], idx[hi] + 1, strides[d]))
         dst.append(slice(lo, hi + 1))
-    res[tuple(dst)] = a[tuple(src)]
+    return tuple(src), tuple(dst)
+
+
+def _tap_view(a, tap, strides, dil, pads, out):
+    """a[:, o*s + t*d - p] for every output position o (False outside the input): shape [C, *out]."""
+    res = np.zeros((a.shape[0],) + tuple(out), dtype=bool)
+    sl = _tap_slices(tap, strides, dil, pads, out, a.shape[1:])
+    if sl is not None:
+        res[sl[1]] = a[sl[0]]
     return res
 
 
 def _scatter_tap(b, tap, strides, dil, pads, in_shape):
-    """The transpose of _tap_view: positions of the input that tap ``tap`` reads from output positions b."""
+    """The transpose of _tap_view: the input positions tap ``tap`` reads from the output positions in b."""
     res = np.zeros((b.shape[0],) + tuple(in_shape), dtype=bool)
-    src, dst = [slice(None)], [slice(None)]
-    out = b.shape[1:]
-    for d in range(len(out)):
-        start = tap[d] * dil[d] - pads[d]
-        idx = start + strides[d] * np.arange(out[d])
-        ok = (idx >= 0) & (idx < in_shape[d])
-        if not ok.any():
-            return res
-        lo, hi = np.flatnonzero(ok)[[0, -1]]
-        dst.append(slice(idx[lo], idx[hi] + 1, strides[d]))
-        src.append(slice(lo, hi + 1))
-    res[tuple(dst)] = b[tuple(src)]
+    sl = _tap_slices(tap, strides, dil, pads, b.shape[1:], in_shape)
+    if sl is not None:
+        res[sl[0]] = b[sl[1]]
     return res
 
 

@@ -212,6 +212,18 @@ def _broadcast_back(node, out_u, shapes, mode):
 
 # ---------------------------------------------------------------- shape-moving ops
 
+def _pieces(vec, ax, sizes):
+    """Cut a unit vector along ``ax`` into consecutive pieces (Concat backward, Split forward)."""
+    offs = np.cumsum([0] + list(sizes))
+    return [Units(ax, vec[offs[i]:offs[i + 1]]) for i in range(len(sizes))]
+
+
+def _joined(units, ax, sizes, mode):
+    """Join per-piece units along ``ax`` (Concat forward, Split backward); missing pieces are zero."""
+    return Units(ax, np.concatenate([u.on(ax, s, mode) if u is not None else np.full(s, mode.zero(), dtype=mode.dtype)
+                                     for u, s in zip(units, sizes)]))
+
+
 def _concat_fwd(node, ins, shapes, mode):
     out = node.output[0]
     r = shapes.rank(out)
@@ -221,40 +233,32 @@ def _concat_fwd(node, ins, shapes, mode):
     sizes = [shapes.dim(n, ax) for n in node.input]
     channel = [u.axis for u in ins if u is not None and u.axis is not None]
     if channel and all(c == ax for c in channel) and all(isinstance(s, int) for s in sizes):
-        return [Units(ax, np.concatenate([u.on(ax, s, mode) for u, s in zip(ins, sizes)]))]
+        return [_joined(ins, ax, sizes, mode)]
     if channel and all(c == channel[0] for c in channel) and channel[0] != ax:
         return [_broadcast_merge(node, ins, shapes, mode)]
     return None
 
 
-def _concat_bwd(node, outs, shapes, mode):
-    out_u, out = outs[0], node.output[0]
-    r = shapes.rank(out)
-    if out_u is None or r is None:
-        return None
-    ax = norm_axis(_attr(node, "axis", 0), r)
-    sizes = [shapes.dim(n, ax) for n in node.input]
-    if out_u.axis == ax and all(isinstance(s, int) for s in sizes) and sum(sizes) == out_u.vec.size:
-        offs = np.cumsum([0] + sizes)
-        return [Units(ax, out_u.vec[offs[i]:offs[i + 1]]) for i in range(len(sizes))]
-    if out_u.axis is not None and out_u.axis != ax:
-        return [out_u] * len(node.input)
-    return None
-
-
-def _split_fwd(node, ins, shapes, mode):
-    u, name = ins[0], node.input[0]
-    r = shapes.rank(name)
+def _cut(node, u, whole, pieces, shapes):
+    """Units of ``whole`` cut into ``pieces`` along the op's axis: Concat backward and Split forward."""
+    r = shapes.rank(whole)
     if u is None or r is None:
         return None
     ax = norm_axis(_attr(node, "axis", 0), r)
     if u.axis != ax:
-        return [u] * len(node.output)
-    sizes = [shapes.dim(o, ax) for o in node.output]
-    if not all(isinstance(s, int) for s in sizes) or sum(sizes) != u.vec.size:
-        return None
-    offs = np.cumsum([0] + sizes)
-    return [Units(ax, u.vec[offs[i]:offs[i + 1]]) for i in range(len(sizes))]
+        return [u] * len(pieces)  # cutting along another axis leaves every channel where it was
+    sizes = [shapes.dim(n, ax) for n in pieces]
+    if all(isinstance(s, int) for s in sizes) and sum(sizes) == u.vec.size:
+        return _pieces(u.vec, ax, sizes)
+    return None
+
+
+def _concat_bwd(node, outs, shapes, mode):
+    return _cut(node, outs[0], node.output[0], list(node.input), shapes)
+
+
+def _split_fwd(node, ins, shapes, mode):
+    return _cut(node, ins[0], node.input[0], list(node.output), shapes)
 
 
 def _split_bwd(node, outs, shapes, mode):
@@ -265,8 +269,7 @@ def _split_bwd(node, outs, shapes, mode):
     ax = norm_axis(_attr(node, "axis", 0), r)
     sizes = [shapes.dim(o, ax) for o in node.output]
     if all(isinstance(s, int) for s in sizes) and all(u is None or u.axis == ax for u in outs):
-        parts = [u.vec if u is not None else np.full(s, mode.zero(), dtype=mode.dtype) for u, s in zip(outs, sizes)]
-        return [Units(ax, np.concatenate(parts))]
+        return [_joined(outs, ax, sizes, mode)]
     present = [u for u in outs if u is not None]
     if present and all(u.axis is not None and u.axis != ax and u.axis == present[0].axis
                        and u.vec.size == present[0].vec.size for u in present):

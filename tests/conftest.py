@@ -73,3 +73,18 @@ def tmp_model(tmp_path):
         onnx.save(model, path)
         return path
     return save
+
+
+@pytest.fixture
+def cnn(tmp_path):
+    """A private copy of the sample CNN (so outputs land in tmp_path)."""
+    import shutil
+    path = str(tmp_path / "cnn.onnx")
+    shutil.copy(sample("cnn")[0], path)
+    return path
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+    from onnxprune.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

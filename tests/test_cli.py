@@ -10,18 +10,9 @@ from onnx import helper
 
 from onnxprune.cli import main
 
-from conftest import make_model, sample, two_layer_mlp, vi, weights
+from conftest import invoke, make_model, sample, two_layer_mlp, vi, weights
 
 
-@pytest.fixture
-def cnn(tmp_path):
-    path = str(tmp_path / "cnn.onnx")
-    shutil.copy(sample("cnn")[0], path)
-    return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_main_job_writes_beside_input_with_table(cnn, tmp_path):

@@ -14,7 +14,7 @@ from onnxprune.data import input_specs, load_data, parse_input_shapes, synthesiz
 from onnxprune.errors import ConfigError, InputError, RequestError
 from onnxprune.validate import Validator, make_session
 
-from conftest import init, make_model, sample, two_layer_mlp, vi
+from conftest import invoke, init, make_model, sample, two_layer_mlp, vi
 
 HAS_CUDA = False
 try:
@@ -24,15 +24,6 @@ except Exception:
     HAS_CUDA = False
 
 
-@pytest.fixture
-def cnn(tmp_path):
-    path = str(tmp_path / "cnn.onnx")
-    shutil.copy(sample("cnn")[0], path)
-    return path
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
 def test_validation_on_by_default_with_labels(cnn):
