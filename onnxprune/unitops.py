@@ -224,19 +224,32 @@ def _joined(units, ax, sizes, mode):
                                      for u, s in zip(units, sizes)]))
 
 
-def _concat_fwd(node, ins, shapes, mode):
-    out = node.output[0]
-    r = shapes.rank(out)
+def _join(node, units, whole, pieces, shapes, mode):
+    """Units of ``whole`` from the units of its ``pieces`` along the op's axis: Concat forward, Split backward.
+    Pieces with their channels on another (common) axis are combined instead."""
+    r = shapes.rank(whole)
     if r is None:
         return None
     ax = norm_axis(_attr(node, "axis", 0), r)
-    sizes = [shapes.dim(n, ax) for n in node.input]
-    channel = [u.axis for u in ins if u is not None and u.axis is not None]
-    if channel and all(c == ax for c in channel) and all(isinstance(s, int) for s in sizes):
-        return [_joined(ins, ax, sizes, mode)]
-    if channel and all(c == channel[0] for c in channel) and channel[0] != ax:
-        return [_broadcast_merge(node, ins, shapes, mode)]
+    sizes = [shapes.dim(n, ax) for n in pieces]
+    axes = {u.axis for u in units if u is not None and u.axis is not None}
+    if axes == {ax} and all(isinstance(s, int) for s in sizes):
+        return _joined(units, ax, sizes, mode)
+    if len(axes) == 1 and ax not in axes:
+        (axis,) = axes
+        size = next(u.vec.size for u in units if u is not None and u.axis == axis)
+        if all(u is None or u.axis is None or u.vec.size == size for u in units):
+            acc = np.full(size, mode.zero(), dtype=mode.dtype)
+            for u in units:
+                if u is not None:
+                    acc = mode.combine(acc, u.on(axis, size, mode))
+            return Units(axis, acc)
     return None
+
+
+def _concat_fwd(node, ins, shapes, mode):
+    res = _join(node, ins, node.output[0], list(node.input), shapes, mode)
+    return None if res is None else [res]
 
 
 def _cut(node, u, whole, pieces, shapes):
@@ -262,22 +275,8 @@ def _split_fwd(node, ins, shapes, mode):
 
 
 def _split_bwd(node, outs, shapes, mode):
-    name = node.input[0]
-    r = shapes.rank(name)
-    if r is None:
-        return None
-    ax = norm_axis(_attr(node, "axis", 0), r)
-    sizes = [shapes.dim(o, ax) for o in node.output]
-    if all(isinstance(s, int) for s in sizes) and all(u is None or u.axis == ax for u in outs):
-        return [_joined(outs, ax, sizes, mode)]
-    present = [u for u in outs if u is not None]
-    if present and all(u.axis is not None and u.axis != ax and u.axis == present[0].axis
-                       and u.vec.size == present[0].vec.size for u in present):
-        acc = present[0].vec
-        for u in present[1:]:
-            acc = mode.combine(acc, u.vec)
-        return [Units(present[0].axis, acc)]
-    return None
+    res = _join(node, outs, node.input[0], list(node.output), shapes, mode)
+    return None if res is None else [res]
 
 
 def _slice_params(node, shapes):
@@ -394,32 +393,6 @@ def flatten_back(node, out_u: Units, in_axis: int | None, shapes, mode):
     return Units(in_axis, np.asarray(vec).reshape(-1))
 
 
-def _transpose_fwd(node, ins, shapes, mode):
-    u = ins[0]
-    if u is None or u.axis is None:
-        return [u] if u is not None else None
-    perm = _attr(node, "perm")
-    r = shapes.rank(node.input[0])
-    if perm is None:
-        perm = list(range(r))[::-1] if r is not None else None
-    if perm is None:
-        return None
-    return [Units(list(perm).index(u.axis), u.vec)]
-
-
-def _transpose_bwd(node, outs, shapes, mode):
-    u = outs[0]
-    if u is None or u.axis is None:
-        return None
-    perm = _attr(node, "perm")
-    r = shapes.rank(node.input[0])
-    if perm is None:
-        perm = list(range(r))[::-1] if r is not None else None
-    if perm is None:
-        return None
-    return [Units(perm[u.axis], u.vec)]
-
-
 def _axes_of(node, shapes, rank):
     axes = _attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
@@ -428,59 +401,42 @@ def _axes_of(node, shapes, rank):
     return None if axes is None else [norm_axis(a, rank) for a in axes]
 
 
-def _unsqueeze_fwd(node, ins, shapes, mode):
+def _axis_map(node, shapes):
+    """Input axis -> output axis for ops that only move or add/drop unit axes (Transpose, Unsqueeze, Squeeze)."""
+    op = node.op_type
+    if op == "Transpose":
+        r = shapes.rank(node.input[0])
+        perm = _attr(node, "perm") or (list(range(r))[::-1] if r is not None else None)
+        return None if perm is None else {p: i for i, p in enumerate(perm)}
+    if op == "Unsqueeze":
+        r_out = shapes.rank(node.output[0])
+        axes = _axes_of(node, shapes, r_out) if r_out is not None else None
+        return None if axes is None else dict(enumerate(i for i in range(r_out) if i not in axes))
+    r_in = shapes.rank(node.input[0])  # Squeeze
+    if r_in is None:
+        return None
+    axes = _axes_of(node, shapes, r_in)
+    if axes is None:
+        din = shapes.dims.get(node.input[0])
+        axes = [i for i, d in enumerate(din) if d == 1]
+    return {a: j for j, a in enumerate(i for i in range(r_in) if i not in axes)}
+
+
+def _moved_fwd(node, ins, shapes, mode):
     u = ins[0]
     if u is None or u.axis is None:
         return [u] if u is not None else None
-    r_out = shapes.rank(node.output[0])
-    axes = _axes_of(node, shapes, r_out) if r_out is not None else None
-    if axes is None:
-        return None
-    kept = [i for i in range(r_out) if i not in axes]
-    return [Units(kept[u.axis], u.vec)]
+    m = _axis_map(node, shapes)
+    return None if m is None or u.axis not in m else [Units(m[u.axis], u.vec)]
 
 
-def _unsqueeze_bwd(node, outs, shapes, mode):
+def _moved_bwd(node, outs, shapes, mode):
     u = outs[0]
     if u is None or u.axis is None:
         return None
-    r_out = shapes.rank(node.output[0])
-    axes = _axes_of(node, shapes, r_out) if r_out is not None else None
-    if axes is None or u.axis in axes:
-        return None
-    kept = [i for i in range(r_out) if i not in axes]
-    return [Units(kept.index(u.axis), u.vec)]
-
-
-def _squeeze_fwd(node, ins, shapes, mode):
-    u = ins[0]
-    if u is None or u.axis is None:
-        return [u] if u is not None else None
-    r_in = shapes.rank(node.input[0])
-    axes = _axes_of(node, shapes, r_in) if r_in is not None else None
-    if axes is None:
-        din = shapes.dims.get(node.input[0])
-        if din is None:
-            return None
-        axes = [i for i, d in enumerate(din) if d == 1]
-    if u.axis in axes:
-        return None
-    return [Units(u.axis - sum(1 for a in axes if a < u.axis), u.vec)]
-
-
-def _squeeze_bwd(node, outs, shapes, mode):
-    u = outs[0]
-    if u is None or u.axis is None:
-        return None
-    r_in = shapes.rank(node.input[0])
-    axes = _axes_of(node, shapes, r_in) if r_in is not None else None
-    if axes is None:
-        din = shapes.dims.get(node.input[0])
-        if din is None:
-            return None
-        axes = [i for i, d in enumerate(din) if d == 1]
-    kept = [i for i in range(r_in) if i not in axes]
-    return [Units(kept[u.axis], u.vec)] if u.axis < len(kept) else None
+    m = _axis_map(node, shapes)
+    back = {} if m is None else {v: k for k, v in m.items()}
+    return [Units(back[u.axis], u.vec)] if u.axis in back else None
 
 
 def _along_axis_fwd(node, ins, shapes, mode):
@@ -529,10 +485,10 @@ def _matmul_bwd(node, outs, shapes, mode):
 
 
 _FORWARD = {"MatMul": _matmul_fwd, "Concat": _concat_fwd, "Split": _split_fwd, "Slice": _slice_fwd, "Flatten": _flatten_fwd,
-            "Reshape": _flatten_fwd, "Transpose": _transpose_fwd, "Unsqueeze": _unsqueeze_fwd,
-            "Squeeze": _squeeze_fwd, "Softmax": _along_axis_fwd, "LogSoftmax": _along_axis_fwd,
+            "Reshape": _flatten_fwd, "Transpose": _moved_fwd, "Unsqueeze": _moved_fwd,
+            "Squeeze": _moved_fwd, "Softmax": _along_axis_fwd, "LogSoftmax": _along_axis_fwd,
             "LayerNormalization": _along_axis_fwd, "ReduceMean": _along_axis_fwd, "ReduceSum": _along_axis_fwd,
             "ReduceMax": _along_axis_fwd, "ReduceMin": _along_axis_fwd, "ReduceL2": _along_axis_fwd,
             "ReduceProd": _along_axis_fwd}
-_BACKWARD = {"MatMul": _matmul_bwd, "Concat": _concat_bwd, "Split": _split_bwd, "Slice": _slice_bwd, "Transpose": _transpose_bwd,
-             "Unsqueeze": _unsqueeze_bwd, "Squeeze": _squeeze_bwd}
+_BACKWARD = {"MatMul": _matmul_bwd, "Concat": _concat_bwd, "Split": _split_bwd, "Slice": _slice_bwd, "Transpose": _moved_bwd,
+             "Unsqueeze": _moved_bwd, "Squeeze": _moved_bwd}

@@ -324,3 +324,37 @@ def test_lap_allocations_on_cnn_keep_outputs_after_removal(alloc):
     assert rep.totals()["zeros_after"] == round(0.9 * 14304)
     x = np.load(data)["x"][:32]
     np.testing.assert_allclose(run(b, {"x": x})[0], run(a, {"x": x})[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("middle", ["unsqueeze", "transpose", "split_concat", "slice"])
+def test_dead_units_tracked_through_shape_ops(middle):
+    """Feature 2 of the first layer is never read by the second: it must be found dead through each op."""
+    w0 = np.ones((4, 6), np.float32)
+    w1 = np.ones((6, 3), np.float32)
+    w1[2, :] = 0
+    inits = [init("w0", w0), init("w1", w1)]
+    if middle == "unsqueeze":
+        inits += [init("ax", np.array([1], np.int64))]
+        mid = [helper.make_node("Unsqueeze", ["h", "ax"], ["u"]), helper.make_node("Squeeze", ["u", "ax"], ["m"])]
+    elif middle == "transpose":
+        mid = [helper.make_node("Transpose", ["h"], ["t"], perm=[1, 0]),
+               helper.make_node("Transpose", ["t"], ["m"], perm=[1, 0])]
+    elif middle == "split_concat":
+        inits += [init("sp", np.array([2, 4], np.int64))]
+        mid = [helper.make_node("Split", ["h", "sp"], ["a", "b"], axis=1),
+               helper.make_node("Relu", ["a"], ["ar"]),
+               helper.make_node("Concat", ["ar", "b"], ["m"], axis=1)]
+    else:
+        w1 = np.ones((4, 3), np.float32)
+        w1[0, :] = 0  # sliced feature 2 -> row 0 of w1
+        inits = [init("w0", w0), init("w1", w1), init("st", np.array([2], np.int64)),
+                 init("en", np.array([6], np.int64)), init("axs", np.array([1], np.int64))]
+        mid = [helper.make_node("Slice", ["h", "st", "en", "axs"], ["m"])]
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["h"], name="l0")] + mid + \
+        [helper.make_node("MatMul", ["m", "w1"], ["y"], name="l1")]
+    model = make_model(nodes, [vi("x", [2, 4])], [vi("y", [2, 3])], inits)
+    layers, w = masks_of(model)
+    eff = effective_masks(model, layers, w)
+    dead = [0, 1, 2] if middle == "slice" else [2]
+    assert not eff["w0"][:, dead].any()
+    assert eff["w0"][:, [i for i in range(6) if i not in dead]].all()
