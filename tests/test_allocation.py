@@ -123,3 +123,15 @@ def test_every_allocation_exact_and_keeps_existing_zeros(name):
     counts = A.ALLOCATIONS[name](c)
     assert counts.sum() == c.prune_total
     assert (counts >= c.zeros).all() and (counts <= c.sizes).all()
+
+
+@pytest.mark.parametrize("s,expected", [(0.9, [6.88, 31.92, 86.00]), (0.98, [1.09, 7.17, 60.80]),
+                                        (0.99, [0.50, 3.51, 44.30])])
+def test_lamp_gaussian_lenet_300_100_allocation(s, expected):
+    """ALGORITHMS.md 2.7 tolerance vector: i.i.d. N(0, 0.05^2) layers, per-layer density in percent."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.normal(0, 0.05, shape) for shape in ((300, 784), (100, 300), (10, 100))]
+    sizes = np.array([a.size for a in arrays])
+    counts = A.alloc_lamp(ctx(arrays, int(round(s * sizes.sum()))))
+    density = 100 * (1 - counts / sizes)
+    np.testing.assert_allclose(density, expected, rtol=0.03)
