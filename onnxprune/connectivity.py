@@ -100,7 +100,7 @@ class LayerOp:
         """Z[g, ci, co] over the kernel taps: the count of non-zeros (mode None), or the sum of squares."""
         g, ci, co = self.groups, self.c_in // self.groups, self.c_out // self.groups
         if mode is None:
-            val = (w != 0)
+            val = w if w.dtype == bool else (w != 0)
             red = (lambda x, ax: np.count_nonzero(x, axis=ax)) if w.ndim > 2 else (lambda x, ax: x[..., 0])
         else:
             val = np.square(w.astype(np.float64))
@@ -318,7 +318,8 @@ def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes 
         if lop is not None:
             res.ops[idx] = lop
             if mode.boolean:
-                res.counts[idx] = cnt = lop.blocks(weights[layer.name], None)
+                flags = weights.nonzero(layer.name) if hasattr(weights, "nonzero") else weights[layer.name]
+                res.counts[idx] = cnt = lop.blocks(flags, None)
                 res.nonzero[layer.name] = int(np.count_nonzero(cnt) if cnt.dtype == bool else cnt.sum())
                 z = blocks[idx] = res.counts[idx] if res.counts[idx].dtype == bool else res.counts[idx] > 0
             else:

@@ -160,18 +160,19 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     counts, hints = sel.allocate(target)
     t2 = time.perf_counter()
 
-    pruned_bits = {}  # layer index -> packed mask of what selection pruned (written once, after removal)
+    kept = {}  # layer index -> non-zero flags after selection (the tensor is written once, after removal)
     for k, i, pruned in sel.masks(counts, hints):
         rows[i].zeros_after = int(counts[k])
-        pruned_bits[i] = np.packbits(pruned)
+        nz = np.not_equal(values[i], 0).reshape(-1)
+        kept[i] = np.logical_and(nz, np.logical_not(pruned, out=pruned), out=nz).reshape(values[i].shape)
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
-    weights = _Weights(layers, values, pruned_bits, sel.buffer)
+    weights = _Weights(layers, values, kept, sel.buffer)
     written = set()
 
     def flush():
         """Write every pruned layer not written yet (the constant probe must run the pruned model)."""
-        for i in pruned_bits:
+        for i in kept:
             if i not in written and not config.dry_run:
                 write_tensor(layers[i].tensor, weights.masked(i))
                 written.add(i)
@@ -282,22 +283,29 @@ def _exact_counts(model, layers, weights, shapes):
 
 
 class _Weights:
-    """layer name -> values after selection, rebuilt from the original values and a packed mask on each access
+    """layer name -> values after selection, rebuilt from the original values and the kept flags on each access
     (no second copy of the model is held; the array may live in a reused buffer)."""
 
-    def __init__(self, layers, values, pruned_bits, buffer):
+    def __init__(self, layers, values, kept, buffer):
         self.index = {l.name: i for i, l in enumerate(layers)}
-        self.values, self.bits, self.buffer = values, pruned_bits, buffer
+        self.values, self.kept, self.buffer = values, kept, buffer
 
     def masked(self, i):
         w = self.values[i]
-        if i not in self.bits:
+        if i not in self.kept:
             return w
-        pruned = np.unpackbits(self.bits[i], count=w.size).view(bool)
-        return apply_mask(w, pruned, out=self.buffer.like(w))
+        out = self.buffer.like(w)
+        out.fill(0)
+        np.copyto(out, w, where=self.kept[i])
+        return out
 
     def __getitem__(self, name):
         return self.masked(self.index[name])
+
+    def nonzero(self, name):
+        """Boolean non-zero flags after selection (what the unit graph needs), without rebuilding the values."""
+        i = self.index[name]
+        return self.kept[i] if i in self.kept else (self.values[i] != 0)
 
 
 def _connectivity(model, layers, rows, weights, config, report, shapes=None, flush=None) -> dict:

@@ -137,7 +137,9 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None) ->
         before_probe()  # the model must hold the pruned weights when it is run
     values = _probe(model, sorted(set(need_probe)), res.shapes) if need_probe else {}
     for name, node, lop, in_vec, out_vec, bias in plans:
-        w = np.array(weights[name])  # a private copy: weights[] may hand out a shared buffer
+        w = weights[name]  # a scratch buffer we may modify, or the read-only original (then copy it)
+        if not w.flags.writeable:
+            w = np.array(w)
         b_arr = read_tensor(bias[0]).astype(np.float64).reshape(-1) if bias is not None else None
         changed = False
         nz_before = int(np.count_nonzero(w))

@@ -86,13 +86,21 @@ def _estimate(layers, kind, keep_total):
         samples.append(s)
         weights.append(w)
         curves.append(np.maximum.accumulate(curve))  # LAMP's curve is monotone; sampling noise must not break it
-    # weighted threshold: smallest tau with sum_l w_l * #(curve_l >= tau) <= keep_total
-    pooled = np.concatenate(curves)
-    pw = np.concatenate([np.full(c.size, w) for c, w in zip(curves, weights)])
-    order = np.argsort(pooled, kind="stable")[::-1]
-    kept = np.cumsum(pw[order])
-    pos = int(np.searchsorted(kept, keep_total, side="right"))
-    tau = pooled[order[min(pos, order.size - 1)]] if pooled.size else 0.0
+    # estimated threshold: the smallest tau (bisection over the float order) whose weighted kept count
+    # sum_l w_l * #(curve_l >= tau) stays <= keep_total; each curve is sorted, so a count is one searchsorted
+    def kept(key):
+        tau = _unkey(key)
+        return sum(w * (c.size - int(np.searchsorted(c, tau, side="left"))) for c, w in zip(curves, weights))
+    finite = [c for c in curves if c.size]
+    lo = min(int(_key(c[:1])[0]) for c in finite)
+    hi = max(int(_key(c[-1:])[0]) for c in finite)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if kept(mid) <= keep_total:
+            hi = mid
+        else:
+            lo = mid + 1
+    tau = _unkey(lo)
     cuts = [int(np.searchsorted(c, tau, side="left")) for c in curves]
     return samples, cuts
 
@@ -141,14 +149,15 @@ def _try(layers, buffer, kind, prune_total, samples, cuts, half):
         else:
             m_lo = s[c - half] if c - half > 0 else -np.inf
             m_hi = s[c + half] if c + half < s.size else np.inf
-        ge_lo = np.greater_equal(a, m_lo, out=buffer.bools(a.size, 0))
-        lt_hi = np.less(a, m_hi, out=buffer.bools(a.size, 1))
-        n_below = a.size - int(np.count_nonzero(ge_lo))
-        n_above = a.size - int(np.count_nonzero(lt_hi))
-        br = np.sort(a[np.logical_and(ge_lo, lt_hi, out=ge_lo)]).astype(np.float64)
+        # three passes over the layer (abs, compare, compress); the rest works on the small part at or above m_lo
+        upper = a[np.greater_equal(a, m_lo, out=buffer.bools(a.size, 0))]
+        n_below = a.size - upper.size
+        top_mask = upper >= m_hi
+        n_above = int(np.count_nonzero(top_mask))
+        br = np.sort(upper[~top_mask]).astype(np.float64)
         s_above = 0.0
         if kind == "lamp" and n_above:
-            top = a[np.logical_not(lt_hi, out=lt_hi)].astype(np.float64)
+            top = upper[top_mask].astype(np.float64)
             s_above = float(np.dot(top, top))
         sc = _bracket_scores(br, kind, s_above)
         # bounds: every element below the bracket scores <= lo_bound, every element above scores >= hi_bound
