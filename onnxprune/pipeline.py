@@ -160,11 +160,11 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     counts, hints = sel.allocate(target)
     t2 = time.perf_counter()
 
-    kept = {}  # layer index -> non-zero flags after selection (the tensor is written once, after removal)
+    kept = {}  # layer index -> packed non-zero flags after selection (the tensor is written once, after removal)
     for k, i, pruned in sel.masks(counts, hints):
         rows[i].zeros_after = int(counts[k])
         nz = np.not_equal(values[i], 0).reshape(-1)
-        kept[i] = np.logical_and(nz, np.logical_not(pruned, out=pruned), out=nz).reshape(values[i].shape)
+        kept[i] = np.packbits(np.logical_and(nz, np.logical_not(pruned, out=pruned), out=nz))
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
     weights = _Weights(layers, values, kept, sel.buffer)
@@ -290,13 +290,17 @@ class _Weights:
         self.index = {l.name: i for i, l in enumerate(layers)}
         self.values, self.kept, self.buffer = values, kept, buffer
 
+    def _flags(self, i):
+        w = self.values[i]
+        return np.unpackbits(self.kept[i], count=w.size).view(bool).reshape(w.shape)
+
     def masked(self, i):
         w = self.values[i]
         if i not in self.kept:
             return w
         out = self.buffer.like(w)
         out.fill(0)
-        np.copyto(out, w, where=self.kept[i])
+        np.copyto(out, w, where=self._flags(i))
         return out
 
     def __getitem__(self, name):
@@ -305,7 +309,7 @@ class _Weights:
     def nonzero(self, name):
         """Boolean non-zero flags after selection (what the unit graph needs), without rebuilding the values."""
         i = self.index[name]
-        return self.kept[i] if i in self.kept else (self.values[i] != 0)
+        return self._flags(i) if i in self.kept else (self.values[i] != 0)
 
 
 def _connectivity(model, layers, rows, weights, config, report, shapes=None, flush=None) -> dict:
