@@ -143,6 +143,15 @@ class Validator:
         self.output_names = [o.name for o in sess.get_outputs()]
         self.dense_outs, self.dense_latency = _run_all(sess, dataset.batches, progress, "dense")
         del sess
+        # the dense side of every metric, computed once (a search compares many pruned models with it)
+        self._dense_flat = [_flat64([b[k] for b in self.dense_outs]) for k in range(len(self.output_names))]
+        self._dense_first = np.concatenate([b[0] for b in self.dense_outs]) if self.dense_outs else np.zeros((0,))
+        axis = _classes_axis(self._dense_first)
+        self._dense_top1 = np.argmax(self._dense_first, axis=axis) if axis is not None else None
+        self._dense_top5 = None
+        if axis is not None and dataset.labels is not None and self._dense_first.ndim == 2 \
+                and self._dense_first.shape[1] >= 5:
+            self._dense_top5 = _top5(self._dense_first, dataset.labels.reshape(self._dense_top1.shape))
 
     def compare(self, pruned_path: str, max_drop: float | None = None) -> Validation:
         sess = make_session(pruned_path, self.device, self.quiet)
@@ -161,9 +170,9 @@ class Validator:
 
     def _metrics(self, pruned_outs) -> Validation:
         ds = self.dataset
-        stats = [_output_stats(name, [b[k] for b in self.dense_outs], [b[k] for b in pruned_outs])
+        stats = [_output_stats(name, self._dense_flat[k], _flat64([b[k] for b in pruned_outs]))
                  for k, name in enumerate(self.output_names)]
-        dense = np.concatenate([b[0] for b in self.dense_outs]) if self.dense_outs else np.zeros((0,))
+        dense = self._dense_first
         pruned = np.concatenate([b[0] for b in pruned_outs]) if pruned_outs else np.zeros((0,))
         axis = _classes_axis(dense)
         common = dict(device=self.device, providers=self.providers, data=ds.source, samples=len(dense),
@@ -171,7 +180,7 @@ class Validator:
         if axis is None:  # a regression-style output: agreement is not defined, judge by cosine
             cos = stats[0].cosine if stats else 1.0
             return Validation(metric="output_cosine", dense=1.0, pruned=cos, drop=1.0 - cos, **common)
-        top_d = np.argmax(dense, axis=axis)
+        top_d = self._dense_top1
         top_p = np.argmax(np.nan_to_num(pruned, nan=-np.inf), axis=axis)
         agreement = float(np.mean(top_d == top_p)) if top_d.size else 1.0
         if ds.labels is not None:
@@ -179,20 +188,23 @@ class Validator:
             acc_d, acc_p = float(np.mean(top_d == y)), float(np.mean(top_p == y))
             v = Validation(metric="top1_accuracy", dense=acc_d, pruned=acc_p, drop=acc_d - acc_p,
                            agreement=agreement, **common)
-            if dense.shape[axis] >= 5 and dense.ndim == 2:
-                v.top5_dense, v.top5_pruned = _top5(dense, y), _top5(np.nan_to_num(pruned, nan=-np.inf), y)
+            if self._dense_top5 is not None:
+                v.top5_dense, v.top5_pruned = self._dense_top5, _top5(np.nan_to_num(pruned, nan=-np.inf), y)
             return v
         return Validation(metric="top1_agreement", dense=1.0, pruned=agreement, drop=1.0 - agreement,
                           agreement=agreement, **common)
 
 
-def _output_stats(name, dense_batches, pruned_batches) -> OutputStats:
-    """Errors and cosine over all batches of one output, in float64, vectorised over the whole output."""
+def _flat64(batches) -> np.ndarray:
+    """All batches of one output, flattened into one float64 vector."""
+    if not batches:
+        return np.zeros(0)
+    return np.concatenate([np.asarray(b).reshape(-1) for b in batches]).astype(np.float64)
+
+
+def _output_stats(name, d: np.ndarray, p: np.ndarray) -> OutputStats:
+    """Errors and cosine of one output (dense d and pruned p, flat float64), vectorised over the whole output."""
     st = OutputStats(name)
-    if not dense_batches:
-        return st
-    d = np.concatenate([np.asarray(b).reshape(-1) for b in dense_batches]).astype(np.float64)
-    p = np.concatenate([np.asarray(b).reshape(-1) for b in pruned_batches]).astype(np.float64)
     fin_d, fin_p = np.isfinite(d), np.isfinite(p)
     st.nonfinite_dense = int(d.size - np.count_nonzero(fin_d))
     st.nonfinite_pruned = int(p.size - np.count_nonzero(fin_p))
