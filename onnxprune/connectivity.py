@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .unitops import HANDLED, UNARY, BINARY, Mode, Shapes, Units, backward, flatten_back, forward, norm_axis
+from .unitops import HANDLED, UNARY, BINARY, Mode, Shapes, Units, backward, flatten_back, forward
 
 BOOL = Mode(True)
 
@@ -174,15 +174,6 @@ class LayerOp:
         if op == "ConvTranspose":
             return None
         return flags.reshape(1, -1) if self._layout().in_axis % 2 == 0 else flags.reshape(-1, 1)
-
-    def out_index_many(self, units: np.ndarray):
-        """One index for all weights of several output units, or None where a loop is needed."""
-        op = self.node.op_type
-        if op == "Conv":
-            return (units,)
-        if op == "ConvTranspose":
-            return None
-        return (slice(None), units) if self._layout().in_axis % 2 == 0 else (units,)
 
     def in_index_many(self, units: np.ndarray):
         """One index for all weights reading several input units (ungrouped layers), or None."""

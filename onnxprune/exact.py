@@ -131,21 +131,17 @@ def _pool(node, a, backward_b=None):
         if backward_b is None:
             return a.reshape(a.shape[0], -1).any(axis=1).reshape((a.shape[0],) + (1,) * (a.ndim - 1))
         return np.broadcast_to(backward_b.reshape((a.shape[0],) + (1,) * (a.ndim - 1)), a.shape).copy()
-    k = _attr(node, "kernel_shape", None)
-    nd = len(k)
-    fake = np.ones((1, 1) + tuple(k))
-    geom = _Conv.__new__(_Conv)
-    geom.k, geom.s, geom.d, geom.p, geom.out = _conv_geometry(node, fake.shape, a.shape[1:])
     if _attr(node, "ceil_mode", 0):
         raise Unsupported("pooling with ceil_mode")
+    k, strides, dil, pads, out = _conv_geometry(node, (1, 1) + tuple(_attr(node, "kernel_shape", [])), a.shape[1:])
     if backward_b is None:
-        res = np.zeros((a.shape[0],) + tuple(geom.out), dtype=bool)
+        res = np.zeros((a.shape[0],) + tuple(out), dtype=bool)
         for tap in np.ndindex(*k):
-            res |= _tap_view(a, tap, geom.s, geom.d, geom.p, geom.out)
+            res |= _tap_view(a, tap, strides, dil, pads, out)
         return res
     res = np.zeros(a.shape, dtype=bool)
     for tap in np.ndindex(*k):
-        res |= _scatter_tap(backward_b, tap, geom.s, geom.d, geom.p, a.shape[1:])
+        res |= _scatter_tap(backward_b, tap, strides, dil, pads, a.shape[1:])
     return res
 
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .connectivity import Analysis, unit_flags, _in_axis
 from .graph import _resolve, _Scope

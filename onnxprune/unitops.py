@@ -21,9 +21,6 @@ class Units:
     def agg(value) -> "Units":
         return Units(None, np.array([value]))
 
-    def total(self, mode):
-        return self.vec.any() if mode.boolean else self.vec.sum() if self.axis is not None else self.vec[0]
-
     def on(self, axis: int, size: int, mode) -> np.ndarray:
         """A vector of ``size`` values along ``axis`` (aggregated or mismatched axes are spread)."""
         if self.axis == axis and self.vec.size == size:
@@ -122,7 +119,6 @@ def backward(node, ins: list, outs: list, shapes: Shapes, mode: Mode):
     outs_present = [u for u in outs if u is not None]
     if not outs_present:
         return [None] * len(node.input)
-    n_data = DATA_INPUTS.get(op, len(node.input))
     if op in UNARY:
         res = [_scaled(node, outs[0], mode) if outs[0] is not None else _mix(outs_present, mode)]
         return res + [_mix(outs_present, mode)] * (len(node.input) - 1)

@@ -1,16 +1,13 @@
 import json
 import os
-import shutil
 
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
 from onnx import helper
 
-from onnxprune.cli import main
 
-from conftest import invoke, make_model, sample, two_layer_mlp, vi, weights
+from conftest import invoke, make_model, two_layer_mlp, vi, weights
 
 
 

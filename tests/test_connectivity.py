@@ -1,9 +1,8 @@
-import itertools
 
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import helper
 
 from onnxprune import prune
 from onnxprune.connectivity import effective_counts, effective_masks

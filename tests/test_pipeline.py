@@ -208,7 +208,7 @@ def test_sparsity_zero_leaves_outputs_and_bytes_identical(tmp_path):
     path, data = sample("cnn")
     out = str(tmp_path / "same.onnx")
     loaded = load_model(path)
-    report = onnxprune.prune_loaded(loaded, onnxprune.PruneConfig(sparsity=0.0))
+    onnxprune.prune_loaded(loaded, onnxprune.PruneConfig(sparsity=0.0))
     save_model(loaded, out)
     x = np.load(data)["x"]
     assert np.array_equal(run(path, {"x": x})[0], run(out, {"x": x})[0])

@@ -1,15 +1,12 @@
 import json
 import os
-import shutil
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from click.testing import CliRunner
 from onnx import helper
 
-from onnxprune.cli import main
 from onnxprune.data import input_specs, load_data, parse_input_shapes, synthesize
 from onnxprune.errors import ConfigError, InputError, RequestError
 from onnxprune.validate import Validator, make_session
