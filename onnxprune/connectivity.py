@@ -324,7 +324,7 @@ def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes 
         if node.op_type not in HANDLED or idx in implicit:
             unknown.add(node.op_type)
         outs = forward(node, ins, shapes, mode) if idx not in implicit else \
-            [_mix_all(ins, mode)] * len(node.output)
+            [mix(ins, mode)] * len(node.output)
         for o, u in zip(node.output, outs):
             if o:
                 fwd[o] = u if u is not None else Units.agg(mode.zero())
@@ -346,9 +346,9 @@ def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes 
         if node.op_type in ("Flatten", "Reshape"):
             in_u = fwd.get(node.input[0])
             back = [flatten_back(node, outs[0], in_u.axis if in_u is not None else None, shapes, mode)]
-            back += [_mix_all(outs, mode)] * (len(node.input) - 1)
+            back += [mix(outs, mode)] * (len(node.input) - 1)
         elif idx in implicit:
-            back = [_mix_all(outs, mode)] * (len(node.input) + len(implicit[idx]))
+            back = [mix(outs, mode)] * (len(node.input) + len(implicit[idx]))
         else:
             back = backward(node, None, outs, shapes, mode)
         names = list(node.input) + implicit.get(idx, [])
@@ -359,13 +359,6 @@ def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes 
     return res
 
 
-def _mix_all(units, mode):
-    units = [u for u in units if u is not None]
-    if mode.boolean:
-        return Units.agg(any(bool(u.vec.any()) for u in units))
-    return Units.agg(float(sum(float(u.vec.mean()) if u.axis is not None else float(u.vec[0]) for u in units)))
-
-
 def _acc(table, name, u, mode):
     prev = table.get(name)
     if prev is None:
@@ -373,7 +366,7 @@ def _acc(table, name, u, mode):
     elif prev.axis == u.axis and prev.vec.size == u.vec.size:
         table[name] = Units(u.axis, mode.combine(prev.vec, u.vec))
     else:
-        table[name] = _mix_all([prev, u], mode)
+        table[name] = mix([prev, u], mode)
 
 
 def _in_axis(lop, name, shapes):
