@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .unitops import HANDLED, UNARY, BINARY, Mode, Shapes, Units, backward, flatten_back, forward
+from .unitops import BINARY, HANDLED, UNARY, Mode, Shapes, Units, backward, flatten_back, forward
+from .unitops import _mix as mix
 
 BOOL = Mode(True)
 
