@@ -165,3 +165,57 @@ def test_json_document_also_on_usage_errors(cnn):
     assert r.exit_code == 2
     doc = json.loads(r.stdout)
     assert doc["status"] == "error" and doc["exit_code"] == 2 and "sparsity" in doc["error"]
+
+
+def _external_model(tmp_path):
+    from conftest import init, make_model, vi
+    from onnx import helper
+    m = make_model([helper.make_node("MatMul", ["x", "W"], ["y"])], [vi("x", [1, 4])], [vi("y", [1, 4])],
+                   [init("W", np.arange(16, dtype=np.float32).reshape(4, 4))])
+    d = tmp_path / "mdl"
+    d.mkdir()
+    path = d / "m.onnx"
+    onnx.save(m, str(path), save_as_external_data=True, location="w.bin", size_threshold=0)
+    return d, path
+
+
+@pytest.mark.parametrize("attack", ["dotdot", "absolute", "symlink", "missing", "short"])
+def test_unsafe_or_broken_external_data_is_rejected(tmp_path, attack):
+    d, path = _external_model(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes((d / "w.bin").read_bytes())
+    m = onnx.load(str(path), load_external_data=False)
+    entry = next(e for e in m.graph.initializer[0].external_data if e.key == "location")
+    if attack == "dotdot":
+        entry.value = "../outside/secret.bin"
+    elif attack == "absolute":
+        entry.value = str(outside / "secret.bin")
+    elif attack == "symlink":
+        os.remove(d / "w.bin")
+        os.symlink(outside / "secret.bin", d / "w.bin")
+    elif attack == "missing":
+        os.remove(d / "w.bin")
+    else:
+        (d / "w.bin").write_bytes(b"\0" * 8)
+    onnx.save(m, str(path))
+    r = invoke(path, "-s", "0.5")
+    assert r.exit_code == 3, r.output
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not (d / "m_pruned.onnx").exists()
+
+
+def test_deeply_nested_if_is_rejected_cleanly(tmp_path):
+    """Protobuf refuses to parse ~40 nested If levels (upb depth limit): exit 3, one line, no traceback."""
+    m = onnx.ModelProto(ir_version=10)
+    m.opset_import.add(domain="", version=17)
+    g = m.graph
+    for _ in range(40):  # built in place: helper.make_graph would re-parse the deep graph and fail itself
+        node = g.node.add(op_type="If", input=["c"], output=["o"])
+        attr = node.attribute.add(name="then_branch", type=onnx.AttributeProto.GRAPH)
+        g = attr.g
+    g.node.add(op_type="Identity", input=["x"], output=["o"])
+    path = tmp_path / "deep.onnx"
+    path.write_bytes(m.SerializeToString())
+    r = invoke(path, "-s", "0.5")
+    assert r.exit_code == 3 and "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1
