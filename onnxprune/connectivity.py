@@ -176,17 +176,6 @@ class LayerOp:
             return None
         return flags.reshape(1, -1) if self._layout().in_axis % 2 == 0 else flags.reshape(-1, 1)
 
-    def in_index_many(self, units: np.ndarray):
-        """One index for all weights reading several input units (ungrouped layers), or None."""
-        op = self.node.op_type
-        if self.groups != 1:
-            return None
-        if op == "Conv":
-            return (slice(None), units)
-        if op == "ConvTranspose":
-            return (units,)
-        return (units,) if self._layout().in_axis % 2 == 0 else (slice(None), units)
-
     def in_index(self, i: int):
         """(index of every weight reading input unit ``i``, the output units those weights feed)."""
         op = self.node.op_type

@@ -129,19 +129,25 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None) ->
         if in_vec.all() and out_vec.all():
             continue  # every unit lives: nothing to remove
         bias = _bias(model, node, lop, scope, uses, consumers)
-        plans.append((name, node, lop, in_vec, out_vec, bias))
+        plans.append((name, idx, node, lop, in_vec, out_vec, bias))
         if not in_vec.all() and bias is not None and _foldable_conv(node, lop):
             need_probe.append(node.input[lop.data_slot])
     if need_probe and before_probe is not None:
         before_probe()  # the model must hold the pruned weights when it is run
     values = _probe(model, sorted(set(need_probe)), res.shapes) if need_probe else {}
-    for name, node, lop, in_vec, out_vec, bias in plans:
+    for name, idx, node, lop, in_vec, out_vec, bias in plans:
+        # counts come from the analysis' per-(group, in, out) non-zero blocks: no pass over the weight
+        cnt = res.counts[idx].astype(np.int64, copy=False)
+        g = lop.groups
+        dead_out = int(cnt[:, :, ~out_vec.reshape(g, -1)[0]].sum()) if g == 1 else \
+            int(sum(cnt[k][:, ~out_vec.reshape(g, -1)[k]].sum() for k in range(g)))
+        in_live = ~in_vec.reshape(g, -1)
+        alive_const_in = int(sum(cnt[k][in_live[k]][:, out_vec.reshape(g, -1)[k]].sum() for k in range(g)))
         w = weights[name]  # a scratch buffer we may modify, or the read-only original (then copy it)
         if not w.flags.writeable:
             w = np.array(w)
         b_arr = read_tensor(bias[0]).astype(np.float64).reshape(-1) if bias is not None else None
         changed = False
-        nz_before = int(np.count_nonzero(w))
         dead = np.flatnonzero(~out_vec)
         where = lop.out_broadcast(~out_vec) if dead.size else None
         if where is not None:  # one contiguous pass instead of a strided scatter
@@ -149,16 +155,14 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None) ->
         else:
             for u in dead:
                 w[lop.out_index(int(u))] = 0
-        nz_mid = int(np.count_nonzero(w))
-        out.zeroed_dead_out += nz_before - nz_mid
+        out.zeroed_dead_out += dead_out
+        zeroed = dead_out
         if b_arr is not None and not out_vec.all():
             b_arr[~out_vec] = 0.0
             changed = True
         unreached = np.flatnonzero(~in_vec)
         if unreached.size:
-            many = lop.in_index_many(unreached)
-            alive = int(np.count_nonzero(w[many])) if many is not None else \
-                sum(int(np.count_nonzero(w[lop.in_index(int(i))[0]])) for i in unreached)
+            alive = alive_const_in
             consts = _constants(values.get(node.input[lop.data_slot]), lop, node, res, ~in_vec) \
                 if bias is not None and _foldable_conv(node, lop) else None
             if consts is None:
@@ -173,8 +177,9 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None) ->
                 b_arr = b_arr + contrib / bias[1]
                 changed = True
                 out.folded_const_in += alive
+                zeroed += alive
         write_tensor(lop.layer.tensor, w)
-        out.rewritten[name] = nz_before - int(np.count_nonzero(w))
+        out.rewritten[name] = zeroed
         if changed:
             tensor = bias[0]
             write_tensor(tensor, b_arr.astype(read_tensor(tensor).dtype).reshape([int(d) for d in tensor.dims]))
