@@ -83,6 +83,53 @@ def _numel(dims) -> int:
 
 # ---------------------------------------------------------------- one prunable node as a block matrix
 
+class Coo:
+    """The non-zero (in unit, out unit) pairs of a sparse 2-D layer: every reachability step is O(non-zeros)."""
+    DENSITY = 0.02  # below this a 2-D layer's flags are kept as pairs instead of a boolean matrix
+
+    def __init__(self, flags: np.ndarray):
+        self.c_in, self.c_out = flags.shape
+        self.rows, self.cols = np.nonzero(flags)
+
+    def nnz(self) -> int:
+        return int(self.rows.size)
+
+    def forward(self, x):
+        out = np.zeros(self.c_out, dtype=bool)
+        out[self.cols[x[self.rows]]] = True
+        return out
+
+    def backward(self, y):
+        out = np.zeros(self.c_in, dtype=bool)
+        out[self.rows[y[self.cols]]] = True
+        return out
+
+    def count(self, x, y) -> int:
+        return int(np.count_nonzero(x[self.rows] & y[self.cols]))
+
+    def per_out(self, rows_mask=None) -> np.ndarray:
+        """Non-zeros feeding each output unit (only from input units in ``rows_mask`` if given)."""
+        cols = self.cols if rows_mask is None else self.cols[rows_mask[self.rows]]
+        return np.bincount(cols, minlength=self.c_out)
+
+
+def per_out_counts(cnt, k: int, rows_mask=None) -> np.ndarray:
+    """Non-zeros feeding each output unit of group ``k`` (from the input units in ``rows_mask`` if given)."""
+    if isinstance(cnt, Coo):
+        return cnt.per_out(rows_mask)
+    block = cnt[k] if rows_mask is None else cnt[k][rows_mask]
+    return block.sum(axis=0, dtype=np.int64)
+
+
+def _block_counts(lop, flags) -> object:
+    """The analysis' blocks of one node: a Coo for sparse 2-D layers, else counts per (group, in, out)."""
+    cnt = lop.blocks(flags, None)
+    if cnt.dtype == bool and cnt.shape[0] == 1 and cnt.size > 4096:
+        nnz = int(np.count_nonzero(cnt))
+        if nnz < Coo.DENSITY * cnt.size:
+            return Coo(cnt[0])
+    return cnt
+
 @dataclass
 class LayerOp:
     """A prunable node seen as g block matrices Z[g, ci, co] over (input unit, output unit)."""
@@ -119,6 +166,8 @@ class LayerOp:
         return val if self._layout().in_axis % 2 == 0 else val.T
 
     def forward(self, z, in_vec, mode):
+        if isinstance(z, Coo):
+            return z.forward(in_vec)
         g = self.groups
         x = in_vec.reshape(g, -1)
         if mode.boolean:
@@ -130,6 +179,8 @@ class LayerOp:
         return np.einsum("gio,gi->go", z, x).reshape(-1)
 
     def backward(self, z, out_vec, mode):
+        if isinstance(z, Coo):
+            return z.backward(out_vec)
         g = self.groups
         y = out_vec.reshape(g, -1)
         if mode.boolean:
@@ -300,9 +351,13 @@ def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes 
             res.ops[idx] = lop
             if mode.boolean:
                 flags = weights.nonzero(layer.name) if hasattr(weights, "nonzero") else weights[layer.name]
-                res.counts[idx] = cnt = lop.blocks(flags, None)
-                res.nonzero[layer.name] = int(np.count_nonzero(cnt) if cnt.dtype == bool else cnt.sum())
-                z = blocks[idx] = res.counts[idx] if res.counts[idx].dtype == bool else res.counts[idx] > 0
+                res.counts[idx] = cnt = _block_counts(lop, flags)
+                if isinstance(cnt, Coo):
+                    res.nonzero[layer.name] = cnt.nnz()
+                    z = blocks[idx] = cnt
+                else:
+                    res.nonzero[layer.name] = int(np.count_nonzero(cnt) if cnt.dtype == bool else cnt.sum())
+                    z = blocks[idx] = cnt if cnt.dtype == bool else cnt > 0
             else:
                 z = blocks[idx] = lop.blocks(weights[layer.name], mode)
             in_vec = _in_vec(lop, node, ins[lop.data_slot], shapes, mode)
@@ -416,6 +471,8 @@ def effective_counts(model, layers, weights, shapes=None) -> Analysis:
             cnt = res.counts[idxs[0]]
             if in_vec.all() and out_vec.all():
                 res.effective_count[layer.name] = res.nonzero[layer.name]
+            elif isinstance(cnt, Coo):
+                res.effective_count[layer.name] = cnt.count(in_vec, out_vec)
             elif cnt.dtype == bool:
                 res.effective_count[layer.name] = int(np.count_nonzero(cnt[0][in_vec][:, out_vec]))
             else:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .connectivity import Analysis, unit_flags, _in_axis
+from .connectivity import Analysis, _in_axis, per_out_counts, unit_flags
 from .graph import _resolve, _Scope
 from .io import read_tensor, write_tensor
 
@@ -137,12 +137,12 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None) ->
     values = _probe(model, sorted(set(need_probe)), res.shapes) if need_probe else {}
     for name, idx, node, lop, in_vec, out_vec, bias in plans:
         # counts come from the analysis' per-(group, in, out) non-zero blocks: no pass over the weight
-        cnt = res.counts[idx].astype(np.int64, copy=False)
-        g = lop.groups
-        dead_out = int(cnt[:, :, ~out_vec.reshape(g, -1)[0]].sum()) if g == 1 else \
-            int(sum(cnt[k][:, ~out_vec.reshape(g, -1)[k]].sum() for k in range(g)))
-        in_live = ~in_vec.reshape(g, -1)
-        alive_const_in = int(sum(cnt[k][in_live[k]][:, out_vec.reshape(g, -1)[k]].sum() for k in range(g)))
+        cnt, g = res.counts[idx], lop.groups
+        outs, unreached_in = out_vec.reshape(g, -1), ~in_vec.reshape(g, -1)
+        dead_out = alive_const_in = 0
+        for k in range(g):
+            dead_out += int(per_out_counts(cnt, k)[~outs[k]].sum())
+            alive_const_in += int(per_out_counts(cnt, k, unreached_in[k])[outs[k]].sum())
         w = weights[name]  # a scratch buffer we may modify, or the read-only original (then copy it)
         if not w.flags.writeable:
             w = np.array(w)

@@ -360,3 +360,21 @@ def test_dead_units_tracked_through_shape_ops(middle):
     dead = [0, 1, 2] if middle == "slice" else [2]
     assert not eff["w0"][:, dead].any()
     assert eff["w0"][:, [i for i in range(6) if i not in dead]].all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_sparse_pair_blocks_agree_with_boolean_blocks(seed, monkeypatch):
+    """Sparse 2-D layers are analysed as (in, out) pairs; the answer must not depend on it."""
+    from onnxprune import connectivity as C
+    rng = np.random.default_rng(seed)
+    dims = [80, 96, 64, 10]
+    masks = [rng.random((a, b)) < 0.04 for a, b in zip(dims, dims[1:])]
+    model = mlp([m.astype(np.float32) for m in masks])
+    layers, w = masks_of(model)
+    results = []
+    for density in (0.0, 1.1):  # never pairs / always pairs
+        monkeypatch.setattr(C.Coo, "DENSITY", density)
+        res = effective_counts(model, layers, w)
+        assert any(isinstance(c, C.Coo) for c in res.counts.values()) == (density > 1)
+        results.append(res.effective_count)
+    assert results[0] == results[1]
