@@ -135,6 +135,7 @@ class LayerOp:
     """A prunable node seen as g block matrices Z[g, ci, co] over (input unit, output unit)."""
     node: onnx.NodeProto
     layer: object  # graph.Layer
+    consumer: object  # the graph.Consumer entry of this node
     data_slot: int
     in_axis_from_end: int | None  # channel axis of the data input counted from the end (MatMul), or None
     in_axis: int | None  # fixed channel axis (Conv, Gemm)
@@ -241,8 +242,7 @@ class LayerOp:
         return (slice(None), i), np.arange(self.c_out)
 
     def _layout(self):
-        return next((c.layout for c in self.layer.consumers if c.node == self.node.name),
-                    self.layer.consumers[0].layout)
+        return self.consumer.layout
 
 
 def _attr(node, name, default):
@@ -252,28 +252,28 @@ def _attr(node, name, default):
     return default
 
 
-def layer_op(node, layer, shapes: Shapes):
+def layer_op(node, layer, consumer, shapes: Shapes):
     """A LayerOp for a main-graph prunable node whose layout the unit graph understands, else None."""
     w_shape = layer.shape
     op = node.op_type
-    slot = next(c.slot for c in layer.consumers if c.node == node.name or not c.node)
+    slot = consumer.slot
     if op == "Conv":
         g = _attr(node, "group", 1)
-        return LayerOp(node, layer, 0, None, 1, g, w_shape[1] * g, w_shape[0], out_axis=1)
+        return LayerOp(node, layer, consumer, 0, None, 1, g, w_shape[1] * g, w_shape[0], out_axis=1)
     if op == "ConvTranspose":
         g = _attr(node, "group", 1)
-        return LayerOp(node, layer, 0, None, 1, g, w_shape[0], w_shape[1] * g, out_axis=1)
+        return LayerOp(node, layer, consumer, 0, None, 1, g, w_shape[0], w_shape[1] * g, out_axis=1)
     if len(w_shape) != 2:
         return None
     if op == "Gemm":
         if slot != 1 or _attr(node, "transA", 0):
             return None
         k, n = (w_shape[1], w_shape[0]) if _attr(node, "transB", 0) else w_shape
-        return LayerOp(node, layer, 0, None, 1, 1, k, n, out_axis=1)
+        return LayerOp(node, layer, consumer, 0, None, 1, 1, k, n, out_axis=1)
     if op == "MatMul":
         if slot == 1:
-            return LayerOp(node, layer, 0, 1, None, 1, w_shape[0], w_shape[1], out_axis_from_end=1)
-        return LayerOp(node, layer, 1, 2, None, 1, w_shape[1], w_shape[0], out_axis_from_end=2)
+            return LayerOp(node, layer, consumer, 0, 1, None, 1, w_shape[0], w_shape[1], out_axis_from_end=1)
+        return LayerOp(node, layer, consumer, 1, 2, None, 1, w_shape[1], w_shape[0], out_axis_from_end=2)
     return None
 
 
@@ -327,7 +327,7 @@ def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes 
             continue
         for c in layer.consumers:
             if c.graph == "":
-                by_node.setdefault(c.node, layer)
+                by_node[c.index] = (layer, c)
     blocks = res.blocks
     inits = {t.name for t in graph.initializer}
     fwd = res.fwd
@@ -344,8 +344,8 @@ def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes 
         if node.op_type == "Constant":
             fwd[node.output[0]] = Units.agg(mode.zero())
             continue
-        layer = by_node.get(node.name) if node.name else None
-        lop = layer_op(node, layer, shapes) if layer is not None else None
+        layer, consumer = by_node.get(idx, (None, None))
+        lop = layer_op(node, layer, consumer, shapes) if layer is not None else None
         ins = [fwd.get(n, Units.agg(True if mode.boolean else 1.0)) if n else None for n in node.input]
         if lop is not None:
             res.ops[idx] = lop

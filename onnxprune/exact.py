@@ -154,7 +154,7 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
     for layer in layers:
         if layer.graph != "" or len(layer.consumers) != 1:
             raise Unsupported("weights in subgraphs or tied weights")
-        by_node[layer.consumers[0].node] = layer
+        by_node[layer.consumers[0].index] = layer
 
     def shape_of(name):
         d = shapes.dims.get(name)
@@ -172,7 +172,7 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
         if op == "Constant":
             continue
         ins = [fwd.get(n) if n and n not in inits and n not in consts else None for n in node.input]
-        layer = by_node.get(node.name)
+        layer = by_node.get(idx)
         if layer is not None:
             w = np.asarray(weights[layer.name])
             x = ins[0]
@@ -225,11 +225,11 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
         b = bwd.get(node.output[0]) if node.output else None
         if op == "Constant" or b is None:
             if idx in ops:
-                counts[by_node[node.name].name] = 0
+                counts[by_node[idx].name] = 0
             continue
         x_name = node.input[0]
         if idx in ops:
-            layer = by_node[node.name]
+            layer = by_node[idx]
             o = ops[idx]
             if isinstance(o, _Conv):
                 counts[layer.name] = int(o.effective(fwd[x_name], b).sum())

@@ -32,11 +32,12 @@ MAX_CHAIN = 16
 
 @dataclass
 class Consumer:
-    node: str
+    node: str  # the node's name (may be empty: many exports leave nodes unnamed)
     op: str
     slot: int
     graph: str
     layout: Layout
+    index: int = -1  # the node's position in its graph: the identity the analyses use
 
 
 @dataclass
@@ -177,7 +178,7 @@ def find_layers(model: onnx.ModelProto, exclude=(), only=None) -> tuple[list, li
                 layer.graph_input = owner.path == "" and kind == "initializer" and name in main_inputs
                 layers[key] = layer
             layer.consumers.append(Consumer(node.name, node.op_type, slot, scope.path,
-                                            layout_for(node, slot, len(tensor.dims))))
+                                            layout_for(node, slot, len(tensor.dims)), idx))
     result = sorted(layers.values(), key=lambda l: (l.order, l.graph, l.name))
     for layer in result:
         if layer.graph_input:

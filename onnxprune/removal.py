@@ -78,9 +78,15 @@ def _bias(model, node, lop, scope, uses, consumers):
     return tensor, scale
 
 
+PROBE_MAX_BYTES = 1 << 30  # the probe runs a copy of the model: above this, constants stay in place
+
+
 def _probe(model, names, shapes, seed=0):
     """Values of the named tensors on two synthetic samples (None where shapes or types are unknown)."""
     if not names:
+        return {}
+    if model.ByteSize() > PROBE_MAX_BYTES:
+        log.info("constant probe skipped: model over %d bytes", PROBE_MAX_BYTES)
         return {}
     try:
         import onnxruntime as ort

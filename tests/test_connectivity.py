@@ -378,3 +378,35 @@ def test_sparse_pair_blocks_agree_with_boolean_blocks(seed, monkeypatch):
         assert any(isinstance(c, C.Coo) for c in res.counts.values()) == (density > 1)
         results.append(res.effective_count)
     assert results[0] == results[1]
+
+
+def test_constant_inputs_stay_in_place_when_the_probe_is_skipped(monkeypatch):
+    """Above the probe's size limit nothing is folded, the outputs still match and the report says so."""
+    from onnxprune import removal
+    monkeypatch.setattr(removal, "PROBE_MAX_BYTES", 0)
+    rng = np.random.default_rng(1)
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip([12, 16, 16], [16, 16, 4])):
+        inits += [init(f"w{i}", rng.standard_normal((b, a)).astype(np.float32)),
+                  init(f"b{i}", rng.standard_normal(b).astype(np.float32))]
+        nodes += [helper.make_node("Gemm", [prev, f"w{i}", f"b{i}"], [f"z{i}"], transB=1),
+                  helper.make_node("Relu", [f"z{i}"], [f"a{i}"])]
+        prev = f"a{i}"
+    model = make_model(nodes, [vi("x", ["N", 12])], [vi(prev, ["N", 4])], inits)
+    rep, rep2 = compare_after_removal(model, {"x": rng.standard_normal((8, 12)).astype(np.float32)}, 0.93, seed=0)
+    r = rep2.connectivity["removal"]
+    assert r["folded_constant_inputs"] == 0 and r["left_in_place"] > 0
+
+
+def test_unnamed_nodes_are_analysed():
+    """Many exports leave nodes unnamed: the unit graph must still see every layer (ES vector, no names)."""
+    m1 = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0]], np.float32)
+    m2 = np.array([[1, 0], [0, 0], [0, 1]], np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Gemm", ["r", "w2"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 4])], [vi("y", ["N", 2])], [init("w1", m1), init("w2", m2)])
+    _, rep = prune(model, sparsity=0.0, dry_run=True)
+    assert rep.connectivity["unknown_ops"] == [] and rep.connectivity["layers_not_analysed"] == []
+    assert rep.totals()["effective_zeros"] == 15
+    _, rep = prune(model, sparsity=0.0, dry_run=True, effective_mode="exact")
+    assert rep.connectivity["mode"] == "exact" and rep.totals()["effective_zeros"] == 15
