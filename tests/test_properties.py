@@ -73,3 +73,24 @@ def test_sparsity_zero_outputs_bit_identical(arrays):
     out, _ = prune(m, sparsity=0.0)
     x = np.random.default_rng(0).standard_normal((1, arrays[0].shape[0])).astype(np.float32)
     assert np.array_equal(run(m, {"x": x})[0], run(out, {"x": x})[0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(mlps(), st.floats(0.5, 0.99), st.integers(0, 1000))
+def test_removal_never_changes_outputs(arrays, s, seed):
+    """Unnamed MatMul + bias Add + Relu chains, random masks: removal (default) matches no removal."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i, w in enumerate(arrays):
+        inits += [init(f"w{i}", w), init(f"b{i}", rng.standard_normal(w.shape[1]).astype(np.float32))]
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"z{i}"]),
+                  helper.make_node("Relu", [f"z{i}"], [f"h{i}"])]
+        prev = f"h{i}"
+    m = make_model(nodes, [vi("x", [4, arrays[0].shape[0]])], [vi(prev, None)], inits)
+    a, ra = prune(m, sparsity=s, method="random", seed=seed, effective=False)
+    b, rb = prune(m, sparsity=s, method="random", seed=seed)
+    x = rng.standard_normal((4, arrays[0].shape[0])).astype(np.float32)
+    np.testing.assert_allclose(run(b, {"x": x})[0], run(a, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    assert rb.totals()["effective_zeros"] == ra.totals()["effective_zeros"]
+    assert rb.totals()["zeros_after"] >= ra.totals()["zeros_after"]
