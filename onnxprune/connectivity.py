@@ -265,15 +265,16 @@ def layer_op(node, layer, consumer, shapes: Shapes):
         return LayerOp(node, layer, consumer, 0, None, 1, g, w_shape[0], w_shape[1] * g, out_axis=1)
     if len(w_shape) != 2:
         return None
+    lay = consumer.layout  # in the stored tensor's axes (a Transpose in between is already accounted for)
+    k, n = w_shape[lay.in_axis], w_shape[lay.out_axis] if lay.out_axis is not None else 1
     if op == "Gemm":
         if slot != 1 or _attr(node, "transA", 0):
             return None
-        k, n = (w_shape[1], w_shape[0]) if _attr(node, "transB", 0) else w_shape
         return LayerOp(node, layer, consumer, 0, None, 1, 1, k, n, out_axis=1)
     if op == "MatMul":
         if slot == 1:
-            return LayerOp(node, layer, consumer, 0, 1, None, 1, w_shape[0], w_shape[1], out_axis_from_end=1)
-        return LayerOp(node, layer, consumer, 1, 2, None, 1, w_shape[1], w_shape[0], out_axis_from_end=2)
+            return LayerOp(node, layer, consumer, 0, 1, None, 1, k, n, out_axis_from_end=1)
+        return LayerOp(node, layer, consumer, 1, 2, None, 1, k, n, out_axis_from_end=2)
     return None
 
 

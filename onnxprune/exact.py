@@ -179,12 +179,10 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
             if op == "Conv":
                 ops[idx] = _Conv(node, w, x.shape)
                 out = ops[idx].forward(x)
-            elif op == "Gemm" and not _attr(node, "transA", 0) and layer.consumers[0].slot == 1 and x.ndim == 1:
-                nz = (w != 0) if _attr(node, "transB", 0) else (w != 0).T  # [N, K]
-                ops[idx] = ("dense", nz)
-                out = (nz.astype(np.float32) @ x.astype(np.float32)) > 0
-            elif op == "MatMul" and layer.consumers[0].slot == 1 and w.ndim == 2 and x.ndim == 1:
-                nz = (w != 0).T
+            elif ((op == "Gemm" and not _attr(node, "transA", 0)) or (op == "MatMul" and w.ndim == 2)) \
+                    and layer.consumers[0].slot == 1 and x.ndim == 1:
+                lay = layer.consumers[0].layout  # in the stored tensor's axes
+                nz = (w != 0) if lay.out_axis % 2 == 0 else (w != 0).T  # [N, K]
                 ops[idx] = ("dense", nz)
                 out = (nz.astype(np.float32) @ x.astype(np.float32)) > 0
             else:

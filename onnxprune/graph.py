@@ -102,8 +102,13 @@ class _Scope:
         return None
 
 
-def _resolve(name: str, scope: _Scope):
-    """Follow Identity/Cast back to a constant tensor. Returns (key, display name, tensor, kind, scope) or None."""
+def _resolve(name: str, scope: _Scope, perms: list | None = None):
+    """Follow Identity/Cast (and, when ``perms`` is a list, Transpose) back to a constant tensor.
+
+    Returns (key, display name, tensor, kind, scope) or None. The Transposes passed, from the consumer towards
+    the source, are appended to ``perms`` (their perm, or None for the default reversal); PyTorch's dynamo exports
+    feed MatMul with Transpose(weight).
+    """
     for _ in range(MAX_CHAIN):
         owner = scope.lookup(name)
         if owner is None:
@@ -115,11 +120,25 @@ def _resolve(name: str, scope: _Scope):
             return (f"{owner.path}:const:{idx}", name, tensor, "constant", owner)
         if name in owner.producers:
             _, node = owner.producers[name]
-            if node.op_type in PASS_THROUGH and node.domain in ("", "ai.onnx") and node.input:
-                name, scope = node.input[0], owner
-                continue
+            if node.domain in ("", "ai.onnx") and node.input:
+                if node.op_type in PASS_THROUGH or (node.op_type == "Transpose" and perms is not None):
+                    if node.op_type == "Transpose":
+                        perms.append(next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
+                    name, scope = node.input[0], owner
+                    continue
         return None
     return None
+
+
+def _source_axes(perms: list, rank: int):
+    """Consumer axis a is source axis axes[a] after the Transposes in ``perms``; None if they do not fit."""
+    axes = list(range(rank))
+    for p in perms:
+        p = p if p is not None else list(range(rank))[::-1]
+        if sorted(p) != list(range(rank)):
+            return None
+        axes = [p[a] for a in axes]
+    return axes
 
 
 def find_quantized_ops(model: onnx.ModelProto) -> list:
@@ -161,7 +180,11 @@ def find_layers(model: onnx.ModelProto, exclude=(), only=None) -> tuple[list, li
             hit = None
             for slot in weight_slots(node):
                 if slot < len(node.input) and node.input[slot]:
-                    hit = _resolve(node.input[slot], scope)
+                    perms = []
+                    hit = _resolve(node.input[slot], scope, perms)
+                    if hit is not None:
+                        axes = _source_axes(perms, len(hit[2].dims))
+                        hit = hit if axes is not None else None
                     if hit is not None:
                         break
             if hit is None:
@@ -177,8 +200,12 @@ def find_layers(model: onnx.ModelProto, exclude=(), only=None) -> tuple[list, li
                 layer = Layer(name=name, tensor=tensor, kind=kind, graph=owner.path, order=node_order)
                 layer.graph_input = owner.path == "" and kind == "initializer" and name in main_inputs
                 layers[key] = layer
-            layer.consumers.append(Consumer(node.name, node.op_type, slot, scope.path,
-                                            layout_for(node, slot, len(tensor.dims)), idx))
+            view = layout_for(node, slot, len(tensor.dims))  # axes of the tensor the node reads
+            if axes != list(range(len(tensor.dims))):  # reached through Transpose: name the source's axes
+                view = Layout(out_axis=None if view.out_axis is None else axes[view.out_axis % len(axes)],
+                              in_axis=None if view.in_axis is None else axes[view.in_axis % len(axes)],
+                              group=view.group)
+            layer.consumers.append(Consumer(node.name, node.op_type, slot, scope.path, view, idx))
     result = sorted(layers.values(), key=lambda l: (l.order, l.graph, l.name))
     for layer in result:
         if layer.graph_input:

@@ -127,3 +127,12 @@ def test_layout_perm_canonical_order():
     conv = helper.make_node("ConvTranspose", ["x", "w"], ["y"])
     lay = layout_for(conv, 1, 4)
     assert layout_perm((4, 6, 3, 3), lay.out_axis, lay.in_axis) == (1, 0, 2, 3)
+
+
+def test_weight_behind_transpose_like_torch_dynamo_exports():
+    """MatMul(x, Transpose(W)) with W stored [out, in]: found, with out-units on W's axis 0."""
+    nodes = [helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "wt"], ["y"], name="linear")]
+    m = make_model(nodes, [vi("x", [2, 5])], [vi("y", None)], [init("w", f32(3, 5))])
+    lay = names(m)["w"].layout
+    assert (lay.out_axis, lay.in_axis) == (0, 1)

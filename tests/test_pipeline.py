@@ -248,3 +248,29 @@ def test_external_data_stays_external_next_to_output(tmp_path):
     assert run(out, {"x": x})[0].shape == (500, 10)
     # the in-memory model still has its data after saving
     assert all(t.HasField("raw_data") for t in loaded.model.graph.initializer)
+
+
+def test_transposed_weights_prune_and_analyse_like_gemm():
+    """The Gemm sample rewritten as MatMul(x, Transpose(W)) + Add: same masks, same effective sparsity."""
+    src = onnx.load(sample("mlp_gemm")[0])
+    nodes = []
+    for n in src.graph.node:
+        if n.op_type == "Gemm":
+            w, b = n.input[1], n.input[2]
+            nodes += [helper.make_node("Transpose", [w], [w + "_t"], perm=[1, 0]),
+                      helper.make_node("MatMul", [n.input[0], w + "_t"], [n.output[0] + "_mm"]),
+                      helper.make_node("Add", [n.output[0] + "_mm", b], list(n.output))]
+        else:
+            nodes.append(n)
+    del src.graph.node[:]
+    src.graph.node.extend(nodes)
+    for method in ("lamp", "random", "lap"):
+        g, rg = prune(sample("mlp_gemm")[0], sparsity=0.97, method=method, effective=False)
+        t, rt = prune(src, sparsity=0.97, method=method, effective=False)
+        for i in (1, 2, 3):
+            np.testing.assert_array_equal(weights(g)[f"fc{i}.weight"] == 0, weights(t)[f"fc{i}.weight"] == 0)
+        assert rt.connectivity["unknown_ops"] == [] and rt.totals()["effective_zeros"] == rg.totals()["effective_zeros"]
+    x = np.load(sample("mlp_gemm")[1])["x"][:16]
+    removed, _ = prune(src, sparsity=0.97, method="random")
+    plain, _ = prune(src, sparsity=0.97, method="random", effective=False)
+    np.testing.assert_allclose(run(removed, {"x": x})[0], run(plain, {"x": x})[0], rtol=1e-5, atol=1e-5)
