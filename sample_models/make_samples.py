@@ -8,6 +8,9 @@ Run: python sample_models/make_samples.py   (writes next to this file; determini
   mlp_matmul.onnx  the same weights as MatMul + Add (Keras/TF layout, weights [in, out])
   cnn.onnx         Conv+BN+ReLU, depthwise Conv+BN, 1x1 Conv+BN, residual Add, a Conv branch joined by Concat,
                    MaxPool, Flatten, two Gemm layers
+  cnn_torch.onnx   a small CNN exported by torch.onnx.export itself (dynamo exporter: BN folded into the conv,
+                   generated node names, Reshape for flatten, dynamic batch): what real PyTorch exports look like
+                   (needs onnxscript too)
   digits_mlp_test.npz / digits_cnn_test.npz   held-out test sets: x (float32) and y (int64)
 """
 import os
@@ -157,6 +160,34 @@ def cnn_model(xtr, ytr):
     save(m, "cnn.onnx")
 
 
+def torch_export_model(xtr, ytr):
+    import torch
+    import torch.nn as nn
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.bn1 = nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+            self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+            self.pw = nn.Conv2d(16, 24, 1)
+            self.fc1, self.fc2 = nn.Linear(24 * 16, 32), nn.Linear(32, 10)
+
+        def forward(self, x):
+            a = torch.relu(self.bn1(self.conv1(x)))
+            a = torch.relu(self.dw(a)) + a
+            h = torch.nn.functional.max_pool2d(torch.relu(self.pw(a)), 2).flatten(1)
+            return self.fc2(torch.relu(self.fc1(h)))
+
+    torch.manual_seed(1)
+    net = train(Net(), xtr.reshape(-1, 1, 8, 8), ytr, epochs=30)
+    path = os.path.join(HERE, "cnn_torch.onnx")
+    torch.onnx.export(net, (torch.from_numpy(xtr[:2].reshape(-1, 1, 8, 8)),), path, external_data=False,
+                      dynamic_shapes=({0: "N"},), input_names=["x"], output_names=["logits"])
+    m = onnx.load(path)
+    m.ir_version = IR  # keep what ORT accepts, whatever the exporter's default
+    onnx.save(m, path)
+
+
 def accuracy(path, x, y):
     import onnxruntime as ort
     s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
@@ -167,9 +198,11 @@ def main():
     xtr, ytr, xte, yte = data()
     mlp_models(xtr, ytr)
     cnn_model(xtr, ytr)
+    torch_export_model(xtr, ytr)
     np.savez_compressed(os.path.join(HERE, "digits_mlp_test.npz"), x=xte, y=yte)
     np.savez_compressed(os.path.join(HERE, "digits_cnn_test.npz"), x=xte.reshape(-1, 1, 8, 8), y=yte)
-    for name, xs in (("mlp_gemm.onnx", xte), ("mlp_matmul.onnx", xte), ("cnn.onnx", xte.reshape(-1, 1, 8, 8))):
+    for name, xs in (("mlp_gemm.onnx", xte), ("mlp_matmul.onnx", xte), ("cnn.onnx", xte.reshape(-1, 1, 8, 8)),
+                     ("cnn_torch.onnx", xte.reshape(-1, 1, 8, 8))):
         print(f"{name}: test accuracy {accuracy(os.path.join(HERE, name), xs, yte):.4f}")
 
 

@@ -11,6 +11,7 @@ SAMPLE_MODELS = {
     "mlp_gemm": ("mlp_gemm.onnx", "digits_mlp_test.npz"),
     "mlp_matmul": ("mlp_matmul.onnx", "digits_mlp_test.npz"),
     "cnn": ("cnn.onnx", "digits_cnn_test.npz"),
+    "cnn_torch": ("cnn_torch.onnx", "digits_cnn_test.npz"),  # exported by torch.onnx.export itself
 }
 
 
