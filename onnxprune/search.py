@@ -16,7 +16,7 @@ def evaluate(model_path: str, config: PruneConfig, validator, out_path: str, max
     loaded = load_model(model_path)
     report = prune_loaded(loaded, config)
     with stage_model(loaded, out_path, digest=False) as staged:
-        v = validator.compare(staged.model_path, max_drop)
+        v = validator.compare(staged.model_path, max_drop, latency=False)
     v.sparsity = config.sparsity
     return report, v
 

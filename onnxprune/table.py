@@ -74,7 +74,8 @@ def _print_validation(console, v: dict) -> None:
                   f"{v['top5_dense'] - v['top5_pruned']:+.4f}")
     if v.get("agreement") is not None and v["metric"] != "top1_agreement":
         t.add_row("top1_agreement", "1.0000", f"{v['agreement']:.4f}", f"{1 - v['agreement']:+.4f}")
-    t.add_row("latency ms/batch", f"{v['latency_ms_dense']:.3f}", f"{v['latency_ms_pruned']:.3f}", "")
+    if v.get("latency_ms_dense") is not None:
+        t.add_row("latency ms/batch", f"{v['latency_ms_dense']:.3f}", f"{v['latency_ms_pruned']:.3f}", "")
     console.print(t)
     for o in v["outputs"]:
         console.print(f"  output {escape(o['name'])}: max |err| {o['max_abs_error']:.4g}, max rel err "

@@ -56,13 +56,16 @@ def _provider_list(device: str, available: list) -> list:
     return [cuda, CPU] if CUDA in available else [CPU]  # auto
 
 
-def make_session(path: str, device: str = "auto", quiet: bool = True, threads: int = 0):
-    """An InferenceSession opened by path (so external data resolves next to the model)."""
+def make_session(path: str, device: str = "auto", quiet: bool = True, threads: int = 0, spin: bool = True):
+    """An InferenceSession opened by path (so external data resolves next to the model). ``spin=False`` stops
+    idle worker threads from spinning (used where two sessions are timed side by side)."""
     import onnxruntime as ort
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}")
     so = ort.SessionOptions()
     so.log_severity_level = 3
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         so.intra_op_num_threads = threads
     providers = _provider_list(device, ort.get_available_providers())
@@ -105,8 +108,8 @@ class Validation:
     top5_pruned: float | None = None
     agreement: float | None = None
     outputs: list = field(default_factory=list)
-    latency_ms_dense: float = 0.0
-    latency_ms_pruned: float = 0.0
+    latency_ms_dense: float | None = None  # median per batch, timed side by side (None: not measured)
+    latency_ms_pruned: float | None = None
     max_drop: float | None = None
     passed: bool | None = None
     sparsity: float | None = None
@@ -133,15 +136,36 @@ def _run_all(sess, batches, progress=None, label=""):
     return outs, 1000.0 * float(np.mean(times)) if times else 0.0
 
 
+def _side_by_side(sess_a, sess_b, batches, rounds: int = 2):
+    """Median milliseconds per batch of two sessions timed alternately on the same batches (whichever goes first
+    changes every batch), so background noise and the other session's worker threads hit both alike."""
+    if not batches:
+        return 0.0, 0.0
+    sess_a.run(None, batches[0])
+    sess_b.run(None, batches[0])
+    ta, tb = [], []
+    for r in range(rounds):
+        for i, feed in enumerate(batches):
+            order = ((sess_a, ta), (sess_b, tb)) if (i + r) % 2 == 0 else ((sess_b, tb), (sess_a, ta))
+            for sess, acc in order:
+                t = time.perf_counter()
+                sess.run(None, feed)
+                acc.append(time.perf_counter() - t)
+    return 1000.0 * float(np.median(ta)), 1000.0 * float(np.median(tb))
+
+
 class Validator:
     """Runs the dense model once; ``compare(pruned_path)`` runs a pruned model and returns a Validation."""
 
+    LATENCY_BATCHES = 16  # batches timed side by side (dense, pruned alternately) for the latency figures
+
     def __init__(self, dense_path: str, dataset, device: str = "auto", quiet: bool = True, progress=None):
         self.dataset, self.device, self.quiet, self.progress = dataset, device, quiet, progress
+        self.dense_path = dense_path
         sess = make_session(dense_path, device, quiet)
         self.providers = sess.get_providers()
         self.output_names = [o.name for o in sess.get_outputs()]
-        self.dense_outs, self.dense_latency = _run_all(sess, dataset.batches, progress, "dense")
+        self.dense_outs, _ = _run_all(sess, dataset.batches, progress, "dense")
         del sess
         # the dense side of every metric, computed once (a search compares many pruned models with it)
         self._dense_flat = [_flat64([b[k] for b in self.dense_outs]) for k in range(len(self.output_names))]
@@ -153,15 +177,26 @@ class Validator:
                 and self._dense_first.shape[1] >= 5:
             self._dense_top5 = _top5(self._dense_first, dataset.labels.reshape(self._dense_top1.shape))
 
-    def compare(self, pruned_path: str, max_drop: float | None = None) -> Validation:
+    def compare(self, pruned_path: str, max_drop: float | None = None, latency: bool = True) -> Validation:
+        """Run the pruned model on the same batches and compare; ``latency=False`` skips the side-by-side
+        timing (search and sensitivity probes)."""
         sess = make_session(pruned_path, self.device, self.quiet)
         used = sess.get_providers()
         if used != self.providers:  # never compare across providers
             raise RequestError(f"dense ran on {self.providers} but pruned on {used}")
-        pruned_outs, latency = _run_all(sess, self.dataset.batches, self.progress, "pruned")
+        pruned_outs, _ = _run_all(sess, self.dataset.batches, self.progress, "pruned")
         del sess
+        lat_dense = lat_pruned = None
+        if latency:
+            # both models side by side in sessions whose idle threads do not spin, or the one timed second pays
+            # for the other's spinning threads (±25 % between identical models on 2 cores)
+            dense_sess = make_session(self.dense_path, self.device, self.quiet, spin=False)
+            pruned_sess = make_session(pruned_path, self.device, self.quiet, spin=False)
+            lat_dense, lat_pruned = _side_by_side(dense_sess, pruned_sess, self.dataset.batches[: self.LATENCY_BATCHES],
+                                                  rounds=2)
+            del dense_sess, pruned_sess
         v = self._metrics(pruned_outs)
-        v.latency_ms_dense, v.latency_ms_pruned = self.dense_latency, latency
+        v.latency_ms_dense, v.latency_ms_pruned = lat_dense, lat_pruned
         if max_drop is not None:
             v.max_drop = max_drop
             v.passed = bool(v.drop <= max_drop + 1e-12) and not any(
