@@ -225,10 +225,10 @@ class Run:
         if o["sparsity"] == "auto":
             from .search import plot_curve, search_sparsity
             with self._progress("search") as cb:
-                best, curve, best_v = search_sparsity(self.model, config, validator, self.out_path, o["max_drop"],
-                                                      progress=cb and (lambda s, v: cb(f"sparsity {s:.3f}", 0, 0)))
+                # each probe prunes its own fresh load; ``loaded`` stays dense for the final run
+                best, curve, _ = search_sparsity(self.model, config, validator, self.out_path, o["max_drop"],
+                                                 progress=cb and (lambda s, v: cb(f"sparsity {s:.3f}", 0, 0)))
             config.sparsity = best
-            loaded = load_model(self.model)
         self.report = report = prune_loaded(loaded, config)
         report.timings["load"] = t_load
         if curve is not None:
