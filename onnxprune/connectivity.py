@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .layout import node_attr
 from .unitops import BINARY, HANDLED, UNARY, Mode, Shapes, Units, backward, flatten_back, forward
 from .unitops import _mix as mix
 
@@ -33,6 +34,7 @@ def infer_shapes(model: onnx.ModelProto) -> Shapes:
     g.value_info.extend(model.graph.value_info)
     g.node.extend(model.graph.node)
     consts = {}
+    declared = {i.name for i in model.graph.input}
     for t in model.graph.initializer:
         small = _numel(t.dims) <= 64 or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
         if small:
@@ -41,13 +43,7 @@ def infer_shapes(model: onnx.ModelProto) -> Shapes:
                 consts[t.name] = numpy_helper.to_array(t)
             except Exception:
                 pass
-        else:
-            stub = g.initializer.add()
-            stub.name, stub.data_type = t.name, t.data_type
-            stub.dims.extend(t.dims)
-            stub.raw_data = b""
-            # an empty payload is invalid; declare the tensor through an input instead
-            g.initializer.pop()
+        elif t.name not in declared:  # shape inference needs its shape, not its payload: declare it as an input
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     for n in model.graph.node:
         if n.op_type == "Constant":
@@ -69,9 +65,7 @@ def infer_shapes(model: onnx.ModelProto) -> Shapes:
                              for d in vi.type.tensor_type.shape.dim]
     for t in model.graph.initializer:
         dims[t.name] = [int(d) for d in t.dims]
-    shapes = Shapes(dims, consts)
-    shapes.types = types
-    return shapes
+    return Shapes(dims, consts, types)
 
 
 def _numel(dims) -> int:
@@ -150,7 +144,7 @@ class LayerOp:
         g, ci, co = self.groups, self.c_in // self.groups, self.c_out // self.groups
         if mode is None:
             val = w if w.dtype == bool else (w != 0)
-            red = (lambda x, ax: np.count_nonzero(x, axis=ax)) if w.ndim > 2 else (lambda x, ax: x[..., 0])
+            red = (lambda x, ax: np.count_nonzero(x, axis=ax))
         else:
             val = np.square(w.astype(np.float64))
             red = (lambda x, ax: x.sum(axis=ax))
@@ -245,30 +239,23 @@ class LayerOp:
         return self.consumer.layout
 
 
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return default
-
-
 def layer_op(node, layer, consumer, shapes: Shapes):
     """A LayerOp for a main-graph prunable node whose layout the unit graph understands, else None."""
     w_shape = layer.shape
     op = node.op_type
     slot = consumer.slot
     if op == "Conv":
-        g = _attr(node, "group", 1)
+        g = node_attr(node, "group", 1)
         return LayerOp(node, layer, consumer, 0, None, 1, g, w_shape[1] * g, w_shape[0], out_axis=1)
     if op == "ConvTranspose":
-        g = _attr(node, "group", 1)
+        g = node_attr(node, "group", 1)
         return LayerOp(node, layer, consumer, 0, None, 1, g, w_shape[0], w_shape[1] * g, out_axis=1)
     if len(w_shape) != 2:
         return None
     lay = consumer.layout  # in the stored tensor's axes (a Transpose in between is already accounted for)
     k, n = w_shape[lay.in_axis], w_shape[lay.out_axis] if lay.out_axis is not None else 1
     if op == "Gemm":
-        if slot != 1 or _attr(node, "transA", 0):
+        if slot != 1 or node_attr(node, "transA", 0):
             return None
         return LayerOp(node, layer, consumer, 0, None, 1, 1, k, n, out_axis=1)
     if op == "MatMul":

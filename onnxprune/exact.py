@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .layout import node_attr
 from .unitops import BINARY, UNARY
 
 PASS = (UNARY - {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool",
@@ -23,21 +24,14 @@ class Unsupported(Exception):
     pass
 
 
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i if a.type == a.INT else list(a.ints) if a.type == a.INTS else a.s.decode()
-    return default
-
-
 def _conv_geometry(node, w_shape, in_spatial):
     k = list(w_shape[2:])
     nd = len(k)
-    if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
+    if node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID"):
         raise Unsupported("Conv auto_pad SAME_*")
-    strides = _attr(node, "strides", [1] * nd)
-    dil = _attr(node, "dilations", [1] * nd)
-    pads = _attr(node, "pads", [0] * (2 * nd))
+    strides = node_attr(node, "strides", [1] * nd)
+    dil = node_attr(node, "dilations", [1] * nd)
+    pads = node_attr(node, "pads", [0] * (2 * nd))
     out = [(in_spatial[d] + pads[d] + pads[d + nd] - dil[d] * (k[d] - 1) - 1) // strides[d] + 1 for d in range(nd)]
     return k, strides, dil, pads[:nd], out
 
@@ -78,7 +72,7 @@ def _scatter_tap(b, tap, strides, dil, pads, in_shape):
 class _Conv:
     def __init__(self, node, w, in_shape):
         self.node, self.nz = node, (w != 0)
-        self.g = _attr(node, "group", 1)
+        self.g = node_attr(node, "group", 1)
         self.k, self.s, self.d, self.p, self.out = _conv_geometry(node, w.shape, in_shape[1:])
         self.in_shape = in_shape
 
@@ -131,9 +125,9 @@ def _pool(node, a, backward_b=None):
         if backward_b is None:
             return a.reshape(a.shape[0], -1).any(axis=1).reshape((a.shape[0],) + (1,) * (a.ndim - 1))
         return np.broadcast_to(backward_b.reshape((a.shape[0],) + (1,) * (a.ndim - 1)), a.shape).copy()
-    if _attr(node, "ceil_mode", 0):
+    if node_attr(node, "ceil_mode", 0):
         raise Unsupported("pooling with ceil_mode")
-    k, strides, dil, pads, out = _conv_geometry(node, (1, 1) + tuple(_attr(node, "kernel_shape", [])), a.shape[1:])
+    k, strides, dil, pads, out = _conv_geometry(node, (1, 1) + tuple(node_attr(node, "kernel_shape", [])), a.shape[1:])
     if backward_b is None:
         res = np.zeros((a.shape[0],) + tuple(out), dtype=bool)
         for tap in np.ndindex(*k):
@@ -179,7 +173,7 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
             if op == "Conv":
                 ops[idx] = _Conv(node, w, x.shape)
                 out = ops[idx].forward(x)
-            elif ((op == "Gemm" and not _attr(node, "transA", 0)) or (op == "MatMul" and w.ndim == 2)) \
+            elif ((op == "Gemm" and not node_attr(node, "transA", 0)) or (op == "MatMul" and w.ndim == 2)) \
                     and layer.consumers[0].slot == 1 and x.ndim == 1:
                 lay = layer.consumers[0].layout  # in the stored tensor's axes
                 nz = (w != 0) if lay.out_axis % 2 == 0 else (w != 0).T  # [N, K]
@@ -199,7 +193,7 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
                 acc |= np.broadcast_to(a, target)
             fwd[node.output[0]] = acc
         elif op == "Concat":
-            ax = _attr(node, "axis", 1)
+            ax = node_attr(node, "axis", 1)
             if ax <= 0:
                 raise Unsupported("Concat along the batch axis")
             parts = [a if a is not None else np.zeros(shape_of(n), dtype=bool) for a, n in zip(ins, node.input)]
@@ -245,7 +239,7 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
                 if n in fwd:
                     _acc(bwd, n, _unbroadcast(b, fwd[n].shape))
         elif op == "Concat":
-            ax = _attr(node, "axis", 1) - 1
+            ax = node_attr(node, "axis", 1) - 1
             off = 0
             for n in node.input:
                 size = shape_of(n)[ax]

@@ -15,7 +15,7 @@ from onnx import TensorProto
 
 from .errors import RequestError
 from .io import FLOAT_TYPES
-from .layout import PRUNABLE_OPS, Layout, layout_for, weight_slots
+from .layout import PRUNABLE_OPS, Layout, layout_for, node_attr, weight_slots
 
 log = logging.getLogger("onnxprune")
 
@@ -123,7 +123,7 @@ def _resolve(name: str, scope: _Scope, perms: list | None = None):
             if node.domain in ("", "ai.onnx") and node.input:
                 if node.op_type in PASS_THROUGH or (node.op_type == "Transpose" and perms is not None):
                     if node.op_type == "Transpose":
-                        perms.append(next((list(a.ints) for a in node.attribute if a.name == "perm"), None))
+                        perms.append(node_attr(node, "perm"))
                     name, scope = node.input[0], owner
                     continue
         return None

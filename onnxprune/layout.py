@@ -6,6 +6,8 @@ reporting, ERK's shape term, and the unit-level analyses built on top (connectiv
 from dataclasses import dataclass
 from typing import Optional
 
+from onnx import AttributeProto, helper
+
 PRUNABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 
@@ -33,10 +35,16 @@ class Layout:
         return axis % len(shape)
 
 
-def _attr(node, name, default):
+def node_attr(node, name: str, default=None):
+    """A node attribute's value (ints/floats as Python lists, strings decoded), or ``default`` if absent."""
     for a in node.attribute:
         if a.name == name:
-            return a.i
+            value = helper.get_attribute_value(a)
+            if isinstance(value, bytes):
+                return value.decode()
+            if a.type in (AttributeProto.INTS, AttributeProto.FLOATS, AttributeProto.STRINGS):
+                return [v.decode() if isinstance(v, bytes) else v for v in value]
+            return value
     return default
 
 
@@ -44,15 +52,15 @@ def layout_for(node, slot: int, rank: int) -> Layout:
     """Layout of input ``slot`` (the weight) of ``node`` whose weight has ``rank`` dims."""
     op = node.op_type
     if op == "Conv":
-        return Layout(out_axis=0, in_axis=1, group=_attr(node, "group", 1))
+        return Layout(out_axis=0, in_axis=1, group=node_attr(node, "group", 1))
     if op == "ConvTranspose":
         # W[C_in, C_out/group, k...]: out-units are on axis 1 (Torch-Pruning PR #155 got this wrong).
-        return Layout(out_axis=1, in_axis=0, group=_attr(node, "group", 1))
+        return Layout(out_axis=1, in_axis=0, group=node_attr(node, "group", 1))
     if op == "Gemm":
         if slot == 1:  # B: [K, N], or [N, K] with transB=1
-            return Layout(out_axis=0, in_axis=1) if _attr(node, "transB", 0) else Layout(out_axis=1, in_axis=0)
+            return Layout(out_axis=0, in_axis=1) if node_attr(node, "transB", 0) else Layout(out_axis=1, in_axis=0)
         # A constant on the left: A is [M, K] (or [K, M] with transA=1); its rows are output rows.
-        return Layout(out_axis=1, in_axis=0) if _attr(node, "transA", 0) else Layout(out_axis=0, in_axis=1)
+        return Layout(out_axis=1, in_axis=0) if node_attr(node, "transA", 0) else Layout(out_axis=0, in_axis=1)
     if op == "MatMul":
         if rank == 1:
             return Layout(out_axis=None, in_axis=0)

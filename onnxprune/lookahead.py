@@ -15,6 +15,7 @@ import numpy as np
 from onnx import numpy_helper
 
 from .connectivity import _in_vec, _out_axis, analyse
+from .layout import node_attr
 from .unitops import Mode
 
 log = logging.getLogger("onnxprune")
@@ -35,7 +36,7 @@ def _bn_scale_fn(model):
         gamma, var = get(node.input[1]), get(node.input[4])
         if gamma is None or var is None:
             return None
-        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        eps = node_attr(node, "epsilon", 1e-5)
         return gamma ** 2 / (var + eps)
     return scale
 

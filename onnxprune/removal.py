@@ -17,6 +17,7 @@ import onnx
 from .connectivity import Analysis, _in_axis, per_out_counts, unit_flags
 from .graph import _resolve, _Scope
 from .io import read_tensor, write_tensor
+from .layout import node_attr
 
 log = logging.getLogger("onnxprune")
 
@@ -29,13 +30,6 @@ class Removal:
     biases_changed: list = field(default_factory=list)
     rewritten: dict = field(default_factory=dict)  # layer name -> weights it zeroed
     notes: list = field(default_factory=list)
-
-
-def _attr(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.f if a.type == a.FLOAT else a.i if a.type == a.INT else list(a.ints)
-    return default
 
 
 def _uses(model) -> dict:
@@ -54,7 +48,7 @@ def _bias(model, node, lop, scope, uses, consumers):
     if op in ("Conv", "ConvTranspose") and len(node.input) > 2 and node.input[2]:
         name, scale = node.input[2], 1.0
     elif op == "Gemm" and len(node.input) > 2 and node.input[2]:
-        name, scale = node.input[2], float(_attr(node, "beta", 1.0))
+        name, scale = node.input[2], float(node_attr(node, "beta", 1.0))
     elif op == "MatMul" and lop.data_slot == 0:
         out = node.output[0]
         nxt = consumers.get(out, [])
@@ -94,7 +88,7 @@ def _probe(model, names, shapes, seed=0):
         from .validate import quiet_native_stderr
         m = onnx.ModelProto()
         m.CopyFrom(model)
-        types = getattr(shapes, "types", {})
+        types = shapes.types
         for n in names:
             if n not in types:
                 return {}
@@ -198,13 +192,9 @@ def _foldable_conv(node, lop) -> bool:
         return True
     if node.op_type == "ConvTranspose":
         return False
-    pads = _attr(node, "pads", None)
-    auto = None
-    for a in node.attribute:
-        if a.name == "auto_pad":
-            auto = a.s.decode()
+    pads = node_attr(node, "pads")
     # every output position must see the whole kernel over the constant input: no padding at all
-    return (not pads or not any(pads)) and auto in (None, "NOTSET", "VALID")
+    return (not pads or not any(pads)) and node_attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
 
 
 def _constants(x, lop, node, res, unreached):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .layout import node_attr
+
 
 @dataclass
 class Units:
@@ -70,8 +72,8 @@ def norm_axis(axis: int, rank: int) -> int:
 class Shapes:
     """Ranks and dims of every tensor, from ONNX shape inference."""
 
-    def __init__(self, dims: dict, consts: dict):
-        self.dims, self.consts = dims, consts
+    def __init__(self, dims: dict, consts: dict, types: dict | None = None):
+        self.dims, self.consts, self.types = dims, consts, types or {}
 
     def rank(self, name):
         d = self.dims.get(name)
@@ -82,18 +84,6 @@ class Shapes:
         if d is None or axis is None or axis >= len(d):
             return None
         return d[axis]
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            if a.type == a.INT:
-                return a.i
-            if a.type == a.INTS:
-                return list(a.ints)
-            if a.type == a.FLOAT:
-                return a.f
-    return default
 
 
 def forward(node, ins: list, shapes: Shapes, mode: Mode):
@@ -226,7 +216,7 @@ def _join(node, units, whole, pieces, shapes, mode):
     r = shapes.rank(whole)
     if r is None:
         return None
-    ax = norm_axis(_attr(node, "axis", 0), r)
+    ax = norm_axis(node_attr(node, "axis", 0), r)
     sizes = [shapes.dim(n, ax) for n in pieces]
     axes = {u.axis for u in units if u is not None and u.axis is not None}
     if axes == {ax} and all(isinstance(s, int) for s in sizes):
@@ -253,7 +243,7 @@ def _cut(node, u, whole, pieces, shapes):
     r = shapes.rank(whole)
     if u is None or r is None:
         return None
-    ax = norm_axis(_attr(node, "axis", 0), r)
+    ax = norm_axis(node_attr(node, "axis", 0), r)
     if u.axis != ax:
         return [u] * len(pieces)  # cutting along another axis leaves every channel where it was
     sizes = [shapes.dim(n, ax) for n in pieces]
@@ -326,7 +316,7 @@ def _flatten_layout(node, shapes, axis_in):
     if din is None or dout is None or axis_in is None:
         return None
     if node.op_type == "Flatten":
-        k = norm_axis(_attr(node, "axis", 1), len(din))
+        k = norm_axis(node_attr(node, "axis", 1), len(din))
     else:
         if len(dout) != 2 or not all(isinstance(d, int) for d in din[1:]):
             return None
@@ -390,7 +380,7 @@ def flatten_back(node, out_u: Units, in_axis: int | None, shapes, mode):
 
 
 def _axes_of(node, shapes, rank):
-    axes = _attr(node, "axes")
+    axes = node_attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         c = shapes.consts.get(node.input[1])
         axes = None if c is None else [int(a) for a in c]
@@ -402,7 +392,7 @@ def _axis_map(node, shapes):
     op = node.op_type
     if op == "Transpose":
         r = shapes.rank(node.input[0])
-        perm = _attr(node, "perm") or (list(range(r))[::-1] if r is not None else None)
+        perm = node_attr(node, "perm") or (list(range(r))[::-1] if r is not None else None)
         return None if perm is None else {p: i for i, p in enumerate(perm)}
     if op == "Unsqueeze":
         r_out = shapes.rank(node.output[0])
@@ -445,9 +435,9 @@ def _along_axis_fwd(node, ins, shapes, mode):
         return None
     op = node.op_type
     if op in ("Softmax", "LogSoftmax"):
-        mixed = [norm_axis(_attr(node, "axis", -1), r)]
+        mixed = [norm_axis(node_attr(node, "axis", -1), r)]
     elif op == "LayerNormalization":
-        mixed = list(range(norm_axis(_attr(node, "axis", -1), r), r))
+        mixed = list(range(norm_axis(node_attr(node, "axis", -1), r), r))
     else:
         mixed = _axes_of(node, shapes, r)
         if mixed is None:
@@ -455,7 +445,7 @@ def _along_axis_fwd(node, ins, shapes, mode):
     if u.axis is None or u.axis in mixed:
         return [_mix([u], mode)] + [Units.agg(mode.zero())] * (len(node.output) - 1)
     axis = u.axis
-    if op.startswith("Reduce") and not _attr(node, "keepdims", 1):
+    if op.startswith("Reduce") and not node_attr(node, "keepdims", 1):
         axis -= sum(1 for a in mixed if a < u.axis)
     return [Units(axis, u.vec)] + [Units.agg(mode.zero())] * (len(node.output) - 1)
 
