@@ -5,8 +5,8 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
-import tempfile
 import time
 import traceback
 
@@ -14,11 +14,14 @@ import click
 
 from . import __version__
 from .allocation import ALLOCATIONS
-from .errors import AccuracyGateError, ConfigError, InputError, OnnxPruneError, OutputError, RequestError
-from .io import check_output_path, load_model, stage_model
-from .pipeline import METHODS, PruneConfig, parse_min_keep, prune_loaded
+from .errors import (AccuracyGateError, ConfigError, InputError, Interrupted, OnnxPruneError, OutputError,
+                     RequestError)
+from .inputs import MAX_BATCH_SIZE, MAX_BATCHES
+from .pipeline import METHODS, PruneConfig, parse_min_keep
 from .report import Report
-from .validate import DEVICES
+
+DEVICES = ("auto", "cuda", "tensorrt", "cpu")  # validate.DEVICES, without importing ONNX Runtime at start-up
+GATE_METRICS = ("auto", "accuracy", "agreement", "rel-error", "cosine", "snr")
 
 # Exit codes, defined once (README "Exit codes").
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_REQUEST, EXIT_OUTPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4, 5, 70
@@ -55,6 +58,23 @@ class FractionType(click.ParamType):
         return v
 
 
+class BoundType(click.ParamType):
+    """A finite float within [lo, hi]."""
+    name = "FLOAT"
+
+    def __init__(self, lo=-math.inf, hi=math.inf):
+        self.lo, self.hi = lo, hi
+
+    def convert(self, value, param, ctx):
+        try:
+            v = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(v) or not self.lo <= v <= self.hi:
+            self.fail(f"{value!r} is not a finite number in [{self.lo}, {self.hi}]", param, ctx)
+        return v
+
+
 class JsonAwareCommand(click.Command):
     """With --json, a usage error still prints one JSON document on stdout (and Click's message on stderr)."""
 
@@ -65,9 +85,9 @@ class JsonAwareCommand(click.Command):
                                                                      if k != "standalone_mode"})
         except click.exceptions.Exit as exc:
             sys.exit(exc.exit_code)
-        except click.Abort:
-            click.echo("Aborted!", err=True)
-            sys.exit(1)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("onnxprune: interrupted", err=True)
+            sys.exit(130)
         except click.ClickException as exc:
             if "--json" in argv:
                 click.echo(json.dumps({"schema_version": 1, "status": "error", "exit_code": exc.exit_code,
@@ -83,20 +103,22 @@ def default_output(model_path: str) -> str:
 
 @click.command(cls=JsonAwareCommand,
                context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("model", type=str)
 @click.option("--sparsity", "-s", type=SparsityType(), required=True,
-              help="Fraction of prunable weights to zero, in [0, 1) (exact: round(S*N)); 'auto' with --max-drop "
-                   "searches the highest sparsity within the accuracy budget.")
+              help="Fraction of prunable weights to zero, in [0, 1) (exact: round(S*N)); 'auto' with a gate "
+                   "bound searches the highest sparsity that passes it.")
 @click.option("--method", "-m", type=click.Choice(list(METHODS)), default="lamp", show_default=True,
               help="lamp | global | global-mt | uniform | uniform+ | erk | igq | random | lap (lookahead).")
 @click.option("--allocation", type=click.Choice(list(ALLOCATIONS)), default=None,
               help="Per-layer counts for --method random (default igq) and lap (default uniform).")
 @click.option("--exclude", multiple=True, metavar="GLOB",
-              help="Leave layers whose weight or node name matches GLOB dense. Repeatable.")
+              help="Leave layers whose weight or node name matches GLOB dense. Repeatable; a GLOB matching "
+                   "no layer is an error.")
 @click.option("--min-keep", default="0.05%", show_default=True,
               help="global-mt: weights every layer keeps, a count (715) or a percent of all prunable weights.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for --method random and synthetic inputs.")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed for --method random and synthetic inputs.")
+@click.option("-o", "--output", type=str, default=None,
               help="Output path (default: MODEL_pruned.onnx beside the input). Never the input itself.")
 @click.option("--effective/--no-effective", default=True, show_default=True,
               help="Remove detached units after pruning (zero weights that reach no output; fold constant inputs "
@@ -108,55 +130,78 @@ def default_output(model_path: str) -> str:
               help="channel: unit-level reachability (exact for MLPs, a lower bound for CNNs); exact: per "
                    "(channel, position), also catching kernel taps that only read padding (slower).")
 @click.option("--validate/--no-validate", default=True, show_default=True,
-              help="Run dense and pruned model in ONNX Runtime on the same inputs and compare.")
-@click.option("--data", type=click.Path(exists=False, path_type=str), default=None,
-              help=".npz with arrays named after the inputs (+ labels in 'y' or 'labels'), or a directory of .npy.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True,
-              help="Batch size for a dynamic leading dimension.")
-@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Run dense and pruned model in ONNX Runtime on the same inputs and compare every output.")
+@click.option("--data", type=str, default=None,
+              help=".npz with arrays named after the inputs (+ labels in 'y' or 'labels'), or a directory of .npy; "
+                   "samples on each input's batch axis, inputs without one (scalars) given once.")
+@click.option("--batch-size", type=click.IntRange(1, MAX_BATCH_SIZE), default=32, show_default=True,
+              help="Batch size for a dynamic batch dimension.")
+@click.option("--batches", type=click.IntRange(1, MAX_BATCHES), default=4, show_default=True,
               help="Number of synthetic batches when no --data is given.")
 @click.option("--input-shape", multiple=True, metavar="NAME:D1,D2,...",
-              help="Shape of a synthetic input with dynamic dimensions, e.g. images:1,3,224,224. Repeatable.")
+              help="Shape of a synthetic input with dynamic dimensions, e.g. images:1,3,640,640 (NAME: for a "
+                   "scalar). Repeatable.")
+@click.option("--synthetic", default="normal", show_default=True, metavar="normal[:M,S]|uniform[:LO,HI]",
+              help="Distribution of synthetic float inputs, e.g. uniform:0,1 for image models that expect [0, 1].")
 @click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True,
               help="ONNX Runtime device: auto uses CUDA when a session really runs on it, else the CPU.")
 @click.option("--max-drop", type=FractionType(), default=None,
-              help="Accuracy gate: fail (exit 1, nothing written) when the drop exceeds this fraction "
-                   "(0.01 = one point of accuracy with labels, of top-1 agreement without).")
+              help="Gate for classification/sequence outputs: fail (exit 1, nothing written) when top-1 accuracy "
+                   "(with labels) or agreement drops by more than this fraction (0.01 = one point).")
+@click.option("--max-rel-error", type=BoundType(0.0), default=None,
+              help="Gate for other float outputs (detection heads, embeddings, maps): fail when the relative L2 "
+                   "error ||pruned - dense|| / ||dense|| exceeds this, e.g. 0.05.")
+@click.option("--min-cosine", type=BoundType(-1.0, 1.0), default=None,
+              help="Gate: fail when the mean per-sample cosine similarity falls below this, e.g. 0.99 "
+                   "(with --metric cosine, or for outputs gated by cosine).")
+@click.option("--min-snr", type=BoundType(), default=None,
+              help="Gate: fail when the signal-to-noise ratio in dB falls below this, e.g. 20 (with --metric snr).")
+@click.option("--metric", "gate_metric", type=click.Choice(GATE_METRICS), default="auto", show_default=True,
+              help="What the gate reads on each gated output; auto: accuracy/agreement for classifiers, "
+                   "rel-error for other float outputs.")
+@click.option("--gate-output", multiple=True, metavar="NAME",
+              help="Gate these outputs only (repeatable; default: every float output pruning can change).")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails (still exit 1).")
 @click.option("--sensitivity", is_flag=True, help="Also prune one layer at a time to the target and report drops.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=str), default=None,
+@click.option("--plot", type=str, default=None,
               help="With --sparsity auto: draw the search curve to this PNG (needs matplotlib).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False, path_type=str), default=None,
-              help="Write the JSON report to this file.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout (also on failure).")
-@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing (and validate nothing).")
+@click.option("--report", "report_path", type=str, default=None,
+              help="Write the JSON report to this file (also with --dry-run).")
+@click.option("--table", "table_mode", type=click.Choice(["auto", "full", "none"]), default="auto",
+              show_default=True,
+              help="Per-layer table: auto is compact (largest layers + totals) above 25 layers; none: summary only.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout and nothing else.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing but --report (and validate nothing).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("-v", "--verbose", is_flag=True, help="More logging; tracebacks on errors; ONNX Runtime's own messages.")
 @click.version_option(__version__, prog_name="onnxprune")
 def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, effective, target, effective_mode,
-         validate, data,
-         batch_size, batches,
-         input_shape, device, max_drop, keep_failed, sensitivity, plot, report_path, as_json, dry_run, quiet,
-         verbose):
+         validate, data, batch_size, batches, input_shape, synthetic, device, max_drop, max_rel_error, min_cosine,
+         min_snr, gate_metric, gate_output, keep_failed, sensitivity, plot, report_path, table_mode, as_json,
+         dry_run, quiet, verbose):
     """Prune MODEL (an .onnx file) to an exact global SPARSITY, validate it, write MODEL_pruned.onnx.
 
     \b
     Examples:
       onnxprune model.onnx --sparsity 0.95                      # LAMP, writes model_pruned.onnx
       onnxprune model.onnx -s 0.9 --method global-mt --min-keep 0.1%
-      onnxprune model.onnx -s 0.8 --method random --allocation erk --seed 3
       onnxprune model.onnx -s 0.9 --method lap --allocation lamp
       onnxprune model.onnx -s 0.99 --target effective          # 99 % of weights on no input-output path
       onnxprune model.onnx -s 0.9 --exclude 'classifier*' --report report.json
       onnxprune model.onnx -s 0.9 --data test.npz --max-drop 0.01      # CI gate: exit 1 if accuracy drops > 1 pt
+      onnxprune yolo.onnx -s 0.5 --input-shape images:1,3,640,640 --synthetic uniform:0,1 --max-rel-error 0.1
+      onnxprune encoder.onnx -s 0.5 --input-shape input_ids:8,128 --metric cosine --min-cosine 0.99
       onnxprune model.onnx -s auto --data test.npz --max-drop 0.01 --plot curve.png
       onnxprune model.onnx -s 0.9 --dry-run --json
 
     \b
-    Exit codes: 0 done, 1 accuracy gate failed, 2 usage, 3 input rejected,
-    4 request cannot be met, 5 output error, 70 internal error.
+    Exit codes: 0 done, 1 gate failed, 2 usage, 3 input rejected,
+    4 request cannot be met, 5 output error, 70 internal error (a bug),
+    130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP.
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING,
+    _ascii_fallback()
+    # warnings reach the user once, through the report (table, JSON); logging shows them too only with -v
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.ERROR,
                         format="onnxprune: %(levelname)s: %(message)s", stream=sys.stderr)
     search = sparsity == "auto"
     config = PruneConfig(sparsity=0.0 if search else sparsity, method=method, allocation=allocation,
@@ -167,8 +212,10 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
         parse_min_keep(min_keep, 1)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    if search and (max_drop is None or not validate or dry_run):
-        raise click.UsageError("--sparsity auto needs --max-drop and validation (not --no-validate/--dry-run)")
+    gated = any(x is not None for x in (max_drop, max_rel_error, min_cosine, min_snr))
+    if search and (not gated or not validate or dry_run):
+        raise click.UsageError("--sparsity auto needs a gate bound (--max-drop, --max-rel-error, --min-cosine or "
+                               "--min-snr) and validation (not --no-validate/--dry-run)")
     if plot and not search:
         raise click.UsageError("--plot draws the --sparsity auto search curve")
     if plot:
@@ -176,19 +223,67 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
             import matplotlib  # noqa: F401
         except ImportError:
             raise click.UsageError("--plot needs matplotlib: pip install 'onnxprune[plot]'") from None
-    if (max_drop is not None or sensitivity) and (not validate or dry_run):
-        raise click.UsageError("--max-drop and --sensitivity need validation (drop --no-validate/--dry-run)")
+    if (gated or sensitivity) and (not validate or dry_run):
+        raise click.UsageError("gate bounds and --sensitivity need validation (drop --no-validate/--dry-run)")
+    if (gate_metric != "auto" or gate_output) and not gated:
+        raise click.UsageError("--metric and --gate-output choose what a gate bound reads: give one "
+                               "(--max-drop, --max-rel-error, --min-cosine or --min-snr)")
 
     run = Run(model, output or default_output(model), config, locals(), quiet or as_json, verbose)
-    code = run.execute()
-    if report_path and not dry_run:
-        _write_report(report_path, run.report, model)
+    with _signals_raise():
+        code = run.execute()
+        if code in (EXIT_OK, EXIT_GATE) and report_path:
+            code = run.write_report(report_path) or code
     if as_json:
-        click.echo(json.dumps(run.report.to_dict(), indent=2))
-    if code in (EXIT_OK, EXIT_GATE) and not quiet:
+        click.echo(json.dumps(run.report.to_dict(), indent=2, default=_json_default))
+    elif code in (EXIT_OK, EXIT_GATE) and not quiet:
         from .table import print_report
-        print_report(run.report, stderr=as_json)
+        print_report(run.report, mode=table_mode)
     sys.exit(code)
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    return str(x)
+
+
+class _signals_raise:
+    """SIGTERM / SIGHUP / SIGINT raise Interrupted, so every ``with`` unwinds and removes its staging files."""
+
+    SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n))
+
+    def __enter__(self):
+        self.old = {}
+        for sig in self.SIGNALS:
+            try:
+                self.old[sig] = signal.signal(sig, self._raise)
+            except (ValueError, OSError):  # not the main thread (embedded use)
+                pass
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise Interrupted(signum)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.old.items():
+            signal.signal(sig, handler)
+
+
+def _ascii_fallback() -> None:
+    """On a stream that cannot encode '→' (cp1252 when redirected on Windows), print replacements, not crash."""
+    from . import table
+    for stream in (sys.stdout, sys.stderr):
+        enc = getattr(stream, "encoding", None) or "ascii"
+        try:
+            "→×—…≥".encode(enc)
+        except (UnicodeEncodeError, LookupError):
+            table.ASCII = True
+            try:
+                stream.reconfigure(errors="replace")
+            except (AttributeError, ValueError):
+                pass
 
 
 class Run:
@@ -199,132 +294,212 @@ class Run:
         self.quiet, self.verbose = quiet, verbose
         self.report = Report(version=__version__, method=config.method, allocation=config.allocation or "",
                              score="", target_sparsity=config.sparsity, input=model, dry_run=config.dry_run)
+        self.t0 = time.perf_counter()
+        from .table import Feedback
+        self.feedback = Feedback(enabled=not quiet)
 
     def execute(self) -> int:
         try:
-            self._execute()
+            with self.feedback:
+                self._execute()
             return EXIT_OK
         except AccuracyGateError as exc:
             return self._fail(EXIT_GATE, str(exc))
+        except Interrupted as exc:
+            return self._fail(128 + exc.signum, f"interrupted by {signal.Signals(exc.signum).name}; nothing "
+                                                f"left behind")
+        except KeyboardInterrupt:
+            return self._fail(130, "interrupted by SIGINT; nothing left behind")
         except OnnxPruneError as exc:
             code = next((c for t, c in EXIT_CODES.items() if isinstance(exc, t)), EXIT_INTERNAL)
             return self._fail(code, str(exc))
+        except MemoryError:
+            return self._fail(EXIT_REQUEST, "out of memory (the model or the validation data is too large for "
+                                            "this machine; try --no-validate or a smaller --batch-size)")
         except Exception as exc:  # a bug: say so plainly
             return self._fail(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {exc} "
                                               f"(please report it; -v shows a traceback)")
 
+    def _write_targets(self, loaded):
+        from . import io as pio
+        o = self.o
+        writes = {"--report": o["report_path"], "--plot": o["plot"]}
+        if not self.config.dry_run:
+            writes["-o"] = self.out_path
+        writes = {k: v for k, v in writes.items() if v}
+        reads = [self.model] + list(loaded.external_files if loaded else [])
+        reads += [p for p in (o["data"],) if p]
+        if hasattr(pio, "check_write_targets"):  # TEMP until io grows it
+            pio.check_write_targets(writes, reads, loaded)
+        elif "-o" in writes:
+            pio.check_output_path(writes["-o"], loaded)
+
     def _execute(self):
-        o, config = self.o, self.config
-        t0 = time.perf_counter()
-        loaded = load_model(self.model)
-        if not config.dry_run:
-            check_output_path(self.out_path, loaded)  # fail before any work
-        t_load = time.perf_counter() - t0
+        from .io import load_model, stage_model
+        from .pipeline import prune_loaded
+        o, config, fb = self.o, self.config, self.feedback
+        with fb.stage("loading model"):
+            loaded = load_model(self.model)
+        self._write_targets(loaded)  # fail before any work
+        self.report.timings["load"] = t_load = time.perf_counter() - self.t0
+        self.size_before = _file_size(self.model, loaded)
         validator = self._validator(loaded) if o["validate"] and not config.dry_run else None
         curve = None
         if o["sparsity"] == "auto":
-            from .search import plot_curve, search_sparsity
-            with self._progress("search") as cb:
+            from .search import search_sparsity
+            with fb.stage("searching") as st:
+                def probe(s, v):
+                    st(f"searching: sparsity {s:.3f} → {v.metric} {_num(v.pruned)} "
+                       f"({'passes' if v.passed else 'fails'})")
                 # each probe prunes its own fresh load; ``loaded`` stays dense for the final run
-                best, curve, _ = search_sparsity(self.model, config, validator, self.out_path, o["max_drop"],
-                                                 progress=cb and (lambda s, v: cb(f"sparsity {s:.3f}", 0, 0)))
+                best, curve, _ = search_sparsity(self.model, config, validator, self.out_path, progress=probe)
             config.sparsity = best
-        self.report = report = prune_loaded(loaded, config)
+        with fb.stage("pruning"):
+            report = prune_loaded(loaded, config)
         report.timings["load"] = t_load
+        report.validation = self.report.validation  # a skip decided before pruning
+        report.warnings[:0] = [w for w in self.report.warnings if w not in report.warnings]
+        self.report = report
+        report.sizes = {"before": self.size_before}
         if curve is not None:
-            report.search = {"max_drop": o["max_drop"], "resolution": 0.005, "chosen": config.sparsity, "curve": curve}
+            report.search = {"gate": validator.bounds.__dict__ | {"outputs": list(validator.plan)},
+                             "max_drop": o["max_drop"], "resolution": 0.005, "chosen": config.sparsity,
+                             "curve": curve}
             if o["plot"]:
-                plot_curve(curve, o["plot"], o["max_drop"], config.sparsity)
+                from .search import plot_curve
+                from . import io as pio
+                plot_curve(curve, o["plot"], _badness_bound(validator, curve), config.sparsity,
+                           write=getattr(pio, "atomic_write_bytes", None) or _tmp_write)  # TEMP
         if config.dry_run:
-            report.timings["total"] = time.perf_counter() - t0
+            report.timings["total"] = time.perf_counter() - self.t0
             return
         t1 = time.perf_counter()
-        with stage_model(loaded, self.out_path, digest=bool(o["report_path"] or o["as_json"])) as staged:
+        with fb.stage("writing"), stage_model(loaded, self.out_path, digest=bool(o["report_path"] or o["as_json"])) \
+                as staged:
             report.timings["save"] = time.perf_counter() - t1
             gate_error = None
             if validator is not None:
                 t2 = time.perf_counter()
-                v = validator.compare(staged.model_path, o["max_drop"])
+                with fb.progress("validating") as cb:
+                    validator.progress = cb
+                    v = validator.compare(staged.model_path)
+                    validator.progress = None
                 v.sparsity = config.sparsity
                 report.validation = v.to_dict()
                 report.timings["validate"] = time.perf_counter() - t2
+                for s in v.outputs:
+                    if s.collapsed:
+                        msg = (f"output '{s.name}' collapsed after pruning ({s.collapsed})"
+                               + ("" if s.gated else "; it is not gated"))
+                        report.warnings.append(msg)
+                        logging.getLogger("onnxprune").warning(msg)
                 if v.passed is False:
-                    gate_error = (f"accuracy gate failed: {v.metric} drop {v.drop:.4f} > max {o['max_drop']:.4f}"
-                                  + (" (non-finite outputs)" if v.drop <= o["max_drop"] else ""))
+                    gate_error = f"gate failed: {v.failure()}"
             if o["sensitivity"]:
                 from .search import sensitivity
                 names = [l.name for l in report.layers if not l.excluded]
-                report.sensitivity = sensitivity(self.model, config, validator, self.out_path, names)
+                with fb.stage("sensitivity") as st:
+                    report.sensitivity = sensitivity(
+                        self.model, config, validator, self.out_path, names,
+                        progress=lambda name, v: st(f"sensitivity: {name} → {v.metric} {_num(v.pruned)}"))
             if gate_error and not o["keep_failed"]:
-                report.timings["total"] = time.perf_counter() - t0
+                report.timings["total"] = time.perf_counter() - self.t0
                 raise AccuracyGateError(gate_error + "; nothing written (--keep-failed writes it anyway)")
             report.written = staged.commit()
             report.output = self.out_path
-            report.timings["total"] = time.perf_counter() - t0
+            report.sizes["after"] = _file_size(self.out_path, None, list(report.written))
+            report.timings["total"] = time.perf_counter() - self.t0
             if gate_error:
                 report.warnings.append(f"{gate_error}; written anyway because of --keep-failed")
                 raise AccuracyGateError(gate_error + "; written anyway (--keep-failed)")
 
     def _validator(self, loaded):
-        from .data import input_specs, load_data, parse_input_shapes, synthesize
-        from .validate import Validator
+        """The Validator, or None with ``report.validation`` saying why validation is skipped."""
+        from .data import load_data, synthesize
+        from .graph import find_layers
+        from .inputs import input_specs, parse_input_shapes, parse_synthetic, resolve_shapes, unresolved_message
+        from .metrics import METRIC_ALIASES, Bounds
+        from .validate import Validator, skipped
         o = self.o
+        gate_needed = o["sparsity"] == "auto" or o["sensitivity"] or any(
+            o[k] is not None for k in ("max_drop", "max_rel_error", "min_cosine", "min_snr"))
+        dist = parse_synthetic(o["synthetic"])
+        shapes = parse_input_shapes(o["input_shape"])
         specs = input_specs(loaded.model)
         if o["data"]:
-            dataset = load_data(o["data"], specs, o["batch_size"])
+            dataset = load_data(o["data"], specs, o["batch_size"], loaded.model, shapes)
         else:
-            dataset = synthesize(specs, o["batch_size"], o["batches"], o["seed"], parse_input_shapes(o["input_shape"]))
-        dense_path = self.model
-        with self._progress("validate") as cb:
-            return Validator(dense_path, dataset, o["device"], quiet=not self.verbose, progress=cb)
+            resolve_shapes(loaded.model, specs, o["batch_size"], shapes)
+            if any(s.missing for s in specs):
+                why = unresolved_message(specs)
+                if gate_needed:
+                    raise ConfigError(f"cannot evaluate the gate: {why}")
+                self.report.validation = skipped(why)
+                self.report.warnings.append(f"validation skipped: {why}")
+                logging.getLogger("onnxprune").warning("validation skipped: %s", why)
+                return None
+            dataset = synthesize(specs, o["batch_size"], o["batches"], o["seed"], shapes, loaded.model, dist)
+        layers, _ = find_layers(loaded.model, self.config.exclude)
+        bounds = Bounds(max_drop=o["max_drop"], max_rel_error=o["max_rel_error"], min_cosine=o["min_cosine"],
+                        min_snr=o["min_snr"], outputs=tuple(o["gate_output"]),
+                        metric=None if o["gate_metric"] == "auto" else METRIC_ALIASES[o["gate_metric"]])
+        with self.feedback.progress("validating") as cb:
+            validator = Validator(self.model, dataset, o["device"], quiet=not self.verbose, progress=cb,
+                                  model=loaded.model, weight_names=[l.name for l in layers if not l.excluded],
+                                  bounds=bounds)
+        validator.progress = None
+        return validator
 
-    def _progress(self, what):
-        from contextlib import contextmanager
-
-        @contextmanager
-        def bar():
-            if self.quiet:
-                yield None
-                return
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                          console=Console(stderr=True), transient=True) as progress:
-                tasks = {}
-
-                def cb(label, done, total):
-                    if label not in tasks:
-                        tasks[label] = progress.add_task(f"{what} {label}", total=total or None)
-                    progress.update(tasks[label], completed=done)
-                yield cb
-        return bar()
+    def write_report(self, path: str) -> int:
+        from . import io as pio
+        try:
+            write = getattr(pio, "atomic_write_bytes", None) or _tmp_write  # TEMP
+            write(path, (json.dumps(self.report.to_dict(), indent=2, default=_json_default)
+                                          + "\n").encode())
+            return 0
+        except OnnxPruneError as exc:
+            return self._fail(EXIT_OUTPUT, f"{exc} (the report was not written)")
 
     def _fail(self, code: int, message: str) -> int:
         r = self.report
-        r.status, r.exit_code, r.error = ("failed" if code == EXIT_GATE else "error"), code, \
-            (message.splitlines()[0] if message else "")
-        if self.verbose and code != EXIT_GATE:
+        r.status = "failed" if code == EXIT_GATE else "interrupted" if code >= 128 else "error"
+        r.exit_code, r.error = code, (message.splitlines()[0] if message else "")
+        r.timings.setdefault("total", time.perf_counter() - self.t0)
+        if self.verbose and code not in (EXIT_GATE,) and code < 128:
             traceback.print_exc()
         click.echo(f"onnxprune: error: {r.error}", err=True)
         return code
 
 
-def _write_report(path: str, report: Report, model: str) -> None:
+def _tmp_write(path, data):  # TEMP
     try:
-        if os.path.exists(model) and os.path.samefile(path, model):
-            click.echo("onnxprune: error: --report would overwrite the input model; not written", err=True)
-            return
-    except OSError:
-        pass
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".onnxprune-report-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(report.to_dict(), fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
+        with open(path, "wb") as fh:
+            fh.write(data)
     except OSError as exc:
-        click.echo(f"onnxprune: error: cannot write report {path}: {exc.strerror or exc}", err=True)
+        raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+def _num(x) -> str:
+    return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
+
+
+def _badness_bound(validator, curve):
+    """The search curve plots 'drop' (badness); the gate bound of the headline metric on that scale."""
+    b = validator.bounds
+    metric = curve[-1]["metric"] if curve else None
+    return {"top1_accuracy": b.max_drop, "top1_agreement": b.max_drop, "rel_error": b.max_rel_error,
+            "cosine": None if b.min_cosine is None else 1 - b.min_cosine,
+            "snr_db": None if b.min_snr is None else -b.min_snr}.get(metric)
+
+
+def _file_size(path: str, loaded=None, written=None) -> int | None:
+    """Bytes of the model file plus its external data files."""
+    try:
+        files = [path] + (list(loaded.external_files) if loaded else []) + \
+            [w for w in (written or []) if os.path.abspath(w) != os.path.abspath(path)]
+        return sum(os.path.getsize(f) for f in dict.fromkeys(files))
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,24 +1,24 @@
-"""Validation inputs: from an .npz / a directory of .npy files, or synthesized from the model's input shapes."""
+"""Validation data: real inputs from an .npz or a directory of .npy files (checked), or synthetic batches.
+
+Arrays are laid out like the model's inputs, samples stacked on each input's batch axis (axis 0 for most; the
+axis of the shared batch ``dim_param`` otherwise, e.g. axis 1 of a recurrent state ``[2, B, 128]``). An input
+without a batch axis (a scalar such as a sample rate, a fixed state) is given once and fed to every batch.
+"""
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from onnx import helper
 
 from .errors import ConfigError, InputError
+from .inputs import (MAX_BATCH_SIZE, InputSpec, input_specs, parse_input_shapes, resolve_shapes,  # noqa: F401
+                     synthetic_batches)
 
 LABEL_KEYS = ("y", "labels")
-
-
-@dataclass
-class InputSpec:
-    name: str
-    dtype: np.dtype
-    dims: list  # int, or str/None for a dynamic dimension
 
 
 @dataclass
@@ -29,134 +29,187 @@ class Dataset:
     batch_size: int
     samples: int = 0
     notes: list = field(default_factory=list)
+    batch_sizes: list = field(default_factory=list)  # samples in each batch
+    sha256: str | None = None  # of the data file (None: synthetic or a directory)
+    batch_axes: dict = field(default_factory=dict)  # input name -> batch axis (None: fed whole to every batch)
 
 
-def input_specs(model: onnx.ModelProto) -> list:
-    """The model's real inputs (initializers that are also listed as inputs are not fed)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for vi in model.graph.input:
-        if vi.name in inits:
-            continue
-        tt = vi.type.tensor_type
-        if not vi.type.HasField("tensor_type"):
-            raise InputError(f"input '{vi.name}' is not a tensor; only tensor inputs can be validated")
-        dtype = helper.tensor_dtype_to_np_dtype(tt.elem_type)
-        dims = []
-        for d in tt.shape.dim:
-            dims.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None))
-        specs.append(InputSpec(vi.name, np.dtype(dtype), dims))
-    return specs
+def synthesize(specs, batch_size: int, batches: int, seed: int, shapes: dict, model=None,
+               dist=("normal", 0.0, 1.0)) -> Dataset:
+    """Seeded synthetic batches; raises ConfigError when a dynamic dimension stays unresolved."""
+    from .inputs import unresolved_message
+    if model is not None or any(s.shape is None for s in specs):
+        resolve_shapes(model if model is not None else _EmptyModel(), specs, batch_size, shapes)
+    if any(s.missing for s in specs):
+        raise ConfigError(unresolved_message(specs))
+    feeds = synthetic_batches(model if model is not None else _EmptyModel(), specs, batches, seed, dist)
+    per = next((s.shape[s.batch_axis] for s in specs if s.batch_axis is not None), 1)
+    kind, a, b = dist
+    fills = "; ".join(f"{s.name}: {s.fill}" for s in specs)
+    return Dataset(feeds, None, f"synthetic (seed {seed}; {fills})", per, samples=batches * per,
+                   batch_sizes=[per] * batches, batch_axes={s.name: s.batch_axis for s in specs})
 
 
-def parse_input_shapes(items) -> dict:
-    """['x:1,3,224,224', ...] -> {'x': [1, 3, 224, 224]}."""
-    shapes = {}
-    for item in items or ():
-        name, sep, dims = str(item).rpartition(":")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = [int(d) for d in dims.split(",") if d.strip()]
-            if not shapes[name] or min(shapes[name]) <= 0:
-                raise ValueError
-        except ValueError:
-            raise ConfigError(f"--input-shape expects NAME:D1,D2,... with positive integers, got {item!r}") from None
-    return shapes
+class _EmptyModel:
+    """Stands in for a model without metadata or graph (inputs given as specs only)."""
+
+    class _G:
+        node = ()
+        initializer = ()
+
+    metadata_props = ()
+    graph = _G()
 
 
-def synthesize(specs, batch_size: int, batches: int, seed: int, shapes: dict) -> Dataset:
-    unknown = set(shapes) - {s.name for s in specs}
-    if unknown:
-        raise ConfigError(f"--input-shape names unknown input(s): {', '.join(sorted(unknown))}; "
-                          f"inputs are {', '.join(s.name for s in specs)}")
-    rng = np.random.default_rng(seed)
-    resolved = {}
-    for s in specs:
-        if s.name in shapes:
-            if len(shapes[s.name]) != len(s.dims):
-                raise ConfigError(f"--input-shape {s.name}: {len(shapes[s.name])} dims given, the model has "
-                                  f"{len(s.dims)}")
-            resolved[s.name] = shapes[s.name]
-            continue
-        dims = []
-        for i, d in enumerate(s.dims):
-            if isinstance(d, int):
-                dims.append(d)
-            elif i == 0:
-                dims.append(batch_size)
-            else:
-                raise ConfigError(f"input '{s.name}' has a dynamic dimension {i} ('{d or '?'}'); give its shape "
-                                  f"with --input-shape {s.name}:{','.join(str(x) if isinstance(x, int) else 'N' for x in s.dims)}")
-        resolved[s.name] = dims
-    out = []
-    for _ in range(batches):
-        feed = {}
-        for s in specs:
-            shape = resolved[s.name]
-            if np.issubdtype(s.dtype, np.floating):
-                feed[s.name] = rng.standard_normal(shape).astype(s.dtype)
-            elif s.dtype == np.bool_:
-                feed[s.name] = rng.random(shape) < 0.5
-            elif np.issubdtype(s.dtype, np.integer):
-                feed[s.name] = rng.integers(0, 2, size=shape).astype(s.dtype)
-            else:
-                raise ConfigError(f"input '{s.name}' has dtype {s.dtype}; pass real data with --data")
-        out.append(feed)
-    first = resolved[specs[0].name] if specs else [0]
-    return Dataset(out, None, f"synthetic (seed {seed}, standard normal)", first[0] if first else 1,
-                   samples=batches * (first[0] if first else 1))
+def _regular(path: str) -> None:
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read data ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket is never read)")
 
 
-def load_data(path: str, specs, batch_size: int) -> Dataset:
-    arrays = _read_arrays(path)
+def _read_arrays(path: str) -> tuple[dict, str | None]:
+    """name -> array, and the sha256 of the file (None for a directory). Never unpickles, never blocks."""
+    try:
+        if os.path.isdir(path):
+            files = sorted(glob.glob(os.path.join(path, "*.npy")))
+            if not files:
+                raise InputError(f"{path}: no .npy files")
+            arrays = {}
+            for f in files:
+                _regular(f)
+                arrays[os.path.splitext(os.path.basename(f))[0]] = np.load(f, allow_pickle=False)
+            return arrays, None
+        _regular(path)
+        with open(path, "rb") as fh:
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        if path.endswith(".npy"):
+            return {"": np.load(path, allow_pickle=False)}, digest.hexdigest()
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}, digest.hexdigest()
+    except InputError:
+        raise
+    except Exception as exc:
+        text = str(exc).strip().splitlines()
+        raise InputError(f"{path}: cannot read data ({type(exc).__name__}: "
+                         f"{(text[0] if text else '')[:200]})") from None
+
+
+def _check_labels(labels: np.ndarray, n: int, path: str) -> np.ndarray:
+    if labels.dtype == np.bool_ or not np.issubdtype(labels.dtype, np.integer):
+        raise InputError(f"{path}: labels have dtype {labels.dtype}; give integer class ids (for one-hot or "
+                         f"probability rows use labels.argmax(-1))")
+    if labels.ndim == 0 or len(labels) != n:
+        raise InputError(f"{path}: {labels.shape[0] if labels.ndim else 0} labels for {n} samples")
+    if labels.size and labels.min() < 0:
+        raise InputError(f"{path}: labels hold negative values (min {int(labels.min())}); class ids start at 0")
+    return labels.astype(np.int64, copy=False)
+
+
+def load_data(path: str, specs, batch_size: int, model=None, shapes: dict | None = None) -> Dataset:
+    """Read ``path`` and cut it into batches along each input's batch axis, checking every array against the
+    model (rank, fixed dimensions, one sample count) and the labels (integer class ids, one per sample)."""
+    arrays, digest = _read_arrays(path)
     labels = None
     for key in LABEL_KEYS:
         if key in arrays:
             labels = np.asarray(arrays.pop(key))
             break
     names = [s.name for s in specs]
-    feeds = {}
     if all(n in arrays for n in names):
         feeds = {n: arrays[n] for n in names}
     elif len(specs) == 1 and len(arrays) == 1:
         feeds = {names[0]: next(iter(arrays.values()))}
     else:
-        raise InputError(f"{path}: arrays {sorted(arrays)} do not name the model's inputs {names} "
-                         f"(labels go in 'y' or 'labels')")
+        missing = [n for n in names if n not in arrays]
+        raise InputError(f"{path}: no array for input(s) {missing} (arrays: {sorted(arrays)}; name them after "
+                         f"the inputs, labels in 'y' or 'labels')")
     n = None
     for s in specs:
         a = feeds[s.name]
-        if a.ndim != len(s.dims):
-            raise InputError(f"{path}: '{s.name}' has {a.ndim} dims, the model expects {len(s.dims)}")
+        if a.dtype == object or a.dtype.kind in "USV":
+            raise InputError(f"{path}: '{s.name}' has dtype {a.dtype}; numeric arrays only")
+        if a.ndim != s.rank:
+            raise InputError(f"{path}: '{s.name}' has {a.ndim} dims {list(a.shape)}, the model's input has "
+                             f"{s.rank} {s.dims}")
         for i, d in enumerate(s.dims):
-            if isinstance(d, int) and i > 0 and a.shape[i] != d:
+            if isinstance(d, int) and i != s.batch_axis and a.shape[i] != d:
                 raise InputError(f"{path}: '{s.name}' has shape {list(a.shape)}, the model expects {s.dims}")
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise InputError(f"{path}: '{s.name}' has dtype {a.dtype}; numeric arrays only")
+        if s.batch_axis is not None:
+            count = a.shape[s.batch_axis]
+            if n is not None and count != n:
+                raise InputError(f"{path}: inputs disagree on the number of samples ({n} vs {count} in "
+                                 f"'{s.name}', batch axis {s.batch_axis})")
+            n = count
         feeds[s.name] = a.astype(s.dtype, copy=False)
-        if n is not None and a.shape[0] != n:
-            raise InputError(f"{path}: inputs disagree on the number of samples")
-        n = a.shape[0]
-    if labels is not None and len(labels) != n:
-        raise InputError(f"{path}: {len(labels)} labels for {n} samples")
-    fixed = specs[0].dims[0] if specs and isinstance(specs[0].dims[0], int) else None
-    bs = fixed or batch_size
-    batches = [{k: v[i:i + bs] for k, v in feeds.items()} for i in range(0, n, bs)]
-    if fixed and n % fixed:
-        batches = batches[:-1]  # a fixed batch dimension cannot take the short tail
-    return Dataset(batches, labels[: len(batches) * bs] if labels is not None else None, path, bs,
-                   samples=min(n, len(batches) * bs))
+    if n is None:  # no input has a batch axis: the arrays are one feed
+        n = 1
+    if n == 0:
+        raise InputError(f"{path}: no samples (0 along the batch axis)")
+    if labels is not None:
+        labels = _check_labels(labels, n, path)
+    fixed = next((s.dims[s.batch_axis] for s in specs if s.batch_axis is not None
+                  and isinstance(s.dims[s.batch_axis], int)), None)
+    bs = fixed or min(batch_size, MAX_BATCH_SIZE)
+    notes = []
+    if fixed and n < fixed:
+        raise InputError(f"{path}: {n} samples, fewer than one batch (the model's batch dimension is fixed at "
+                         f"{fixed})")
+    usable = (n // fixed) * fixed if fixed else n
+    if usable < n:
+        notes.append(f"{n - usable} trailing samples dropped (batch fixed at {fixed})")
+    batches, sizes = [], []
+    for i in range(0, usable, bs):
+        feed = {}
+        for s in specs:
+            a = feeds[s.name]
+            if s.batch_axis is None:
+                feed[s.name] = a
+            else:
+                index = [slice(None)] * a.ndim
+                index[s.batch_axis] = slice(i, i + bs)
+                feed[s.name] = np.ascontiguousarray(a[tuple(index)])
+        batches.append(feed)
+        sizes.append(min(bs, usable - i))
+    for s in specs:  # the resolved shape of a batch, for the report
+        s.shape = list(batches[0][s.name].shape)
+    return Dataset(batches, labels[:usable] if labels is not None else None, path, bs, samples=usable,
+                   notes=notes, batch_sizes=sizes, sha256=digest,
+                   batch_axes={s.name: s.batch_axis for s in specs})
 
 
-def _read_arrays(path: str) -> dict:
-    try:
-        if os.path.isdir(path):
-            files = sorted(glob.glob(os.path.join(path, "*.npy")))
-            if not files:
-                raise InputError(f"{path}: no .npy files")
-            return {os.path.splitext(os.path.basename(f))[0]: np.load(f, allow_pickle=False) for f in files}
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except InputError:
-        raise
-    except Exception as exc:
-        raise InputError(f"{path}: cannot read data ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from exc
+def take(dataset: Dataset, start: int, stop: int | None, source: str) -> Dataset:
+    """The samples [start, stop) of a dataset as a new one (rebatched views; used to split calibration data
+    from evaluation data)."""
+    feeds, labels, sizes, seen = [], [], [], 0
+    for feed, size in zip(dataset.batches, dataset.batch_sizes):
+        lo, hi = max(start - seen, 0), size if stop is None else min(stop - seen, size)
+        if hi > lo:
+            feeds.append((feed, lo, hi))
+            sizes.append(hi - lo)
+        seen += size
+    if not feeds:
+        raise ConfigError(f"{source}: no samples left after the split")
+    return Dataset([_slice_feed(f, lo, hi, dataset) for f, lo, hi in feeds],
+                   None if dataset.labels is None else dataset.labels[start:stop], source, dataset.batch_size,
+                   samples=sum(sizes), notes=list(dataset.notes), batch_sizes=sizes, sha256=dataset.sha256,
+                   batch_axes=dict(dataset.batch_axes))
+
+
+def _slice_feed(feed, lo, hi, dataset):
+    out = {}
+    for name, a in feed.items():
+        axis = dataset.batch_axes.get(name, 0)
+        if axis is None:
+            out[name] = a
+            continue
+        index = [slice(None)] * a.ndim
+        index[axis] = slice(lo, hi)
+        out[name] = a[tuple(index)]
+    return out

@@ -27,3 +27,12 @@ class AccuracyGateError(OnnxPruneError):
 
 class ConfigError(OnnxPruneError):
     """The options do not fit this model, e.g. a dynamic input shape that needs --input-shape (exit 2)."""
+
+
+class Interrupted(BaseException):
+    """SIGINT/SIGTERM/SIGHUP arrived: unwind (every staging file is removed on the way out), then exit 128+signum.
+    A BaseException so that no ``except Exception`` in the core swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import onnx
 from onnx import TensorProto
 
-from .errors import RequestError
+from .errors import ConfigError, RequestError
 from .io import FLOAT_TYPES
 from .layout import PRUNABLE_OPS, Layout, layout_for, node_attr, weight_slots
 
@@ -170,6 +170,9 @@ def find_layers(model: onnx.ModelProto, exclude=(), only=None) -> tuple[list, li
     ``exclude``: globs on weight or node names; ``only``: exact weight names to keep prunable (all others are
     marked excluded), used by the per-layer sensitivity analysis.
     """
+    if isinstance(exclude, str):  # exclude="conv1" is one pattern, not five one-letter ones
+        exclude = (exclude,)
+    exclude = tuple(exclude or ())
     layers: dict[str, Layer] = {}
     warnings = []
     main_inputs = {i.name for i in model.graph.input}
@@ -207,13 +210,21 @@ def find_layers(model: onnx.ModelProto, exclude=(), only=None) -> tuple[list, li
                               group=view.group)
             layer.consumers.append(Consumer(node.name, node.op_type, slot, scope.path, view, idx))
     result = sorted(layers.values(), key=lambda l: (l.order, l.graph, l.name))
+    matched = set()
     for layer in result:
         if layer.graph_input:
             warnings.append(f"{layer.name}: initializer is also a graph input; callers can override it at run "
                             f"time, so the pruned values only hold when it is not fed")
         patterns = [layer.name] + [c.node for c in layer.consumers if c.node]
-        if any(fnmatch.fnmatchcase(p, g) for g in exclude for p in patterns):
+        hits = {g for g in exclude if any(fnmatch.fnmatchcase(p, g) for p in patterns)}
+        if hits:
             layer.excluded = True
+            matched |= hits
         if only is not None and layer.name not in only:
             layer.excluded = True
+    unmatched = [g for g in exclude if g not in matched]
+    if unmatched:  # a typo must not silently prune the layer the user meant to keep
+        names = [l.name for l in result[:6]] + (["..."] if len(result) > 6 else [])
+        raise ConfigError(f"--exclude {', '.join(repr(g) for g in unmatched)} matches no prunable layer "
+                          f"(weight or node names, glob syntax); layers are: {', '.join(names) or 'none'}")
     return result, warnings

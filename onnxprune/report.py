@@ -65,6 +65,8 @@ class Report:
     validation: dict | None = None
     search: dict | None = None
     sensitivity: list | None = None
+    sizes: dict = field(default_factory=dict)  # bytes on disk: before (input + its data), after (files written)
+    reconstruction: dict | None = None  # calibrated reconstruction: calibration set, lambda, per-layer errors
     status: str = "ok"
     exit_code: int = 0
     error: str | None = None
@@ -114,6 +116,8 @@ class Report:
             "validation": self.validation,
             "search": self.search,
             "sensitivity": self.sensitivity,
+            "reconstruction": self.reconstruction,
             "warnings": self.warnings,
             "timings_s": self.timings,
+            "sizes_bytes": self.sizes,
         }

@@ -1,86 +1,261 @@
-"""Rich rendering of a Report for humans (used by the CLI only)."""
+"""What a person sees on the terminal (used by the CLI only): the per-layer table, validation per output, the
+closing summary line, and progress for long stages (on a TTY only; nothing on a pipe)."""
 from __future__ import annotations
 
+import contextlib
+
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+
+ASCII = False  # set by the CLI when stdout/stderr cannot encode the symbols below
+COMPACT_ABOVE = 25  # layers; above this the table shows the largest ones and the totals
+COMPACT_ROWS = 12
+NAME_WIDTH = 26
+_SYMBOLS = {"→": "->", "×": "x", "—": "-", "…": "...", "≥": ">=", "·": "|"}
+
+
+def _t(text: str) -> str:
+    if ASCII:
+        for k, v in _SYMBOLS.items():
+            text = text.replace(k, v)
+    return text
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}%"
 
 
-def print_report(report, stderr: bool = False) -> None:
-    console = Console(stderr=stderr, highlight=False)
+def shorten(name: str, width: int = NAME_WIDTH) -> str:
+    """Cut a long name in the middle, keeping both ends (the distinctive parts of exported names)."""
+    if len(name) <= width:
+        return name
+    keep = width - 1
+    return name[: keep // 2] + _t("…") + name[len(name) - (keep - keep // 2):]
+
+
+def _size(n) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def _console(stderr: bool = False) -> Console:
+    return Console(stderr=stderr, highlight=False)
+
+
+def print_report(report, mode: str = "auto") -> None:
+    console = _console()
+    if mode != "none":
+        _layer_table(console, report, full=mode == "full")
+        c = report.connectivity
+        if c:
+            line = f"effective sparsity: {c['mode']}-level ({c['note']})"
+            if c.get("removal"):
+                r = c["removal"]
+                line += (f"; detached units removed: {r['zeroed_dead_outputs']:,} weights reaching no output zeroed, "
+                         f"{r['folded_constant_inputs']:,} constant-input weights folded into biases, "
+                         f"{r['left_in_place']:,} left in place")
+            console.print(escape(_t(line)))
+            if c["unknown_ops"]:
+                console.print(escape(f"ops treated as all-to-all (not understood): {', '.join(c['unknown_ops'])}"))
+        if report.validation and report.validation.get("status") != "skipped":
+            _print_validation(console, report.validation)
+        if report.search:
+            _print_search(console, report.search)
+        if report.sensitivity:
+            _print_sensitivity(console, report)
+    for w in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {escape(_t(w))}")
+    console.print(escape(_t(summary_line(report))))
+
+
+def _layer_table(console, report, full: bool) -> None:
     title = f"onnxprune {report.method}" + (f" (allocation {report.allocation})" if report.method == "random" else "")
     title += f" → {report.target_sparsity:.2%}" + ("  (dry run: nothing written)" if report.dry_run else "")
-    table = Table(title=escape(title), show_lines=False)
-    for col, justify in (("layer", "left"), ("op", "left"), ("shape", "left"), ("params", "right"),
-                         ("before", "right"), ("after", "right"), ("effective", "right")):
-        table.add_column(col, justify=justify, overflow="fold")
-    for l in report.layers:
+    table = Table(title=escape(_t(title)), box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    show_before = any(l.zeros_before for l in report.layers)
+    cols = [("layer", "left"), ("op", "left"), ("shape", "left"), ("params", "right")]
+    cols += [("before", "right")] if show_before else []
+    cols += [("after", "right"), ("effective", "right")]
+    for col, justify in cols:
+        table.add_column(col, justify=justify, no_wrap=True, overflow="ellipsis")
+    rows = list(report.layers)
+    hidden = []
+    if not full and len(rows) > COMPACT_ABOVE:
+        keep = set(sorted(range(len(rows)), key=lambda i: (-rows[i].params, i))[:COMPACT_ROWS])
+        hidden = [l for i, l in enumerate(rows) if i not in keep]
+        rows = [l for i, l in enumerate(rows) if i in keep]
+    for l in rows:
         after = "excluded" if l.excluded else _pct(l.sparsity_after)
         eff = "" if l.effective_sparsity is None else _pct(l.effective_sparsity)
-        shape = "×".join(map(str, l.shape)) + ("" if l.dtype == "float32" else f" {l.dtype}")
-        table.add_row(escape(l.name), l.op, shape, f"{l.params:,}", _pct(l.sparsity_before), after, eff)
+        shape = _t("×").join(map(str, l.shape)) + ("" if l.dtype == "float32" else f" {l.dtype}")
+        cells = [escape(shorten(l.name)), l.op, shape, f"{l.params:,}"]
+        cells += [_pct(l.sparsity_before)] if show_before else []
+        table.add_row(*cells, after, eff)
+    if hidden:
+        n = sum(l.params for l in hidden)
+        z = sum(l.zeros_after for l in hidden if not l.excluded)
+        cells = [f"… {len(hidden)} smaller layers", "", "", f"{n:,}"] + ([""] if show_before else [])
+        table.add_row(_t(cells[0]), *cells[1:], _pct(z / n) if n else "", "")
     t = report.totals()
     table.add_section()
-    table.add_row("total", "", "", f"{t['params']:,}", _pct(t["sparsity_before"]), _pct(t["sparsity_after"]),
+    cells = ["total", "", "", f"{t['params']:,}"] + ([_pct(t["sparsity_before"])] if show_before else [])
+    table.add_row(*cells, _pct(t["sparsity_after"]),
                   "" if t["effective_sparsity"] is None else _pct(t["effective_sparsity"]))
     console.print(table)
-    c = report.connectivity
-    if c:
-        line = f"effective sparsity: {c['mode']}-level ({c['note']})"
-        if c.get("removal"):
-            r = c["removal"]
-            line += (f"; detached units removed: {r['zeroed_dead_outputs']:,} weights reaching no output zeroed, "
-                     f"{r['folded_constant_inputs']:,} constant-input weights folded into biases, "
-                     f"{r['left_in_place']:,} left in place")
-        console.print(escape(line))
-        if c["unknown_ops"]:
-            console.print(escape(f"ops treated as all-to-all (not understood): {', '.join(c['unknown_ops'])}"))
-    if report.validation:
-        _print_validation(console, report.validation)
-    if report.search:
-        t = Table(title=f"sparsity search (max drop {report.search['max_drop']})")
-        for col in ("sparsity", "metric", "value", "drop", "within budget"):
-            t.add_column(col, justify="right")
-        for c in report.search["curve"]:
-            t.add_row(f"{c['sparsity']:.3f}", c["metric"], f"{c['value']:.4f}", f"{c['drop']:+.4f}",
-                      "yes" if c["passed"] else "no")
-        console.print(t)
-        console.print(f"chosen sparsity: {report.search['chosen']:.3f}")
-    if report.sensitivity:
-        t = Table(title=f"per-layer sensitivity (one layer at {report.target_sparsity:.2%})")
-        for col, j in (("layer", "left"), ("metric", "left"), ("value", "right"), ("drop", "right")):
-            t.add_column(col, justify=j)
-        for r in report.sensitivity:
-            t.add_row(escape(r["layer"]), r["metric"], f"{r['value']:.4f}", f"{r['drop']:+.4f}")
-        console.print(t)
-    for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {escape(w)}")
-    if report.output:
-        console.print(f"wrote {escape(report.output)}")
+    if hidden:
+        console.print(f"({len(hidden)} layers folded into one row; --table full lists every layer)")
+
+
+def _fmt(x, digits=4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, str):
+        return x
+    return f"{x:.{digits}f}"
 
 
 def _print_validation(console, v: dict) -> None:
-    t = Table(title=f"validation on {escape(', '.join(v['providers']))} — {v['samples']} samples, "
-                    f"{v['batches']} batches ({escape(str(v['data']))})")
-    for col in ("", "dense", "pruned", "drop"):
-        t.add_column(col, justify="right")
-    t.add_row(v["metric"], f"{v['dense']:.4f}", f"{v['pruned']:.4f}", f"{v['drop']:+.4f}")
-    if v.get("top5_dense") is not None:
-        t.add_row("top5_accuracy", f"{v['top5_dense']:.4f}", f"{v['top5_pruned']:.4f}",
-                  f"{v['top5_dense'] - v['top5_pruned']:+.4f}")
-    if v.get("agreement") is not None and v["metric"] != "top1_agreement":
-        t.add_row("top1_agreement", "1.0000", f"{v['agreement']:.4f}", f"{1 - v['agreement']:+.4f}")
-    if v.get("latency_ms_dense") is not None:
-        t.add_row("latency ms/batch", f"{v['latency_ms_dense']:.3f}", f"{v['latency_ms_pruned']:.3f}", "")
-    console.print(t)
+    t = Table(title=escape(_t(f"validation on {', '.join(v['providers'])} — {v['samples']} samples, "
+                              f"{v['batches']} batches")), box=box.SIMPLE_HEAD, collapse_padding=True,
+              pad_edge=False)
+    for col, j in (("output", "left"), ("kind", "left"), ("metric", "left"), ("dense", "right"),
+                   ("pruned", "right"), ("cosine", "right"), ("rel err", "right"), ("gate", "left")):
+        t.add_column(col, justify=j, no_wrap=True, overflow="ellipsis")
     for o in v["outputs"]:
-        console.print(f"  output {escape(o['name'])}: max |err| {o['max_abs_error']:.4g}, max rel err "
-                      f"{o['max_rel_error']:.4g}, cosine {o['cosine']:.6f}"
-                      + (f", non-finite {o['nonfinite_pruned']}" if o["nonfinite_pruned"] else ""))
+        if o["kind"] in ("integer", "passthrough"):
+            t.add_row(escape(shorten(o["name"], 20)), o["kind"], "", "", "", "", "", "no")
+            continue
+        metric = o["metric"] or ("top1_agreement" if o["kind"] in ("classification", "sequence") else "rel_error")
+        dense, pruned = (o["dense_value"], o["value"]) if o["metric"] else \
+            ((1.0, o["top1_agreement"]) if metric == "top1_agreement" else (0.0, o["rel_error"]))
+        gate = "collapsed" if o["collapsed"] else ("-" if o["passed"] is None else "pass" if o["passed"] else "FAIL")
+        t.add_row(escape(shorten(o["name"], 20)), o["kind"], metric, _fmt(dense), _fmt(pruned),
+                  _fmt(o["cosine"]), _fmt(o["rel_error"]), gate if o["gated"] else "no")
+    console.print(t)
+    console.print(escape(f"data: {v['data']}"))
+    if v.get("top5_dense") is not None:
+        console.print(f"top-5 accuracy: {v['top5_dense']:.4f} → {v['top5_pruned']:.4f}")
+    if v.get("latency_ms_dense") is not None:
+        console.print(_t(f"latency per batch: {v['latency_ms_dense']:.3f} ms dense, {v['latency_ms_pruned']:.3f} "
+                         f"ms pruned (zeros alone do not make ONNX Runtime faster)"))
     if v.get("passed") is not None:
         verdict = "[green]passed[/green]" if v["passed"] else "[red]FAILED[/red]"
-        console.print(f"accuracy gate (max drop {v['max_drop']}): {verdict}")
+        console.print(f"gate ({escape(_gate_text(v['gate']))}): {verdict}")
+
+
+def _gate_text(g: dict) -> str:
+    names = {"max_drop": "max drop", "max_rel_error": "max rel error", "min_cosine": "min cosine",
+             "min_snr_db": "min SNR dB"}
+    return ", ".join(f"{names[k]} {g[k]}" for k in names if g.get(k) is not None)
+
+
+def _print_search(console, s: dict) -> None:
+    t = Table(title="sparsity search", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for col in ("sparsity", "metric", "output", "value", "passes"):
+        t.add_column(col, justify="right", no_wrap=True, overflow="ellipsis")
+    for c in s["curve"]:
+        t.add_row(f"{c['sparsity']:.3f}", c["metric"], escape(shorten(str(c.get("output")), 20)), _fmt(c["value"]),
+                  "yes" if c["passed"] else "no" + (" (collapsed)" if c.get("collapsed") else ""))
+    console.print(t)
+    console.print(f"chosen sparsity: {s['chosen']:.3f}")
+
+
+def _print_sensitivity(console, report) -> None:
+    t = Table(title=f"per-layer sensitivity (one layer at {report.target_sparsity:.2%})", box=box.SIMPLE_HEAD,
+              collapse_padding=True, pad_edge=False)
+    for col, j in (("layer", "left"), ("metric", "left"), ("value", "right"), ("drop", "right")):
+        t.add_column(col, justify=j, no_wrap=True, overflow="ellipsis")
+    for r in report.sensitivity:
+        t.add_row(escape(shorten(r["layer"])), r["metric"], _fmt(r["value"]),
+                  f"{r['drop']:+.4f}" if isinstance(r["drop"], float) else str(r["drop"]))
+    console.print(t)
+
+
+def summary_line(report) -> str:
+    """One closing line: sizes before → after, time, direct and effective sparsity, the gated metric."""
+    t = report.totals()
+    parts = []
+    sizes = getattr(report, "sizes", {}) or {}
+    if report.output:
+        parts.append(f"{_size(sizes.get('before'))} → {_size(sizes.get('after'))}")
+    elif report.dry_run:
+        parts.append("dry run, nothing written")
+    total = report.timings.get("total")
+    if total is not None:
+        parts.append(f"{total:.1f} s")
+    eff = t["effective_sparsity"]
+    parts.append(f"sparsity {_pct(t['sparsity_after'])} direct" + (f", {_pct(eff)} effective" if eff is not None
+                                                                    else ""))
+    v = report.validation
+    if v and v.get("status") == "skipped":
+        parts.append("validation skipped")
+    elif v:
+        head = f"{v['metric']} {_fmt(v['dense'])} → {_fmt(v['pruned'])}"
+        if v.get("output"):
+            head += f" on '{shorten(v['output'], 20)}'"
+        if v.get("passed") is not None:
+            head += " (gate passed)" if v["passed"] else " (gate FAILED)"
+        if v.get("collapsed"):
+            head += f"; collapsed: {', '.join(v['collapsed'])}"
+        parts.append(head)
+    if report.output:
+        parts.append(f"wrote {report.output}")
+    return " · ".join(parts)
+
+
+class Feedback:
+    """Progress for stages that can take more than a second: spinners and bars on a TTY, nothing on a pipe."""
+
+    def __init__(self, enabled: bool = True):
+        self.console = _console(stderr=True)
+        self.enabled = enabled and self.console.is_terminal
+        self._progress = None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+            self._progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                                      MofNCompleteColumn(), console=self.console, transient=True)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress is not None:
+            self._progress.__exit__(*exc)
+            self._progress = None
+
+    @contextlib.contextmanager
+    def stage(self, description: str):
+        """A spinner while the stage runs; yields a function that rewrites its description."""
+        if self._progress is None:
+            yield lambda text: None
+            return
+        task = self._progress.add_task(_t(description), total=None)
+        try:
+            yield lambda text: self._progress.update(task, description=escape(_t(text)))
+        finally:
+            self._progress.remove_task(task)
+
+    @contextlib.contextmanager
+    def progress(self, description: str):
+        """A bar per label: yields cb(label, done, total), or None when there is nothing to show."""
+        if self._progress is None:
+            yield None
+            return
+        tasks = {}
+
+        def cb(label, done, total):
+            if label not in tasks:
+                tasks[label] = self._progress.add_task(_t(f"{description} {label}"), total=total or None)
+            self._progress.update(tasks[label], completed=done)
+        try:
+            yield cb
+        finally:
+            for task in tasks.values():
+                self._progress.remove_task(task)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .errors import InputError, RequestError
+from .metrics import (Bounds, OutputStats, class_stats, classify_outputs, float_stats, judge, labels_for,
+                      plan_gate, severity)
 
 log = logging.getLogger("onnxprune")
 
@@ -56,10 +59,47 @@ def _provider_list(device: str, available: list) -> list:
     return [cuda, CPU] if CUDA in available else [CPU]  # auto
 
 
+def import_ort():
+    """onnxruntime, or RequestError (exit 4) explaining a broken install: the CPU and GPU packages installed
+    together overwrite each other's files."""
+    try:
+        from importlib import metadata
+        have = {d for d in ("onnxruntime", "onnxruntime-gpu") if _installed(metadata, d)}
+    except Exception:  # pragma: no cover - metadata unavailable
+        have = set()
+    fix = "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu (or onnxruntime)"
+    if len(have) == 2:
+        raise RequestError(f"both onnxruntime and onnxruntime-gpu are installed; they overwrite each other's "
+                           f"files. Fix: {fix}")
+    try:
+        import onnxruntime as ort
+        ort.InferenceSession  # noqa: B018 - a half-overwritten install imports but lacks this
+    except Exception as exc:
+        raise RequestError(f"ONNX Runtime is not usable ({type(exc).__name__}: {str(exc)[:200]}). Fix: {fix}") \
+            from None
+    return ort
+
+
+def _installed(metadata, dist: str) -> bool:
+    try:
+        metadata.distribution(dist)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+def ort_cause(exc) -> str:
+    """The part of an ONNX Runtime error that says why, in full: its source-location prefix dropped."""
+    text = " ".join(str(exc).split())
+    text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)
+    text = re.sub(r"\S+\.(cc|h|cpp):\d+\s+\S*\(?[^)]*\)?\s*", "", text)
+    return text[:1000] or type(exc).__name__
+
+
 def make_session(path: str, device: str = "auto", quiet: bool = True, threads: int = 0, spin: bool = True):
     """An InferenceSession opened by path (so external data resolves next to the model). ``spin=False`` stops
     idle worker threads from spinning (used where two sessions are timed side by side)."""
-    import onnxruntime as ort
+    ort = import_ort()
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}")
     so = ort.SessionOptions()
@@ -73,23 +113,14 @@ def make_session(path: str, device: str = "auto", quiet: bool = True, threads: i
         with quiet_native_stderr(quiet):
             sess = ort.InferenceSession(path, so, providers=providers)
     except Exception as exc:
-        raise InputError(f"ONNX Runtime cannot load {os.path.basename(path)}: {str(exc).strip().splitlines()[0][:300]}") from exc
+        raise InputError(f"ONNX Runtime cannot load {os.path.basename(path)}: {ort_cause(exc)} "
+                         f"(--no-validate prunes without running it)") from None
     used = sess.get_providers()
     wanted = {"cuda": CUDA, "tensorrt": TRT}.get(device)
     if wanted and wanted not in used:
         raise RequestError(f"--device {device} asked for, but ONNX Runtime runs on {', '.join(used)} "
                            f"(is onnxruntime-gpu installed with its CUDA/cuDNN libraries?)")
     return sess
-
-
-@dataclass
-class OutputStats:
-    name: str
-    max_abs_error: float = 0.0
-    max_rel_error: float = 0.0
-    cosine: float = 1.0
-    nonfinite_dense: int = 0
-    nonfinite_pruned: int = 0
 
 
 @dataclass
@@ -100,40 +131,71 @@ class Validation:
     samples: int
     batches: int
     batch_size: int
-    metric: str  # "top1_accuracy" (labels) or "top1_agreement" (no labels)
+    metric: str  # the headline: the gated output closest to (or past) its bound
     dense: float
     pruned: float
-    drop: float
+    drop: float  # how much worse than dense: accuracy/agreement drop, rel_error, 1 - cosine, -snr
+    output: str | None = None  # the headline output
+    status: str = "ok"
     top5_dense: float | None = None
     top5_pruned: float | None = None
     agreement: float | None = None
     outputs: list = field(default_factory=list)
+    collapsed: list = field(default_factory=list)  # names of outputs that collapsed
+    gate: dict | None = None  # the bounds set (None: no gate)
     latency_ms_dense: float | None = None  # median per batch, timed side by side (None: not measured)
     latency_ms_pruned: float | None = None
     max_drop: float | None = None
     passed: bool | None = None
     sparsity: float | None = None
+    notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        for o in d["outputs"]:  # JSON has no inf/nan: strict parsers reject them
+            for k, v in o.items():
+                if isinstance(v, float) and not np.isfinite(v):
+                    o[k] = None if np.isnan(v) else ("inf" if v > 0 else "-inf")
+        for k in ("dense", "pruned", "drop"):
+            if isinstance(d[k], float) and not np.isfinite(d[k]):
+                d[k] = None if np.isnan(d[k]) else ("inf" if d[k] > 0 else "-inf")
+        return d
+
+    def failure(self) -> str:
+        """One line naming what failed the gate."""
+        bad = [o for o in self.outputs if o.gated and o.passed is False]
+        parts = []
+        for o in bad:
+            if o.collapsed:
+                parts.append(f"output '{o.name}' collapsed ({o.collapsed})")
+            else:
+                parts.append(f"output '{o.name}' {o.metric} {_fmt(o.value)} (dense {_fmt(o.dense_value)}) beyond "
+                             f"the bound {o.bound}")
+        return "; ".join(parts) or "gate failed"
 
 
-def _classes_axis(out: np.ndarray):
-    return 1 if out.ndim >= 2 and out.shape[1] >= 2 else None
+def _fmt(x) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def skipped(reason: str) -> dict:
+    return {"status": "skipped", "reason": reason, "passed": None}
 
 
 def _run_all(sess, batches, progress=None, label=""):
-    """Outputs of every batch and the mean latency per batch (after one warm-up run)."""
-    if batches:
-        sess.run(None, batches[0])
-    outs, times = [], []
-    for i, feed in enumerate(batches):
-        t = time.perf_counter()
-        outs.append(sess.run(None, feed))
-        times.append(time.perf_counter() - t)
-        if progress:
-            progress(label, i + 1, len(batches))
-    return outs, 1000.0 * float(np.mean(times)) if times else 0.0
+    """Outputs of every batch (after one warm-up run); a run ONNX Runtime refuses is an InputError."""
+    try:
+        if batches:
+            sess.run(None, batches[0])
+        outs = []
+        for i, feed in enumerate(batches):
+            outs.append(sess.run(None, feed))
+            if progress:
+                progress(label, i + 1, len(batches))
+    except Exception as exc:
+        raise InputError(f"ONNX Runtime cannot run the {label} model on these inputs: {ort_cause(exc)} "
+                         f"(check --data / --input-shape, or --no-validate)") from None
+    return outs
 
 
 def _side_by_side(sess_a, sess_b, batches, rounds: int = 2):
@@ -155,36 +217,39 @@ def _side_by_side(sess_a, sess_b, batches, rounds: int = 2):
 
 
 class Validator:
-    """Runs the dense model once; ``compare(pruned_path)`` runs a pruned model and returns a Validation."""
+    """Runs the dense model once; ``compare(pruned_path)`` runs a pruned model and compares every output."""
 
     LATENCY_BATCHES = 16  # batches timed side by side (dense, pruned alternately) for the latency figures
 
-    def __init__(self, dense_path: str, dataset, device: str = "auto", quiet: bool = True, progress=None):
+    def __init__(self, dense_path: str, dataset, device: str = "auto", quiet: bool = True, progress=None,
+                 model=None, weight_names=None, bounds: Bounds | None = None):
+        """``model`` (the dense ModelProto) and ``weight_names`` (its prunable tensors) let outputs no weight
+        reaches be told apart; ``bounds`` is the gate (checked against the outputs here: ConfigError)."""
+        if not dataset.batches or not dataset.samples:
+            raise InputError(f"{dataset.source}: no samples to validate on")
         self.dataset, self.device, self.quiet, self.progress = dataset, device, quiet, progress
-        self.dense_path = dense_path
+        self.dense_path, self.bounds = dense_path, bounds or Bounds()
         sess = make_session(dense_path, device, quiet)
         self.providers = sess.get_providers()
         self.output_names = [o.name for o in sess.get_outputs()]
-        self.dense_outs, _ = _run_all(sess, dataset.batches, progress, "dense")
+        self.dense_outs = _run_all(sess, dataset.batches, progress, "dense")
         del sess
-        # the dense side of every metric, computed once (a search compares many pruned models with it)
-        self._dense_flat = [_flat64([b[k] for b in self.dense_outs]) for k in range(len(self.output_names))]
-        self._dense_first = np.concatenate([b[0] for b in self.dense_outs]) if self.dense_outs else np.zeros((0,))
-        axis = _classes_axis(self._dense_first)
-        self._dense_top1 = np.argmax(self._dense_first, axis=axis) if axis is not None else None
-        self._dense_top5 = None
-        if axis is not None and dataset.labels is not None and self._dense_first.ndim == 2 \
-                and self._dense_first.shape[1] >= 5:
-            self._dense_top5 = _top5(self._dense_first, dataset.labels.reshape(self._dense_top1.shape))
+        first = {n: np.asarray(self.dense_outs[0][k]) for k, n in enumerate(self.output_names)}
+        if model is not None:
+            self.kinds = classify_outputs(model, weight_names or (), first)
+        else:
+            self.kinds = classify_outputs(_outputs_only(self.output_names), None, first)
+        self.labelled = labels_for(self.kinds, first, dataset.labels, dataset.source)
+        self.plan = plan_gate(self.kinds, self.labelled, self.bounds)
 
-    def compare(self, pruned_path: str, max_drop: float | None = None, latency: bool = True) -> Validation:
+    def compare(self, pruned_path: str, latency: bool = True) -> Validation:
         """Run the pruned model on the same batches and compare; ``latency=False`` skips the side-by-side
         timing (search and sensitivity probes)."""
         sess = make_session(pruned_path, self.device, self.quiet)
         used = sess.get_providers()
         if used != self.providers:  # never compare across providers
             raise RequestError(f"dense ran on {self.providers} but pruned on {used}")
-        pruned_outs, _ = _run_all(sess, self.dataset.batches, self.progress, "pruned")
+        pruned_outs = _run_all(sess, self.dataset.batches, self.progress, "pruned")
         del sess
         lat_dense = lat_pruned = None
         if latency:
@@ -197,76 +262,50 @@ class Validator:
             del dense_sess, pruned_sess
         v = self._metrics(pruned_outs)
         v.latency_ms_dense, v.latency_ms_pruned = lat_dense, lat_pruned
-        if max_drop is not None:
-            v.max_drop = max_drop
-            v.passed = bool(v.drop <= max_drop + 1e-12) and not any(
-                o.nonfinite_pruned > o.nonfinite_dense for o in v.outputs)
         return v
 
     def _metrics(self, pruned_outs) -> Validation:
-        ds = self.dataset
-        pruned = np.concatenate([b[0] for b in pruned_outs]) if pruned_outs else np.zeros((0,))
-        flats = [pruned.reshape(-1).astype(np.float64)] + [_flat64([b[k] for b in pruned_outs])
-                                                             for k in range(1, len(self.output_names))]
-        stats = [_output_stats(name, self._dense_flat[k], flats[k]) for k, name in enumerate(self.output_names)]
-        dense = self._dense_first
-        if stats and stats[0].nonfinite_pruned:
-            pruned = np.nan_to_num(pruned, nan=-np.inf)
-        axis = _classes_axis(dense)
-        common = dict(device=self.device, providers=self.providers, data=ds.source, samples=len(dense),
-                      batches=len(ds.batches), batch_size=ds.batch_size, outputs=stats)
-        if axis is None:  # a regression-style output: agreement is not defined, judge by cosine
-            cos = stats[0].cosine if stats else 1.0
-            return Validation(metric="output_cosine", dense=1.0, pruned=cos, drop=1.0 - cos, **common)
-        top_d = self._dense_top1
-        top_p = np.argmax(pruned, axis=axis)
-        agreement = float(np.mean(top_d == top_p)) if top_d.size else 1.0
-        if ds.labels is not None:
-            y = ds.labels.reshape(top_d.shape)
-            acc_d, acc_p = float(np.mean(top_d == y)), float(np.mean(top_p == y))
-            v = Validation(metric="top1_accuracy", dense=acc_d, pruned=acc_p, drop=acc_d - acc_p,
-                           agreement=agreement, **common)
-            if self._dense_top5 is not None:
-                v.top5_dense, v.top5_pruned = self._dense_top5, _top5(pruned, y)
-            return v
-        return Validation(metric="top1_agreement", dense=1.0, pruned=agreement, drop=1.0 - agreement,
-                          agreement=agreement, **common)
+        ds, stats = self.dataset, []
+        for k, name in enumerate(self.output_names):
+            kind, why = self.kinds.get(name, ("dense", ""))
+            st = OutputStats(name, kind=kind, why=why, gated=name in self.plan, metric=self.plan.get(name))
+            d = [np.asarray(b[k]) for b in self.dense_outs]
+            p = [np.asarray(b[k]) for b in pruned_outs]
+            st.shape = list(d[0].shape) if d else None
+            if kind in ("classification", "sequence", "dense"):
+                float_stats(st, d, p, ds.batch_sizes)
+                if kind != "dense" and st.collapsed != "shape changed":
+                    class_stats(st, d, p, ds.labels if name in self.labelled else None)
+            elif [x.shape for x in d] != [x.shape for x in p] or any(not np.array_equal(a, b) for a, b in zip(d, p)):
+                st.max_abs_error = float("nan")  # an integer output changed: reported, not gated
+                st.collapsed = None
+                st.why += "; values changed"
+            if st.gated:
+                judge(st, self.bounds)
+            stats.append(st)
+        gated = [s for s in stats if s.gated]
+        head = max(gated, key=severity) if self.bounds.active() and gated else (gated[0] if gated else None)
+        v = Validation(device=self.device, providers=self.providers, data=ds.source, samples=ds.samples,
+                       batches=len(ds.batches), batch_size=ds.batch_size, outputs=stats,
+                       metric=head.metric if head else "none", dense=head.dense_value if head else 0.0,
+                       pruned=head.value if head else 0.0, drop=head.drop if head else 0.0,
+                       output=head.name if head else None, notes=list(ds.notes),
+                       collapsed=[s.name for s in stats if s.collapsed])
+        if head is not None and head.kind in ("classification", "sequence"):
+            v.agreement = head.top1_agreement
+            v.top5_dense, v.top5_pruned = head.top5_accuracy_dense, head.top5_accuracy_pruned
+        if self.bounds.active():
+            b = self.bounds
+            v.gate = {"max_drop": b.max_drop, "max_rel_error": b.max_rel_error, "min_cosine": b.min_cosine,
+                      "min_snr_db": b.min_snr, "metric": b.metric, "outputs": list(self.plan)}
+            v.max_drop = b.max_drop
+            v.passed = all(s.passed for s in gated)
+        return v
 
 
-def _flat64(batches) -> np.ndarray:
-    """All batches of one output, flattened into one float64 vector."""
-    if not batches:
-        return np.zeros(0)
-    return np.concatenate([np.asarray(b).reshape(-1) for b in batches]).astype(np.float64)
+class _outputs_only:
+    """A stand-in model that names outputs only (no graph to trace): every float output may depend on weights."""
 
-
-def _output_stats(name, d: np.ndarray, p: np.ndarray) -> OutputStats:
-    """Errors and cosine of one output (dense d and pruned p, flat float64), vectorised over the whole output."""
-    st = OutputStats(name)
-    # a finite sum proves every element finite: the common case costs one reduction, not a boolean pass
-    fin_d = np.isfinite(d) if not np.isfinite(d.sum()) else None
-    fin_p = np.isfinite(p) if not np.isfinite(p.sum()) else None
-    st.nonfinite_dense = 0 if fin_d is None else int(d.size - np.count_nonzero(fin_d))
-    st.nonfinite_pruned = 0 if fin_p is None else int(p.size - np.count_nonzero(fin_p))
-    if d.size == 0:
-        return st
-    if st.nonfinite_dense or st.nonfinite_pruned:
-        both = (np.isfinite(d) if fin_d is None else fin_d) & (np.isfinite(p) if fin_p is None else fin_p)
-        st.max_abs_error = st.max_rel_error = float("inf") if st.nonfinite_pruned > st.nonfinite_dense else 0.0
-        st.cosine = 0.0 if st.nonfinite_pruned > st.nonfinite_dense else 1.0
-        d, p = d[both], p[both]
-        if d.size == 0:
-            return st
-    diff = np.abs(d - p)
-    st.max_abs_error = max(st.max_abs_error, float(diff.max()))
-    st.max_rel_error = max(st.max_rel_error, float((diff / (np.abs(d) + 1e-12)).max()))
-    nd, npp = float(np.dot(d, d)), float(np.dot(p, p))
-    if not (st.nonfinite_pruned > st.nonfinite_dense):
-        st.cosine = float(np.dot(d, p) / np.sqrt(nd * npp)) if nd > 0 and npp > 0 else (1.0 if nd == npp else 0.0)
-    return st
-
-
-def _top5(logits: np.ndarray, y: np.ndarray) -> float:
-    """Fraction of samples whose label is among the 5 highest logits (fewer than 5 classes score higher)."""
-    true = logits[np.arange(len(y)), y]
-    return float(np.mean((logits > true[:, None]).sum(axis=1) < 5))
+    def __init__(self, names):
+        from types import SimpleNamespace
+        self.graph = SimpleNamespace(node=[], output=[SimpleNamespace(name=n) for n in names])

@@ -39,7 +39,9 @@ def test_dry_run_writes_nothing(cnn, tmp_path):
     files = set(os.listdir(tmp_path))
     r = invoke(cnn, "-s", "0.9", "--dry-run", "--report", tmp_path / "r.json")
     assert r.exit_code == 0 and "dry run" in r.stdout
-    assert set(os.listdir(tmp_path)) == files
+    assert set(os.listdir(tmp_path)) == files | {"r.json"}  # the report is what a dry run is for
+    doc = json.load(open(tmp_path / "r.json"))
+    assert doc["dry_run"] and doc["output"] is None and doc["target_pruned"] == round(0.9 * 14304)
 
 
 @pytest.mark.parametrize("value", ["nan", "1", "1.0", "-0.1", "inf", "abc"])

@@ -17,3 +17,24 @@ def test_readme_documents_every_option():
         for opt in param.opts:
             if opt.startswith("--"):
                 assert re.search(re.escape(opt) + r"\b", readme), opt
+
+
+def test_readme_stands_on_its_own():
+    """No link or path outside the repository, no install from a package index that has no release."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "../" not in readme and "shared/docs" not in readme
+    assert not re.search(r"pip install onnxprune\b", readme)
+
+
+def test_runtime_markers_pick_one_onnxruntime_per_platform():
+    import pytest
+    tomllib = pytest.importorskip("tomllib")
+    from packaging.requirements import Requirement
+    deps = [Requirement(r) for r in tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]
+            ["dependencies"]]
+    ort = [r for r in deps if r.name in ("onnxruntime", "onnxruntime-gpu")]
+    platforms = {"linux-x86_64": ("linux", "x86_64", "onnxruntime-gpu"), "win-x64": ("win32", "AMD64", "onnxruntime-gpu"),
+                 "linux-arm": ("linux", "aarch64", "onnxruntime"), "mac": ("darwin", "arm64", "onnxruntime")}
+    for plat, machine, want in platforms.values():
+        env = {"sys_platform": plat, "platform_machine": machine}
+        assert [r.name for r in ort if r.marker.evaluate(env)] == [want]

@@ -9,6 +9,7 @@ from onnx import helper
 
 from onnxprune.data import input_specs, load_data, parse_input_shapes, synthesize
 from onnxprune.errors import ConfigError, InputError, RequestError
+from onnxprune.metrics import Bounds
 from onnxprune.validate import Validator, make_session
 
 from conftest import invoke, init, make_model, sample, two_layer_mlp, vi
@@ -94,8 +95,14 @@ def test_dynamic_dims_need_input_shape(tmp_path):
                    [init("w", np.random.default_rng(0).standard_normal((4, 2, 3, 3)).astype(np.float32))])
     path = str(tmp_path / "dyn.onnx")
     onnx.save(m, path)
-    r = invoke(path, "-s", "0.5")
-    assert r.exit_code == 2 and "--input-shape x:" in r.stderr
+    r = invoke(path, "-s", "0.5", "--json")  # pruned and written; validation skipped with the reason
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["validation"]["status"] == "skipped" and os.path.exists(doc["output"])
+    assert "--input-shape x:1,2,640,640" in doc["validation"]["reason"]
+    r = invoke(path, "-s", "0.5", "--max-rel-error", "0.5", "-o", tmp_path / "gated.onnx")  # a gate needs it
+    assert r.exit_code == 2 and "--input-shape x:" in r.stderr and not (tmp_path / "gated.onnx").exists()
+    r = invoke(path, "-s", "0.5", "--input-shape", "x:1,2,640,640", "--batches", "1", "-q")  # the hint pastes
+    assert r.exit_code == 0
     r = invoke(path, "-s", "0.5", "--input-shape", "x:2,2,5,5", "--json", "-q")
     assert r.exit_code == 0 and json.loads(r.stdout)["validation"]["samples"] == 8
     assert invoke(path, "-s", "0.5", "--input-shape", "x:2,2").exit_code == 2
@@ -116,7 +123,7 @@ def test_data_formats(tmp_path):
     np.save(tmp_path / "dir" / "y.npy", np.zeros(10, np.int64))
     assert load_data(str(tmp_path / "dir"), specs, 10).labels is not None
     np.savez(tmp_path / "bad.npz", a=x, b=x)
-    with pytest.raises(InputError, match="do not name"):
+    with pytest.raises(InputError, match="no array for input"):
         load_data(str(tmp_path / "bad.npz"), specs, 4)
     with pytest.raises(InputError):
         load_data(str(tmp_path / "missing.npz"), specs, 4)
@@ -135,7 +142,7 @@ def test_synthesize_is_seeded_and_shape_parsing():
 def test_identical_model_compares_equal(tmp_path):
     path = sample("mlp_gemm")[0]
     ds = synthesize(input_specs(onnx.load(path)), 16, 2, 0, {})
-    v = Validator(path, ds, "cpu").compare(path, max_drop=0.0)
+    v = Validator(path, ds, "cpu", bounds=Bounds(max_drop=0.0)).compare(path)
     assert v.passed and v.drop == 0 and v.outputs[0].max_abs_error == 0 and v.outputs[0].cosine == pytest.approx(1)
 
 
@@ -150,8 +157,8 @@ def test_nan_outputs_fail_the_gate(tmp_path):
     bad_path = str(tmp_path / "bad.onnx")
     onnx.save(bad, bad_path)
     ds = synthesize(input_specs(m), 4, 2, 0, {})
-    v = Validator(path, ds, "cpu").compare(bad_path, max_drop=1.0)
-    assert v.passed is False and v.outputs[0].nonfinite_pruned > 0
+    v = Validator(path, ds, "cpu", bounds=Bounds(max_drop=1.0)).compare(bad_path)
+    assert v.passed is False and v.outputs[0].nonfinite_pruned > 0 and "non-finite" in v.outputs[0].collapsed
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has a working CUDA provider")
