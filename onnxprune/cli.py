@@ -143,6 +143,15 @@ def default_output(model_path: str) -> str:
                    "scalar). Repeatable.")
 @click.option("--synthetic", default="normal", show_default=True, metavar="normal[:M,S]|uniform[:LO,HI]",
               help="Distribution of synthetic float inputs, e.g. uniform:0,1 for image models that expect [0, 1].")
+@click.option("--reconstruct/--no-reconstruct", default=None,
+              help="Calibrated reconstruction: choose each layer's kept weights with second-order information and "
+                   "refit them to reproduce the dense layer (needs --calibration, or --data to split). On by "
+                   "default when --calibration is given.")
+@click.option("--calibration", type=str, default=None,
+              help="Calibration inputs for --reconstruct (same formats as --data; never the evaluation data).")
+@click.option("--calibration-samples", type=click.IntRange(1, 1 << 20), default=128, show_default=True,
+              help="Use the first N calibration samples (with --data alone: the first N calibrate, the rest "
+                   "evaluate).")
 @click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True,
               help="ONNX Runtime device: auto uses CUDA when a session really runs on it, else the CPU.")
 @click.option("--max-drop", type=FractionType(), default=None,
@@ -176,7 +185,8 @@ def default_output(model_path: str) -> str:
 @click.option("-v", "--verbose", is_flag=True, help="More logging; tracebacks on errors; ONNX Runtime's own messages.")
 @click.version_option(__version__, prog_name="onnxprune")
 def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, effective, target, effective_mode,
-         validate, data, batch_size, batches, input_shape, synthetic, device, max_drop, max_rel_error, min_cosine,
+         validate, data, batch_size, batches, input_shape, synthetic, reconstruct, calibration, calibration_samples,
+         device, max_drop, max_rel_error, min_cosine,
          min_snr, gate_metric, gate_output, keep_failed, sensitivity, plot, report_path, table_mode, as_json,
          dry_run, quiet, verbose):
     """Prune MODEL (an .onnx file) to an exact global SPARSITY, validate it, write MODEL_pruned.onnx.
@@ -191,6 +201,8 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
       onnxprune model.onnx -s 0.9 --data test.npz --max-drop 0.01      # CI gate: exit 1 if accuracy drops > 1 pt
       onnxprune yolo.onnx -s 0.5 --input-shape images:1,3,640,640 --synthetic uniform:0,1 --max-rel-error 0.1
       onnxprune encoder.onnx -s 0.5 --input-shape input_ids:8,128 --metric cosine --min-cosine 0.99
+      onnxprune model.onnx -s 0.95 --data test.npz --reconstruct    # first 128 samples calibrate, rest evaluate
+      onnxprune model.onnx -s 0.9 --calibration calib.npz --data test.npz --max-drop 0.01
       onnxprune model.onnx -s auto --data test.npz --max-drop 0.01 --plot curve.png
       onnxprune model.onnx -s 0.9 --dry-run --json
 
@@ -229,13 +241,21 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
         raise click.UsageError("--metric and --gate-output choose what a gate bound reads: give one "
                                "(--max-drop, --max-rel-error, --min-cosine or --min-snr)")
 
+    if reconstruct is None:
+        reconstruct = calibration is not None
+    if reconstruct and not (calibration or data):
+        raise click.UsageError("--reconstruct needs calibration data: --calibration PATH (or --data PATH, whose "
+                               "first --calibration-samples samples then calibrate and the rest evaluate)")
+    if calibration and not reconstruct:
+        raise click.UsageError("--calibration is only read by --reconstruct")
+    config.reconstruct = reconstruct
     run = Run(model, output or default_output(model), config, locals(), quiet or as_json, verbose)
     with _signals_raise():
         code = run.execute()
         if code in (EXIT_OK, EXIT_GATE) and report_path:
             code = run.write_report(report_path) or code
     if as_json:
-        click.echo(json.dumps(run.report.to_dict(), indent=2, default=_json_default))
+        click.echo(report_json(run.report))
     elif code in (EXIT_OK, EXIT_GATE) and not quiet:
         from .table import print_report
         print_report(run.report, mode=table_mode)
@@ -246,6 +266,23 @@ def _json_default(x):
     if hasattr(x, "item"):
         return x.item()
     return str(x)
+
+
+def _finite(obj):
+    """JSON has no inf/nan (strict parsers reject them): write them as strings / null."""
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def report_json(report) -> str:
+    return json.dumps(_finite(report.to_dict()), indent=2, default=_json_default, allow_nan=False)
 
 
 class _signals_raise:
@@ -328,7 +365,7 @@ class Run:
             writes["-o"] = self.out_path
         writes = {k: v for k, v in writes.items() if v}
         reads = [self.model] + list(loaded.external_files if loaded else [])
-        reads += [p for p in (o["data"],) if p]
+        reads += [p for p in (o["data"], o["calibration"]) if p]
         if hasattr(pio, "check_write_targets"):  # TEMP until io grows it
             pio.check_write_targets(writes, reads, loaded)
         elif "-o" in writes:
@@ -343,7 +380,8 @@ class Run:
         self._write_targets(loaded)  # fail before any work
         self.report.timings["load"] = t_load = time.perf_counter() - self.t0
         self.size_before = _file_size(self.model, loaded)
-        validator = self._validator(loaded) if o["validate"] and not config.dry_run else None
+        evaluation = self._datasets(loaded)
+        validator = self._validator(loaded, evaluation) if o["validate"] and not config.dry_run else None
         curve = None
         if o["sparsity"] == "auto":
             from .search import search_sparsity
@@ -413,9 +451,50 @@ class Run:
                 report.warnings.append(f"{gate_error}; written anyway because of --keep-failed")
                 raise AccuracyGateError(gate_error + "; written anyway (--keep-failed)")
 
-    def _validator(self, loaded):
+    def _datasets(self, loaded):
+        """Read --data (the evaluation set) and --calibration; split --data when it must serve both. Sets
+        ``config.calibration``; returns the evaluation Dataset or None (synthetic inputs)."""
+        from .data import load_data, take
+        from .inputs import input_specs
+        o, config = self.o, self.config
+        evaluation = None
+        evaluate = o["validate"] and not config.dry_run
+        if o["data"] and (evaluate or (config.reconstruct and not o["calibration"])):
+            evaluation = load_data(o["data"], input_specs(loaded.model), o["batch_size"], loaded.model)
+        if not config.reconstruct:
+            return evaluation
+        n = o["calibration_samples"]
+        if o["calibration"]:
+            calib = load_data(o["calibration"], input_specs(loaded.model), o["batch_size"], loaded.model)
+            if evaluation is not None and calib.sha256 and calib.sha256 == evaluation.sha256:
+                raise ConfigError("--calibration and --data are the same data: the gate would measure the "
+                                  "calibration set; give --data alone to split it")
+            split = False
+        else:
+            calib = evaluation if evaluation is not None else load_data(o["data"], input_specs(loaded.model),
+                                                                        o["batch_size"], loaded.model)
+            split = True
+        fixed = calib.batch_size if calib.batch_sizes and len(set(calib.batch_sizes)) == 1 and \
+            calib.samples % calib.batch_size == 0 and _fixed_batch(loaded) else 1
+        n = max(fixed, n - n % fixed)
+        if split and calib.samples <= n:
+            raise ConfigError(f"--data holds {calib.samples} samples: with --reconstruct and no --calibration the "
+                              f"first {n} calibrate and the rest evaluate, so nothing would be left to evaluate; "
+                              f"give --calibration, or lower --calibration-samples")
+        used = take(calib, 0, min(n, calib.samples), calib.source)
+        config.calibration = used.batches
+        config.calibration_info = {"path": calib.source, "sha256": calib.sha256, "samples": used.samples,
+                                   "split_from_data": split}
+        if split:
+            evaluation = take(calib, used.samples, None, f"{calib.source} [samples {used.samples}:]")
+            config.calibration_info["evaluation_samples"] = evaluation.samples
+            self.report.warnings.append(f"--data split: samples 0-{used.samples - 1} calibrate, the other "
+                                        f"{evaluation.samples} evaluate")
+        return evaluation
+
+    def _validator(self, loaded, evaluation):
         """The Validator, or None with ``report.validation`` saying why validation is skipped."""
-        from .data import load_data, synthesize
+        from .data import synthesize
         from .graph import find_layers
         from .inputs import input_specs, parse_input_shapes, parse_synthetic, resolve_shapes, unresolved_message
         from .metrics import METRIC_ALIASES, Bounds
@@ -426,8 +505,8 @@ class Run:
         dist = parse_synthetic(o["synthetic"])
         shapes = parse_input_shapes(o["input_shape"])
         specs = input_specs(loaded.model)
-        if o["data"]:
-            dataset = load_data(o["data"], specs, o["batch_size"], loaded.model, shapes)
+        if evaluation is not None:
+            dataset = evaluation
         else:
             resolve_shapes(loaded.model, specs, o["batch_size"], shapes)
             if any(s.missing for s in specs):
@@ -454,8 +533,7 @@ class Run:
         from . import io as pio
         try:
             write = getattr(pio, "atomic_write_bytes", None) or _tmp_write  # TEMP
-            write(path, (json.dumps(self.report.to_dict(), indent=2, default=_json_default)
-                                          + "\n").encode())
+            write(path, (report_json(self.report) + "\n").encode())
             return 0
         except OnnxPruneError as exc:
             return self._fail(EXIT_OUTPUT, f"{exc} (the report was not written)")
@@ -477,6 +555,12 @@ def _tmp_write(path, data):  # TEMP
             fh.write(data)
     except OSError as exc:
         raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
+
+
+def _fixed_batch(loaded) -> bool:
+    from .inputs import input_specs
+    specs = input_specs(loaded.model)
+    return any(s.batch_axis is not None and isinstance(s.dims[s.batch_axis], int) for s in specs)
 
 
 def _num(x) -> str:

@@ -98,7 +98,7 @@ def parse_input_shapes(items) -> dict:
             if not sep or not name:
                 raise ValueError
             parts = [d.strip() for d in dims.split(",")] if dims.strip() else []
-            if any(not re.fullmatch(r"\d{1,8}", p) for p in parts):
+            if any(not re.fullmatch(r"\d{1,12}", p) for p in parts):
                 raise ValueError
             shapes[name] = [int(p) for p in parts]
             if any(d <= 0 for d in shapes[name]):

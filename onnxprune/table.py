@@ -63,6 +63,8 @@ def print_report(report, mode: str = "auto") -> None:
             console.print(escape(_t(line)))
             if c["unknown_ops"]:
                 console.print(escape(f"ops treated as all-to-all (not understood): {', '.join(c['unknown_ops'])}"))
+        if getattr(report, "reconstruction", None):
+            _print_reconstruction(console, report.reconstruction)
         if report.validation and report.validation.get("status") != "skipped":
             _print_validation(console, report.validation)
         if report.search:
@@ -153,6 +155,20 @@ def _gate_text(g: dict) -> str:
     names = {"max_drop": "max drop", "max_rel_error": "max rel error", "min_cosine": "min cosine",
              "min_snr_db": "min SNR dB"}
     return ", ".join(f"{names[k]} {g[k]}" for k in names if g.get(k) is not None)
+
+
+def _print_reconstruction(console, r: dict) -> None:
+    layers = r.get("layers") or []
+    refit = [l for l in layers if l.get("rel_error_after") is not None]
+    cal = r.get("calibration") or {}
+    line = (f"reconstruction: {len(refit)} of {len(layers)} layers refit on {r.get('samples')} calibration samples "
+            f"({cal.get('path')}{', split from --data' if cal.get('split_from_data') else ''}), "
+            f"damping {r.get('damping')}, {r.get('time_s', 0):.1f} s")
+    if refit:
+        worst = max(refit, key=lambda l: l["rel_error_after"])
+        line += (f"; layer output error vs dense, worst layer {shorten(worst['name'], 20)}: "
+                 f"{worst.get('rel_error_before', float('nan')):.3f} one-shot → {worst['rel_error_after']:.3f}")
+    console.print(escape(_t(line)))
 
 
 def _print_search(console, s: dict) -> None:
