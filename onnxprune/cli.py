@@ -391,6 +391,11 @@ class Run:
                        f"({'passes' if v.passed else 'fails'})")
                 # each probe prunes its own fresh load; ``loaded`` stays dense for the final run
                 best, curve, _ = search_sparsity(self.model, config, validator, self.out_path, progress=probe)
+            if best == 0:
+                self.report.search = {"chosen": 0.0, "curve": curve}
+                raise AccuracyGateError(f"no sparsity on the grid passes the gate (the lowest probe, "
+                                        f"{curve[0]['sparsity']:.3f}, fails: {curve[0]['metric']} "
+                                        f"{_num(curve[0]['value'])}); nothing written")
             config.sparsity = best
         with fb.stage("pruning"):
             report = prune_loaded(loaded, config)
@@ -527,6 +532,8 @@ class Run:
                                   model=loaded.model, weight_names=[l.name for l in layers if not l.excluded],
                                   bounds=bounds)
         validator.progress = None
+        for note in list(dataset.notes) + list(validator.notes):
+            self.report.warnings.append(f"validation: {note}")
         return validator
 
     def write_report(self, path: str) -> int:

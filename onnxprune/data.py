@@ -120,8 +120,13 @@ def load_data(path: str, specs, batch_size: int, model=None, shapes: dict | None
             labels = np.asarray(arrays.pop(key))
             break
     names = [s.name for s in specs]
+    notes = []
     if all(n in arrays for n in names):
         feeds = {n: arrays[n] for n in names}
+        unused = sorted(set(arrays) - set(names))
+        if unused:
+            notes.append(f"arrays {unused} in {path} are not used (inputs are {names}; labels go in 'y' or "
+                         f"'labels')")
     elif len(specs) == 1 and len(arrays) == 1:
         feeds = {names[0]: next(iter(arrays.values()))}
     else:
@@ -147,6 +152,9 @@ def load_data(path: str, specs, batch_size: int, model=None, shapes: dict | None
                 raise InputError(f"{path}: inputs disagree on the number of samples ({n} vs {count} in "
                                  f"'{s.name}', batch axis {s.batch_axis})")
             n = count
+        if a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise InputError(f"{path}: '{s.name}' holds {int(a.size - np.count_nonzero(np.isfinite(a)))} NaN/Inf "
+                             f"value(s); validation data must be finite")
         feeds[s.name] = a.astype(s.dtype, copy=False)
     if n is None:  # no input has a batch axis: the arrays are one feed
         n = 1
@@ -157,7 +165,6 @@ def load_data(path: str, specs, batch_size: int, model=None, shapes: dict | None
     fixed = next((s.dims[s.batch_axis] for s in specs if s.batch_axis is not None
                   and isinstance(s.dims[s.batch_axis], int)), None)
     bs = fixed or min(batch_size, MAX_BATCH_SIZE)
-    notes = []
     if fixed and n < fixed:
         raise InputError(f"{path}: {n} samples, fewer than one batch (the model's batch dimension is fixed at "
                          f"{fixed})")

@@ -49,13 +49,19 @@ def _dims(vi) -> list:
     return dims
 
 
+def _batch_like(d) -> bool:
+    return isinstance(d, str) and d.lower() in _BATCH_NAMES
+
+
 def input_specs(model: onnx.ModelProto) -> list:
     """The model's fed inputs (initializers also listed as inputs are not fed), with their batch axes.
 
-    The batch is the first input's dynamic leading dimension; an input takes its batch axis where the same
-    ``dim_param`` appears (a recurrent state ``[2, B, 128]`` has it on axis 1), or on a dynamic leading dimension.
-    A static model batches on axis 0 of inputs that share the first input's leading size. Other inputs (scalars,
-    fixed states) have no batch axis and are fed whole to every batch.
+    The batch dimension is a ``dim_param`` named like one (batch, N, B, batch_size...) wherever it sits (a recurrent
+    state ``[2, batch, 128]`` has it on axis 1, a time-major ``[time, batch, C]`` input too); otherwise the dynamic
+    leading dimension of the first non-scalar input, and then every input with a dynamic leading dimension is
+    batched on axis 0 (exporters that name each input's axes apart). A static model batches on axis 0 of inputs
+    sharing the first non-scalar input's leading size. Other inputs (scalars, fixed states) have no batch axis
+    and are fed whole to every batch.
     """
     inits = {t.name for t in model.graph.initializer}
     specs = []
@@ -71,20 +77,18 @@ def input_specs(model: onnx.ModelProto) -> list:
             raise ConfigError(f"input '{vi.name}' has element type {vi.type.tensor_type.elem_type}, which "
                               f"validation cannot feed: use --no-validate") from None
         specs.append(InputSpec(vi.name, dtype, _dims(vi) if vi.type.tensor_type.HasField("shape") else []))
-    if not specs:
+    shaped = [s for s in specs if s.dims]
+    if not shaped:
         return specs
-    first = specs[0].dims
-    lead = first[0] if first else 1
-    for s in specs:
-        if not s.dims:
-            continue
-        if not isinstance(lead, int):
-            if lead and lead in s.dims:
-                s.batch_axis = s.dims.index(lead)
-            elif not isinstance(s.dims[0], int) and (s.dims[0] is None or str(s.dims[0]).lower() in _BATCH_NAMES
-                                                     or s is specs[0]):
-                s.batch_axis = 0
-        elif len(s.dims) >= 1 and s.dims[0] == lead and (s is specs[0] or len(s.dims) >= 2):
+    named = next((d for s in shaped for d in s.dims if _batch_like(d)), None)
+    lead = shaped[0].dims[0]
+    for s in shaped:
+        if named is not None and named in s.dims:
+            s.batch_axis = s.dims.index(named)
+        elif named is None and not isinstance(lead, int) and not isinstance(s.dims[0], int):
+            s.batch_axis = 0
+        elif named is None and isinstance(lead, int) and s.dims[0] == lead and (s is shaped[0] or s.rank >= 2) \
+                and not any(not isinstance(d, int) for d in s.dims):
             s.batch_axis = 0
     return specs
 
@@ -133,7 +137,7 @@ def resolve_shapes(model, specs: list, batch_size: int, given: dict) -> list:
         raise ConfigError(f"--input-shape names unknown input(s): {', '.join(sorted(unknown))}; "
                           f"inputs are {', '.join(s.name for s in specs)}")
     named, image = _metadata_sizes(model)
-    params = dict(named)
+    params, user = dict(named), {}
     for s in specs:  # user shapes first: they also define the sizes of shared dim_params
         if s.name in given:
             shape = given[s.name]
@@ -145,7 +149,13 @@ def resolve_shapes(model, specs: list, batch_size: int, given: dict) -> list:
                     raise ConfigError(f"--input-shape {s.name}: dimension {i} is fixed at {d} in the model, "
                                       f"{g} given")
                 if isinstance(d, str) and d:
-                    params.setdefault(d, g)
+                    if d in user and user[d] != g:
+                        raise ConfigError(f"--input-shape: dimension '{d}' is {user[d]} in one input and {g} in "
+                                          f"'{s.name}'; inputs sharing a dimension must agree")
+                    params[d] = user[d] = g
+    # a batch size given for one input holds for every batched input (exporters may name their axes apart)
+    batch_size = next((given[s.name][s.batch_axis] for s in specs if s.name in given and s.batch_axis is not None),
+                      batch_size)
     for s in specs:
         if s.name in given:
             s.shape = list(given[s.name])
@@ -154,8 +164,8 @@ def resolve_shapes(model, specs: list, batch_size: int, given: dict) -> list:
         for i, d in enumerate(s.dims):
             if isinstance(d, int):
                 shape.append(d)
-            elif i == s.batch_axis:
-                shape.append(params.get(d, batch_size) if d else batch_size)
+            elif i == s.batch_axis:  # --batch-size, unless --input-shape sized this dim_param
+                shape.append(user.get(d, batch_size) if d else batch_size)
             elif d and d in params:
                 shape.append(params[d])
             elif image and s.rank == 4 and i in (2, 3):
@@ -164,6 +174,11 @@ def resolve_shapes(model, specs: list, batch_size: int, given: dict) -> list:
                 shape.append(None)
                 missing.append(i)
         s.shape, s.missing = shape, missing
+    sizes = {s.name: s.shape[s.batch_axis] for s in specs if s.batch_axis is not None and s.shape
+             and s.shape[s.batch_axis] is not None}
+    if len(set(sizes.values())) > 1:
+        raise ConfigError(f"inputs disagree on the batch size: {', '.join(f'{k} {v}' for k, v in sizes.items())}; "
+                          f"give every batched input the same leading size")
     return specs
 
 
@@ -249,11 +264,11 @@ def plan_fill(model, specs: list, dist: tuple) -> None:
     for s in specs:
         low = s.name.lower()
         if s.dtype == np.bool_:
-            s.fill = "ones (True)"
+            s.fill = "zeros (False: nothing padded)" if "pad" in low else "ones (True)"
         elif np.issubdtype(s.dtype, np.integer):
             s.id_range = _embedding_rows(model, s.name)
             if "mask" in low:
-                s.fill = "ones (mask)"
+                s.fill = "zeros (nothing padded)" if "pad" in low else "ones (mask)"
             elif "token_type" in low or "segment" in low:
                 s.fill = "zeros (token types)"
             elif "position" in low:
@@ -267,9 +282,12 @@ def plan_fill(model, specs: list, dist: tuple) -> None:
             else:
                 s.fill = "uniform integers in [0, 2)"
         elif np.issubdtype(s.dtype, np.floating):
+            floats = [x for x in specs if np.issubdtype(x.dtype, np.floating) and x.rank]
             if s.rank == 0:
                 s.fill = "16000.0 (sample rate)" if low in _RATE_NAMES else "1.0 (scalar)"
-            elif any(w in low for w in _STATE_WORDS) and s is not specs[0]:
+            elif "mask" in low:
+                s.fill = "zeros (nothing padded)" if "pad" in low else "ones (mask)"
+            elif any(w in low for w in _STATE_WORDS) and len(floats) > 1:
                 s.fill = "zeros (recurrent state)"
             else:
                 s.fill = f"{kind}({a:g}, {b:g})"

@@ -22,6 +22,7 @@ METRIC_ALIASES = {"accuracy": "top1_accuracy", "agreement": "top1_agreement", "r
                   "cosine": "cosine", "snr": "snr_db"}
 _SHAPE_OPS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast"}
 _SOFTMAX = {"Softmax", "LogSoftmax"}
+_LINEAR = {"Gemm", "MatMul", "Add"}  # a linear head: classification only with >= 10 classes or a score-like name
 _NOT_SCORES = {"LpNormalization", "LayerNormalization", "Tanh", "ReduceMean", "ReduceL2", "Div", "Sigmoid", "Concat",
                "Sqrt", "Mul", "Resize", "Conv", "ConvTranspose"}
 _DENSE_NAME = re.compile(r"emb|hidden|feat|pool|vec|sentence|last_hidden|encod|box|bbox|coord|depth|map|mask|seg|"
@@ -83,7 +84,10 @@ def _producer_op(name: str, producer) -> str:
     return n.op_type if n is not None else ""
 
 
-def classify_outputs(model, weight_names, dense: dict) -> dict:
+_SCORE_NAME = re.compile(r"logit|prob|score|cls|class|pred|softmax|output_label", re.I)
+
+
+def classify_outputs(model, weight_names, dense: dict, rows: int | None = None) -> dict:
     """name -> (kind, why). ``dense``: name -> first-batch array of the dense model; ``weight_names`` None:
     every output may depend on the weights."""
     producer = _graph_maps(model)
@@ -100,15 +104,18 @@ def classify_outputs(model, weight_names, dense: dict) -> dict:
         elif o.name not in depends:
             kinds[o.name] = ("passthrough", "no prunable weight reaches it (e.g. an input passed through): "
                                             "never gated")
-        elif a.ndim == 2 and a.shape[1] >= 2 and (op in _SOFTMAX or (op not in _NOT_SCORES
-                                                                     and not _DENSE_NAME.search(o.name))):
+        elif a.ndim == 2 and a.shape[1] >= 2 and (rows is None or a.shape[0] == rows) and (
+                op in _SOFTMAX or (op not in _NOT_SCORES and not _DENSE_NAME.search(o.name)
+                                   and (_SCORE_NAME.search(o.name) or (a.shape[1] >= 10 and op in _LINEAR)))):
             kinds[o.name] = ("classification", f"[N, C] scores (C={a.shape[1]}" + (f", from {op})" if op else ")"))
-        elif a.ndim == 3 and a.shape[2] >= 2 and (op in _SOFTMAX or (_SEQ_NAME.search(o.name)
-                                                                     and not _DENSE_NAME.search(o.name))):
+        elif a.ndim == 3 and a.shape[2] >= 2 and (rows is None or a.shape[0] == rows) and (
+                op in _SOFTMAX or (_SEQ_NAME.search(o.name) and not _DENSE_NAME.search(o.name))):
             kinds[o.name] = ("sequence", f"[N, T, C] per-position scores (C={a.shape[2]}"
                              + (f", from {op})" if op else ")"))
         else:
-            kinds[o.name] = ("dense", f"{a.ndim}-D float output (detection head, embedding, map or regression)")
+            kinds[o.name] = ("dense", f"{a.ndim}-D float output (detection head, embedding, map, regression; "
+                                      f"classification needs Softmax/LogSoftmax, a score-like name or >= 10 linear "
+                                      f"outputs)")
     return kinds
 
 
@@ -133,7 +140,10 @@ class OutputStats:
     snr_db: float | None = None  # 10 log10(||d||² / ||p - d||²); None when identical
     nonfinite_dense: int = 0
     nonfinite_pruned: int = 0
+    pearson: float | None = None  # correlation of the mean-removed values (offsets such as sigmoid's 0.5 removed)
     collapsed: str | None = None
+    unreliable: str | None = None  # why this comparison cannot be trusted (then a gate on it fails)
+    dense_classes: int | None = None  # distinct top-1 classes the dense model predicts on this data
     top1_agreement: float | None = None
     top5_agreement: float | None = None
     top1_accuracy_dense: float | None = None
@@ -189,12 +199,20 @@ def float_stats(st: OutputStats, dense_batches, pruned_batches, sizes=None) -> N
     nd, ne = float(np.sum(d * d)), float(np.sum(diff * diff))
     st.rel_error = float(np.sqrt(ne / nd)) if nd > 0 else (0.0 if ne == 0 else float("inf"))
     st.snr_db = None if ne == 0 else (float(10 * np.log10(nd / ne)) if nd > 0 else float("-inf"))
+    if d.shape[1] < 2:  # one value per sample: a per-sample cosine is only its sign; compare the whole output
+        d, p = d.reshape(1, -1), p.reshape(1, -1)
+    dc, pc = d - d.mean(), p - p.mean()
+    den = float(np.sqrt(np.sum(dc * dc) * np.sum(pc * pc)))
+    st.pearson = float(np.sum(dc * pc) / den) if den > 0 else (1.0 if not np.any(dc) and not np.any(pc) else 0.0)
     dn, pn = np.sqrt(np.sum(d * d, axis=1)), np.sqrt(np.sum(p * p, axis=1))
     dot = np.sum(d * p, axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         cos = np.where((dn > 0) & (pn > 0), dot / (dn * pn), np.where(dn == pn, 1.0, 0.0))
     if cos.size:
         st.cosine, st.cosine_min = float(np.mean(cos)), float(np.min(cos))
+    if st.nonfinite_dense:
+        st.unreliable = (f"the dense model itself gives {st.nonfinite_dense} non-finite values on these inputs: give "
+                         f"realistic inputs (--data, --synthetic)")
     if st.nonfinite_pruned > st.nonfinite_dense:
         st.collapsed = f"{st.nonfinite_pruned - st.nonfinite_dense} non-finite values"
         st.rel_error, st.cosine, st.cosine_min = float("inf"), 0.0, 0.0
@@ -218,6 +236,11 @@ def class_stats(st: OutputStats, dense_batches, pruned_batches, labels) -> None:
     p = np.nan_to_num(p, nan=-np.inf)
     top_d, top_p = np.argmax(d, axis=1), np.argmax(p, axis=1)
     st.top1_agreement = float(np.mean(top_d == top_p)) if len(d) else 1.0
+    st.dense_classes = int(len(np.unique(top_d)))
+    if st.dense_classes == 1 and len(d) >= 2 and labels is None and st.metric in (None, "top1_agreement"):
+        st.unreliable = (f"the dense model predicts class {int(top_d[0])} for all {len(d)} "
+                         f"{'positions' if st.kind == 'sequence' else 'samples'}: top-1 agreement cannot tell "
+                         f"pruned from dense; give real inputs with --data, or --metric rel-error")
     if c >= 5 and len(d):
         st.top5_agreement = float(np.mean(_topk_hit(p, top_d, 5)))
     if labels is not None:
@@ -229,13 +252,16 @@ def class_stats(st: OutputStats, dense_batches, pruned_batches, labels) -> None:
             st.top5_accuracy_pruned = float(np.mean(_topk_hit(p, y, 5)))
 
 
-def labels_for(kinds: dict, dense: dict, labels, source: str) -> dict:
-    """Which outputs the labels score: [N] class ids for [N, C] outputs, [N, T] for [N, T, C]; checked against
-    the number of classes (InputError: out of range or one-hot)."""
+def labels_for(kinds: dict, dense: dict, labels, source: str, chosen=()) -> dict:
+    """The output the labels score: [N] class ids for an [N, C] output, [N, T] for [N, T, C]; among ``chosen``
+    (--gate-output) when given, else the first that fits. Checked against its number of classes (InputError:
+    out of range or one-hot)."""
     if labels is None:
         return {}
     fit = {}
     for name, (kind, _) in kinds.items():
+        if chosen and name not in chosen:
+            continue
         a = dense[name]
         if kind == "classification" and labels.ndim == 1:
             fit[name] = a.shape[1]
@@ -248,11 +274,11 @@ def labels_for(kinds: dict, dense: dict, labels, source: str) -> dict:
         shapes = {n: list(dense[n].shape) for n in kinds}
         raise InputError(f"{source}: labels of shape {list(labels.shape)} fit no classification [N, C] or sequence "
                          f"[N, T, C] output (outputs: {shapes})")
-    for name, classes in fit.items():
-        if labels.size and labels.max() >= classes:
-            raise InputError(f"{source}: label {int(labels.max())} is out of range for output '{name}' with "
-                             f"{classes} classes")
-    return fit
+    name, classes = next(iter(fit.items()))  # one output gets the labels; --gate-output chooses another
+    if labels.size and labels.max() >= classes:
+        raise InputError(f"{source}: label {int(labels.max())} is out of range for output '{name}' with "
+                         f"{classes} classes" + (" (--gate-output scores another output)" if len(fit) > 1 else ""))
+    return {name: classes}
 
 
 def plan_gate(kinds: dict, labelled: dict, bounds: Bounds) -> dict:
@@ -284,10 +310,11 @@ def plan_gate(kinds: dict, labelled: dict, bounds: Bounds) -> dict:
         for opt, value in given.items():
             if value is not None and opt not in used:
                 gated = ", ".join(f"'{n}' ({kinds[n][0]}: {m})" for n, m in plan.items()) or "none"
-                what = ("classification/sequence outputs" if opt == "--max-drop" else
+                what = ("accuracy/agreement of classification and sequence outputs" if opt == "--max-drop" else
                         f"outputs gated by {next(m for m in METRICS if METRICS[m][0] == opt)}")
-                raise ConfigError(f"{opt} bounds {what}, and no gated output is one (gated: {gated}); "
-                                  f"see --metric and --gate-output")
+                why = (f"--metric {bounds.metric} makes every gated output read {bounds.metric}" if bounds.metric
+                       else "no gated output reads it")
+                raise ConfigError(f"{opt} bounds {what}, but {why} (gated: {gated}); see --metric and --gate-output")
         for n, metric in plan.items():
             if bounds.bound(metric) is None:
                 raise ConfigError(f"output '{n}' ({kinds[n][0]}) is gated by {metric}, bounded by "
@@ -299,7 +326,10 @@ def plan_gate(kinds: dict, labelled: dict, bounds: Bounds) -> dict:
 
 
 def gate_value(st: OutputStats, metric: str) -> tuple[float, float, float]:
-    """(dense value, pruned value, badness) of ``metric`` on one output."""
+    """(dense value, pruned value, badness) of ``metric`` on one output (badness inf when it was not computed,
+    e.g. a shape change)."""
+    if metric in ("top1_accuracy", "top1_agreement") and st.top1_agreement is None:
+        return None, None, float("inf")
     if metric == "top1_accuracy":
         return st.top1_accuracy_dense, st.top1_accuracy_pruned, st.top1_accuracy_dense - st.top1_accuracy_pruned
     if metric == "top1_agreement":
@@ -318,17 +348,20 @@ def judge(st: OutputStats, bounds: Bounds) -> None:
     st.bound = bounds.bound(st.metric) if bounds.active() else None
     if st.bound is None:
         return
+    if st.value is None:
+        st.passed = False
+        return
     higher = METRICS[st.metric][1]
     if st.metric in ("top1_accuracy", "top1_agreement"):
         ok = st.drop <= st.bound + 1e-12
     else:
         ok = st.value >= st.bound - 1e-12 if higher else st.value <= st.bound + 1e-12
-    st.passed = bool(ok) and st.collapsed is None
+    st.passed = bool(ok) and st.collapsed is None and st.unreliable is None
 
 
 def severity(st: OutputStats) -> float:
     """How close a gated output is to (or past) its bound, comparable across metrics (>1: failed)."""
-    if st.collapsed:
+    if st.collapsed or st.unreliable or st.value is None:
         return float("inf")
     if st.bound is None:
         return st.drop if st.drop is not None else 0.0

@@ -6,6 +6,7 @@ import io
 import logging
 
 from .io import load_model, stage_model
+from .metrics import severity
 from .pipeline import PruneConfig, prune_loaded
 
 log = logging.getLogger("onnxprune")
@@ -67,11 +68,14 @@ def sensitivity(model_path: str, config: PruneConfig, validator, out_path: str, 
     for name in layer_names:
         cfg = dataclasses.replace(config, only=(name,), exclude=())
         _, v = evaluate(model_path, cfg, validator, out_path)
+        head = next((o for o in v.outputs if o.name == v.output), None)
         rows.append({"layer": name, "sparsity": config.sparsity, "metric": v.metric, "output": v.output,
-                     "value": v.pruned, "drop": v.drop, "collapsed": v.collapsed})
+                     "value": v.pruned, "drop": v.drop, "collapsed": v.collapsed,
+                     "severity": severity(head) if head is not None else 0.0})
         if progress:
             progress(name, v)
-    rows.sort(key=lambda r: (-r["drop"], r["layer"]))
+    # most sensitive first, comparable across outputs and metrics (bounded: the fraction of its bound used)
+    rows.sort(key=lambda r: (-r["severity"], r["layer"]))
     return rows
 
 

@@ -31,8 +31,38 @@ def shorten(name: str, width: int = NAME_WIDTH) -> str:
     """Cut a long name in the middle, keeping both ends (the distinctive parts of exported names)."""
     if len(name) <= width:
         return name
-    keep = width - 1
-    return name[: keep // 2] + _t("…") + name[len(name) - (keep - keep // 2):]
+    dots = _t("…")
+    keep = width - len(dots)
+    return name[: keep // 2] + dots + name[len(name) - (keep - keep // 2):]
+
+
+def _common_prefix(names: list) -> str:
+    """The longest prefix every name shares, cut after a separator ('.', '/', ':' or '_')."""
+    if len(names) < 2:
+        return ""
+    first, last = min(names), max(names)
+    n = 0
+    while n < min(len(first), len(last)) and first[n] == last[n]:
+        n += 1
+    cut = max(first.rfind(sep, 0, n) for sep in "./:_") + 1
+    return first[:cut]
+
+
+def short_names(names: list, width: int = NAME_WIDTH) -> dict:
+    """name -> display name: the prefix all names share is dropped first (so the part that tells layers apart
+    survives), then the rest is cut in the middle."""
+    long = [n for n in names if len(n) > width]
+    prefix = _common_prefix(long)
+    dots = _t("…")
+    out = {}
+    for n in names:
+        if len(n) <= width:
+            out[n] = n
+        elif len(prefix) > len(dots) + 2 and n.startswith(prefix):
+            out[n] = shorten(dots + n[len(prefix):], width)
+        else:
+            out[n] = shorten(n, width)
+    return out
 
 
 def _size(n) -> str:
@@ -92,11 +122,12 @@ def _layer_table(console, report, full: bool) -> None:
         keep = set(sorted(range(len(rows)), key=lambda i: (-rows[i].params, i))[:COMPACT_ROWS])
         hidden = [l for i, l in enumerate(rows) if i not in keep]
         rows = [l for i, l in enumerate(rows) if i in keep]
+    display = short_names([l.name for l in rows])
     for l in rows:
         after = "excluded" if l.excluded else _pct(l.sparsity_after)
         eff = "" if l.effective_sparsity is None else _pct(l.effective_sparsity)
         shape = _t("×").join(map(str, l.shape)) + ("" if l.dtype == "float32" else f" {l.dtype}")
-        cells = [escape(shorten(l.name)), l.op, shape, f"{l.params:,}"]
+        cells = [escape(display[l.name]), l.op, shape, f"{l.params:,}"]
         cells += [_pct(l.sparsity_before)] if show_before else []
         table.add_row(*cells, after, eff)
     if hidden:
@@ -128,18 +159,25 @@ def _print_validation(console, v: dict) -> None:
               pad_edge=False)
     for col, j in (("output", "left"), ("kind", "left"), ("metric", "left"), ("dense", "right"),
                    ("pruned", "right"), ("cosine", "right"), ("rel err", "right"), ("gate", "left")):
-        t.add_column(col, justify=j, no_wrap=True, overflow="ellipsis")
+        # numbers and the verdict never shrink; only the name may
+        t.add_column(col, justify=j, no_wrap=True, overflow="ellipsis", min_width=0 if col == "output" else None)
+    display = short_names([o["name"] for o in v["outputs"]], 16)
     for o in v["outputs"]:
+        name = escape(display[o["name"]])
+        kind = _KIND_SHORT.get(o["kind"], o["kind"])
         if o["kind"] in ("integer", "passthrough"):
-            t.add_row(escape(shorten(o["name"], 20)), o["kind"], "", "", "", "", "", "no")
+            t.add_row(name, kind, "", "", "", "", "", "no")
             continue
         metric = o["metric"] or ("top1_agreement" if o["kind"] in ("classification", "sequence") else "rel_error")
         dense, pruned = (o["dense_value"], o["value"]) if o["metric"] else \
             ((1.0, o["top1_agreement"]) if metric == "top1_agreement" else (0.0, o["rel_error"]))
-        gate = "collapsed" if o["collapsed"] else ("-" if o["passed"] is None else "pass" if o["passed"] else "FAIL")
-        t.add_row(escape(shorten(o["name"], 20)), o["kind"], metric, _fmt(dense), _fmt(pruned),
+        gate = "collapsed" if o["collapsed"] else "unreliable" if o.get("unreliable") else \
+            ("-" if o["passed"] is None else "pass" if o["passed"] else "FAIL")
+        t.add_row(name, kind, _METRIC_SHORT.get(metric, metric), _fmt(dense), _fmt(pruned),
                   _fmt(o["cosine"]), _fmt(o["rel_error"]), gate if o["gated"] else "no")
     console.print(t)
+    console.print("kinds: class = classification [N, C], seq = per-position [N, T, C]; metrics: acc/agree = top-1 "
+                  "accuracy/agreement, rel_err = relative L2 error", style="dim")
     console.print(escape(f"data: {v['data']}"))
     if v.get("top5_dense") is not None:
         console.print(f"top-5 accuracy: {v['top5_dense']:.4f} → {v['top5_pruned']:.4f}")
@@ -149,6 +187,11 @@ def _print_validation(console, v: dict) -> None:
     if v.get("passed") is not None:
         verdict = "[green]passed[/green]" if v["passed"] else "[red]FAILED[/red]"
         console.print(f"gate ({escape(_gate_text(v['gate']))}): {verdict}")
+
+
+_KIND_SHORT = {"classification": "class", "sequence": "seq", "passthrough": "pass", "integer": "int"}
+_METRIC_SHORT = {"top1_accuracy": "acc", "top1_agreement": "agree", "rel_error": "rel_err", "snr_db": "snr",
+                 "cosine": "cos"}
 
 
 def _gate_text(g: dict) -> str:
@@ -188,7 +231,7 @@ def _print_sensitivity(console, report) -> None:
     for col, j in (("layer", "left"), ("metric", "left"), ("value", "right"), ("drop", "right")):
         t.add_column(col, justify=j, no_wrap=True, overflow="ellipsis")
     for r in report.sensitivity:
-        t.add_row(escape(shorten(r["layer"])), r["metric"], _fmt(r["value"]),
+        t.add_row(escape(shorten(r["layer"])), _METRIC_SHORT.get(r["metric"], r["metric"]), _fmt(r["value"]),
                   f"{r['drop']:+.4f}" if isinstance(r["drop"], float) else str(r["drop"]))
     console.print(t)
 

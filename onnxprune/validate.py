@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import InputError, RequestError
+from .errors import ConfigError, InputError, RequestError
 from .metrics import (Bounds, OutputStats, class_stats, classify_outputs, float_stats, judge, labels_for,
                       plan_gate, severity)
 
@@ -92,7 +92,7 @@ def ort_cause(exc) -> str:
     """The part of an ONNX Runtime error that says why, in full: its source-location prefix dropped."""
     text = " ".join(str(exc).split())
     text = re.sub(r"^\[ONNXRuntimeError\]\s*:\s*\d+\s*:\s*\w+\s*:\s*", "", text)
-    text = re.sub(r"\S+\.(cc|h|cpp):\d+\s+\S*\(?[^)]*\)?\s*", "", text)
+    text = re.sub(r"[\w./\\-]+\.(?:cc|h|cpp):\d+\s+(?:[\w:~<>]+\([^()]*\)\s*(?:const\s*)?)?", "", text)
     return text[:1000] or type(exc).__name__
 
 
@@ -103,7 +103,7 @@ def make_session(path: str, device: str = "auto", quiet: bool = True, threads: i
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}")
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4 if quiet else 2  # ONNX Runtime's own error lines only with -v (ours say it all)
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
@@ -235,12 +235,20 @@ class Validator:
         self.dense_outs = _run_all(sess, dataset.batches, progress, "dense")
         del sess
         first = {n: np.asarray(self.dense_outs[0][k]) for k, n in enumerate(self.output_names)}
+        rows = dataset.batch_sizes[0] if dataset.batch_sizes else None
         if model is not None:
-            self.kinds = classify_outputs(model, weight_names or (), first)
+            self.kinds = classify_outputs(model, weight_names or (), first, rows)
         else:
-            self.kinds = classify_outputs(_outputs_only(self.output_names), None, first)
-        self.labelled = labels_for(self.kinds, first, dataset.labels, dataset.source)
+            self.kinds = classify_outputs(_outputs_only(self.output_names), None, first, rows)
+        self.labelled = labels_for(self.kinds, first, dataset.labels, dataset.source, self.bounds.outputs)
         self.plan = plan_gate(self.kinds, self.labelled, self.bounds)
+        # what the dense outputs alone say about this data: a comparison on them may mean nothing
+        self.notes = [f"output '{st.name}': {st.unreliable}" for st in self._metrics(self.dense_outs).outputs
+                      if st.unreliable]
+        if self.bounds.active():
+            bad = [n for n in self.notes if n.split("'")[1] in self.plan]
+            if bad:
+                raise ConfigError(f"the gate cannot be evaluated on these inputs: {bad[0]}")
 
     def compare(self, pruned_path: str, latency: bool = True) -> Validation:
         """Run the pruned model on the same batches and compare; ``latency=False`` skips the side-by-side
@@ -268,7 +276,8 @@ class Validator:
         ds, stats = self.dataset, []
         for k, name in enumerate(self.output_names):
             kind, why = self.kinds.get(name, ("dense", ""))
-            st = OutputStats(name, kind=kind, why=why, gated=name in self.plan, metric=self.plan.get(name))
+            st = OutputStats(name, kind=kind, why=why, gated=name in self.plan,
+                             metric=self.plan.get(name) if hasattr(self, "plan") else None)
             d = [np.asarray(b[k]) for b in self.dense_outs]
             p = [np.asarray(b[k]) for b in pruned_outs]
             st.shape = list(d[0].shape) if d else None
@@ -280,16 +289,16 @@ class Validator:
                 st.max_abs_error = float("nan")  # an integer output changed: reported, not gated
                 st.collapsed = None
                 st.why += "; values changed"
-            if st.gated:
+            if st.gated and hasattr(self, "plan"):
                 judge(st, self.bounds)
             stats.append(st)
         gated = [s for s in stats if s.gated]
-        head = max(gated, key=severity) if self.bounds.active() and gated else (gated[0] if gated else None)
+        head = max(gated, key=severity) if gated else None  # the worst gated output speaks for the model
         v = Validation(device=self.device, providers=self.providers, data=ds.source, samples=ds.samples,
                        batches=len(ds.batches), batch_size=ds.batch_size, outputs=stats,
                        metric=head.metric if head else "none", dense=head.dense_value if head else 0.0,
                        pruned=head.value if head else 0.0, drop=head.drop if head else 0.0,
-                       output=head.name if head else None, notes=list(ds.notes),
+                       output=head.name if head else None, notes=list(ds.notes) + list(getattr(self, "notes", [])),
                        collapsed=[s.name for s in stats if s.collapsed])
         if head is not None and head.kind in ("classification", "sequence"):
             v.agreement = head.top1_agreement

@@ -85,7 +85,7 @@ def test_encoder_outputs_classified_and_passthrough_never_gated(tmp_path):
 def test_max_drop_on_a_model_without_classifier_outputs_is_refused(tmp_path):
     enc = copy(tmp_path, "encoder.onnx")
     r = invoke(enc, "-s", "0.99", "--input-shape", "input_ids:4,12", "--max-drop", "0.01")
-    assert r.exit_code == 2 and "--max-drop bounds classification" in r.stderr
+    assert r.exit_code == 2 and "--max-drop bounds accuracy/agreement of classification" in r.stderr
     assert not os.path.exists(str(tmp_path / "encoder_pruned.onnx"))
 
 
