@@ -379,7 +379,8 @@ class Run:
             loaded = load_model(self.model)
         self._write_targets(loaded)  # fail before any work
         self.report.timings["load"] = t_load = time.perf_counter() - self.t0
-        self.size_before = _file_size(self.model, loaded)
+        from .evaluation import file_size
+        self.size_before = file_size(self.model, loaded.external_files)
         evaluation = self._datasets(loaded)
         validator = self._validator(loaded, evaluation) if o["validate"] and not config.dry_run else None
         curve = None
@@ -411,7 +412,8 @@ class Run:
             if o["plot"]:
                 from .search import plot_curve
                 from . import io as pio
-                plot_curve(curve, o["plot"], _badness_bound(validator, curve), config.sparsity,
+                from .evaluation import badness_bound
+                plot_curve(curve, o["plot"], badness_bound(validator, curve), config.sparsity,
                            write=getattr(pio, "atomic_write_bytes", None) or _tmp_write)  # TEMP
         if config.dry_run:
             report.timings["total"] = time.perf_counter() - self.t0
@@ -450,90 +452,42 @@ class Run:
                 raise AccuracyGateError(gate_error + "; nothing written (--keep-failed writes it anyway)")
             report.written = staged.commit()
             report.output = self.out_path
-            report.sizes["after"] = _file_size(self.out_path, None, list(report.written))
+            report.sizes["after"] = file_size(self.out_path, list(report.written))
             report.timings["total"] = time.perf_counter() - self.t0
             if gate_error:
                 report.warnings.append(f"{gate_error}; written anyway because of --keep-failed")
                 raise AccuracyGateError(gate_error + "; written anyway (--keep-failed)")
 
     def _datasets(self, loaded):
-        """Read --data (the evaluation set) and --calibration; split --data when it must serve both. Sets
-        ``config.calibration``; returns the evaluation Dataset or None (synthetic inputs)."""
-        from .data import load_data, take
-        from .inputs import input_specs
+        """The evaluation Dataset (or None: synthetic); sets ``config.calibration`` for --reconstruct."""
+        from .evaluation import prepare_data
         o, config = self.o, self.config
-        evaluation = None
-        evaluate = o["validate"] and not config.dry_run
-        if o["data"] and (evaluate or (config.reconstruct and not o["calibration"])):
-            evaluation = load_data(o["data"], input_specs(loaded.model), o["batch_size"], loaded.model)
-        if not config.reconstruct:
-            return evaluation
-        n = o["calibration_samples"]
-        if o["calibration"]:
-            calib = load_data(o["calibration"], input_specs(loaded.model), o["batch_size"], loaded.model)
-            if evaluation is not None and calib.sha256 and calib.sha256 == evaluation.sha256:
-                raise ConfigError("--calibration and --data are the same data: the gate would measure the "
-                                  "calibration set; give --data alone to split it")
-            split = False
-        else:
-            calib = evaluation if evaluation is not None else load_data(o["data"], input_specs(loaded.model),
-                                                                        o["batch_size"], loaded.model)
-            split = True
-        fixed = calib.batch_size if calib.batch_sizes and len(set(calib.batch_sizes)) == 1 and \
-            calib.samples % calib.batch_size == 0 and _fixed_batch(loaded) else 1
-        n = max(fixed, n - n % fixed)
-        if split and calib.samples <= n:
-            raise ConfigError(f"--data holds {calib.samples} samples: with --reconstruct and no --calibration the "
-                              f"first {n} calibrate and the rest evaluate, so nothing would be left to evaluate; "
-                              f"give --calibration, or lower --calibration-samples")
-        used = take(calib, 0, min(n, calib.samples), calib.source)
-        config.calibration = used.batches
-        config.calibration_info = {"path": calib.source, "sha256": calib.sha256, "samples": used.samples,
-                                   "split_from_data": split}
-        if split:
-            evaluation = take(calib, used.samples, None, f"{calib.source} [samples {used.samples}:]")
-            config.calibration_info["evaluation_samples"] = evaluation.samples
-            self.report.warnings.append(f"--data split: samples 0-{used.samples - 1} calibrate, the other "
-                                        f"{evaluation.samples} evaluate")
-        return evaluation
+        d = prepare_data(loaded.model, o["data"], o["calibration"], o["calibration_samples"], o["batch_size"],
+                         evaluate=o["validate"] and not config.dry_run, reconstruct=config.reconstruct)
+        if d.calibration is not None:
+            config.calibration, config.calibration_info = d.calibration.batches, d.calibration_info
+        self.report.warnings.extend(d.warnings)
+        return d.evaluation
 
     def _validator(self, loaded, evaluation):
         """The Validator, or None with ``report.validation`` saying why validation is skipped."""
-        from .data import synthesize
-        from .graph import find_layers
-        from .inputs import input_specs, parse_input_shapes, parse_synthetic, resolve_shapes, unresolved_message
+        from .evaluation import build_validator
         from .metrics import METRIC_ALIASES, Bounds
-        from .validate import Validator, skipped
+        from .validate import skipped
         o = self.o
         gate_needed = o["sparsity"] == "auto" or o["sensitivity"] or any(
             o[k] is not None for k in ("max_drop", "max_rel_error", "min_cosine", "min_snr"))
-        dist = parse_synthetic(o["synthetic"])
-        shapes = parse_input_shapes(o["input_shape"])
-        specs = input_specs(loaded.model)
-        if evaluation is not None:
-            dataset = evaluation
-        else:
-            resolve_shapes(loaded.model, specs, o["batch_size"], shapes)
-            if any(s.missing for s in specs):
-                why = unresolved_message(specs)
-                if gate_needed:
-                    raise ConfigError(f"cannot evaluate the gate: {why}")
-                self.report.validation = skipped(why)
-                self.report.warnings.append(f"validation skipped: {why}")
-                logging.getLogger("onnxprune").warning("validation skipped: %s", why)
-                return None
-            dataset = synthesize(specs, o["batch_size"], o["batches"], o["seed"], shapes, loaded.model, dist)
-        layers, _ = find_layers(loaded.model, self.config.exclude)
         bounds = Bounds(max_drop=o["max_drop"], max_rel_error=o["max_rel_error"], min_cosine=o["min_cosine"],
                         min_snr=o["min_snr"], outputs=tuple(o["gate_output"]),
                         metric=None if o["gate_metric"] == "auto" else METRIC_ALIASES[o["gate_metric"]])
         with self.feedback.progress("validating") as cb:
-            validator = Validator(self.model, dataset, o["device"], quiet=not self.verbose, progress=cb,
-                                  model=loaded.model, weight_names=[l.name for l in layers if not l.excluded],
-                                  bounds=bounds)
-        validator.progress = None
-        for note in list(dataset.notes) + list(validator.notes):
-            self.report.warnings.append(f"validation: {note}")
+            validator, why, warnings = build_validator(
+                self.model, loaded.model, evaluation, bounds, batch_size=o["batch_size"], batches=o["batches"],
+                seed=o["seed"], synthetic=o["synthetic"], input_shape=o["input_shape"], device=o["device"],
+                exclude=self.config.exclude, gate_needed=gate_needed, verbose=self.verbose, progress=cb)
+        if why:
+            self.report.validation = skipped(why)
+        self.report.warnings.extend(warnings)
         return validator
 
     def write_report(self, path: str) -> int:
@@ -564,33 +518,8 @@ def _tmp_write(path, data):  # TEMP
         raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
 
 
-def _fixed_batch(loaded) -> bool:
-    from .inputs import input_specs
-    specs = input_specs(loaded.model)
-    return any(s.batch_axis is not None and isinstance(s.dims[s.batch_axis], int) for s in specs)
-
-
 def _num(x) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
-
-
-def _badness_bound(validator, curve):
-    """The search curve plots 'drop' (badness); the gate bound of the headline metric on that scale."""
-    b = validator.bounds
-    metric = curve[-1]["metric"] if curve else None
-    return {"top1_accuracy": b.max_drop, "top1_agreement": b.max_drop, "rel_error": b.max_rel_error,
-            "cosine": None if b.min_cosine is None else 1 - b.min_cosine,
-            "snr_db": None if b.min_snr is None else -b.min_snr}.get(metric)
-
-
-def _file_size(path: str, loaded=None, written=None) -> int | None:
-    """Bytes of the model file plus its external data files."""
-    try:
-        files = [path] + (list(loaded.external_files) if loaded else []) + \
-            [w for w in (written or []) if os.path.abspath(w) != os.path.abspath(path)]
-        return sum(os.path.getsize(f) for f in dict.fromkeys(files))
-    except OSError:
-        return None
 
 
 if __name__ == "__main__":  # pragma: no cover
