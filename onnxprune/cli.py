@@ -466,6 +466,7 @@ class Run:
                          evaluate=o["validate"] and not config.dry_run, reconstruct=config.reconstruct)
         if d.calibration is not None:
             config.calibration, config.calibration_info = d.calibration.batches, d.calibration_info
+            config.calibration_labels = d.calibration.labels
         self.report.warnings.extend(d.warnings)
         return d.evaluation
 

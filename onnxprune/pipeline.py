@@ -11,7 +11,7 @@ import onnx
 
 from . import __version__
 from .allocation import ALLOCATIONS, Context, LayerInfo
-from .errors import InputError, RequestError
+from .errors import ConfigError, InputError, RequestError
 from .graph import find_layers, find_quantized_ops
 from .io import LoadedModel, load_model, read_tensor, write_tensor
 from .report import LayerReport, Report
@@ -48,9 +48,25 @@ class PruneConfig:
     target: str = "direct"  # "effective": --sparsity is an effective-sparsity target
     effective_mode: str = "channel"  # "exact": per-position analysis for convolutions
     extra: dict = field(default_factory=dict)
+    # Calibrated reconstruction (issue 9): OBS mask under each layer's allocated count, least-squares refit of the
+    # kept weights (inputs from the pruned prefix, targets from the dense model), mean/variance correction.
+    reconstruct: bool = False
+    calibration: list | None = None  # feed dicts {input name: batched array}; never the evaluation data
+    calibration_info: dict = field(default_factory=dict)  # path / samples / sha256, copied into the report
+    calibration_labels: object = None  # optional labels of the calibration samples: checked for class balance
+    damping: float = 0.03  # lambda = damping * mean(diag H)
+    correction: str = "meanvar"  # "meanvar" | "none"
+    reconstruct_mask: str = "admm"  # "admm" | "obs" | "plain" (refit the allocation's own selection)
+    reconstruct_max_rows: int = 32768  # cap on sample rows per layer (evenly strided; 0: all)
 
     def resolve(self) -> tuple:
         """(allocation, score) names, checking the combination."""
+        if self.reconstruct:
+            if not self.calibration:
+                raise ConfigError("reconstruction needs calibration data (--calibration, or --data to split)")
+            if not all(isinstance(b, dict) and b for b in self.calibration):
+                raise ConfigError("calibration must be a list of feed dicts {input name: array}")
+            self.reconstruct_options().check()
         if not isinstance(self.sparsity, (int, float)) or not math.isfinite(self.sparsity) or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be a finite number in [0, 1), got {self.sparsity!r}")
         if self.method not in METHODS:
@@ -64,6 +80,11 @@ class PruneConfig:
             alloc = self.allocation
         return alloc or default, score
 
+    def reconstruct_options(self):
+        from .reconstruct import ReconstructOptions
+        return ReconstructOptions(damping=self.damping, correction=self.correction, mask=self.reconstruct_mask,
+                                  max_rows=self.reconstruct_max_rows)
+
 
 def parse_min_keep(text, total: int) -> int:
     """'0.05%' -> that percent of all prunable weights (int, as the reference does); '715' -> 715."""
@@ -71,15 +92,18 @@ def parse_min_keep(text, total: int) -> int:
     try:
         if s.endswith("%"):
             pct = float(s[:-1])
-            if not math.isfinite(pct) or pct < 0:
+            if not math.isfinite(pct) or not 0 <= pct <= 100:
                 raise ValueError
             return int(total * pct / 100.0)
+        if len(s) > 19:  # more than any model's weight count; keeps int64 arithmetic exact
+            raise ValueError
         value = int(s)
         if value < 0:
             raise ValueError
         return value
     except ValueError:
-        raise ValueError(f"--min-keep must be a count (e.g. 715) or a percent of all prunable weights (e.g. 0.05%), "
+        raise ValueError(f"--min-keep must be a count (e.g. 715) or a percent in [0, 100] of all prunable weights "
+                         f"(e.g. 0.05%), "
                          f"got {text!r}") from None
 
 
@@ -87,7 +111,10 @@ def prune(model_or_path, sparsity: float, method: str = "lamp", **options):
     """Prune a model to an exact global sparsity.
 
     ``model_or_path`` is a path or an ``onnx.ModelProto`` (copied, never modified). Options: allocation, exclude,
-    min_keep, seed, dry_run. Returns ``(pruned ModelProto, Report)``.
+    min_keep, seed, dry_run, and for calibrated reconstruction ``reconstruct=True`` with ``calibration`` (a list of
+    feed dicts {input name: batched array}, disjoint from any evaluation data), optionally ``calibration_info``,
+    ``calibration_labels``, ``damping``, ``correction``, ``reconstruct_mask``, ``reconstruct_max_rows``.
+    Returns ``(pruned ModelProto, Report)``.
     """
     config = PruneConfig(sparsity=sparsity, method=method, **options)
     if isinstance(model_or_path, onnx.ModelProto):
@@ -167,6 +194,10 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
         kept[i] = np.packbits(np.logical_and(nz, np.logical_not(pruned, out=pruned), out=nz))
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
+    if config.reconstruct and idx:
+        _reconstruct(model, layers, values, idx, counts, kept, config, report)
+        t3 = time.perf_counter()
+        report.timings["reconstruct"] = report.reconstruction["time_s"]
     weights = _Weights(layers, values, kept, sel.buffer)
     written = set()
 
@@ -183,6 +214,45 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     report.timings["connectivity"] = t4 - t3
     report.timings["write"] = time.perf_counter() - t4
     return report
+
+
+def _reconstruct(model, layers, values, idx, counts, kept, config, report):
+    """Calibrated reconstruction of every active layer; replaces ``values`` / ``kept`` of the layers it refits and
+    writes the biases it changed (unless a dry run)."""
+    from .reconstruct import reconstruct
+    out = reconstruct(model, layers, values, idx, counts, kept, config.calibration, config.reconstruct_options())
+    for i, new in out.values.items():
+        values[i] = new
+        kept[i] = np.packbits(np.not_equal(new, 0).reshape(-1))
+    if not config.dry_run:
+        from .reconstruct.driver import _tensors
+        tensors = _tensors(model)
+        for name, stored in out.biases.items():
+            write_tensor(tensors[name], stored)
+    report.warnings.extend(out.warnings)
+    balance = _label_balance(config.calibration_labels)
+    if balance:
+        report.warnings.append(balance)
+        log.warning(balance)
+    report.reconstruction = {"calibration": dict(config.calibration_info), **out.info,
+                             "biases_changed": sorted(out.biases)}
+    report.options["reconstruct"] = True
+
+
+def _label_balance(labels) -> str | None:
+    """A warning when the calibration labels look unbalanced (the calibration set matters as much as the solver)."""
+    if labels is None:
+        return None
+    y = np.asarray(labels).reshape(-1)
+    if y.size == 0:
+        return None
+    _, counts = np.unique(y, return_counts=True)
+    if len(counts) == 1:
+        return f"calibration samples all have one label ({y[0]!r}); use samples from every class"
+    if counts.max() > 3 * counts.min() or counts.max() > 2 * y.size / len(counts):
+        return (f"calibration labels look unbalanced ({len(counts)} classes, {counts.min()} to {counts.max()} "
+                f"samples each); a class-balanced calibration set reconstructs better")
+    return None
 
 
 class _Selector:

@@ -1,0 +1,164 @@
+"""Benchmark: test accuracy of every allocation with and without calibrated reconstruction (issue 9).
+
+Sample MLP and sample CNN (and the torch-exported CNN), sparsity 80/90/95/98 %; calibration = the first 128
+samples of the test .npz, evaluation = the remaining samples (disjoint). Also the reconstruction time as a ratio to
+the plain prune of the same model in the same run (in-process, median of --repeat), and optionally (--big) the
+30 M-weight model of bench_prune.py with 128 random calibration samples (fresh processes, time and peak RSS).
+
+    python bench/bench_quality.py [--repeat 3] [--big] [--ablation]
+"""
+import argparse
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from onnxprune import prune  # noqa: E402
+
+MODELS = {"mlp_gemm": ("mlp_gemm.onnx", "digits_mlp_test.npz"), "cnn": ("cnn.onnx", "digits_cnn_test.npz"),
+          "cnn_torch": ("cnn_torch.onnx", "digits_cnn_test.npz")}
+METHODS = ["lamp", "global", "global-mt", "uniform", "uniform+", "erk", "igq"]
+SPARSITIES = [0.8, 0.9, 0.95, 0.98]
+CAL = 128
+
+
+def accuracy(model, x, y):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    out = sess.run(None, {name: x})[0]
+    del sess
+    return float(np.mean(out.argmax(axis=1) == y))
+
+
+def quality(repeat):
+    lines = []
+    ratios = []
+    for key, (mfile, dfile) in MODELS.items():
+        model = onnx.load(os.path.join(ROOT, "sample_models", mfile))
+        data = np.load(os.path.join(ROOT, "sample_models", dfile))
+        x, y = data["x"], data["y"]
+        cal = [{"x": x[i:min(i + 32, CAL)]} for i in range(0, CAL, 32)]
+        xe, ye = x[CAL:], y[CAL:]
+        dense = accuracy(model, xe, ye)
+        lines += [f"**{mfile}** ({sum(int(np.prod(t.dims)) for t in model.graph.initializer if len(t.dims) > 1)} "
+                  f"weights), dense accuracy on the {len(ye)} evaluation samples: **{dense:.3f}**", "",
+                  "| method | " + " | ".join(f"{int(s * 100)} % plain → reconstructed" for s in SPARSITIES) + " |",
+                  "|---|" + "---|" * len(SPARSITIES)]
+        for method in METHODS:
+            cells = []
+            for s in SPARSITIES:
+                try:
+                    plain, _ = prune(model, s, method)
+                    rec, rep = prune(model, s, method, reconstruct=True, calibration=cal)
+                except Exception as exc:  # e.g. uniform+ is for conv nets only
+                    cells.append(f"n/a ({type(exc).__name__})")
+                    continue
+                a, b = accuracy(plain, xe, ye), accuracy(rec, xe, ye)
+                cells.append(f"{a:.3f} → **{b:.3f}**")
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+        lines.append("")
+        # speed: plain prune vs prune + reconstruction, same model, same process, median of `repeat`
+        tp, tr = [], []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            prune(model, 0.95, "lamp")
+            tp.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            prune(model, 0.95, "lamp", reconstruct=True, calibration=cal)
+            tr.append(time.perf_counter() - t)
+        ratios.append((mfile, statistics.median(tp), statistics.median(tr)))
+    lines += [f"Time at 95 % LAMP, in-process, median of {repeat} (plain prune vs prune + reconstruction, "
+              "128 samples):",
+              "", "| model | plain s | reconstructed s | ratio |", "|---|---|---|---|"]
+    lines += [f"| {m} | {a:.3f} | {b:.3f} | {b / a:.0f}x |" for m, a, b in ratios]
+    return lines
+
+
+VARIANTS = {"ADMM mask + refit + mean/var (default)": {}, "ADMM mask + refit, no correction": {"correction": "none"},
+            "one-shot OBS mask + refit + mean/var": {"reconstruct_mask": "obs"},
+            "LAMP's own mask + refit + mean/var": {"reconstruct_mask": "plain"},
+            "damping 0.01": {"damping": 0.01}, "damping 0.1": {"damping": 0.1}}
+
+
+def ablation():
+    lines = ["", "Ablation, LAMP allocation (accuracy on the evaluation samples):", "",
+             "| model | variant | " + " | ".join(f"{int(s * 100)} %" for s in SPARSITIES) + " |",
+             "|---|---|" + "---|" * len(SPARSITIES)]
+    for key in ("mlp_gemm", "cnn"):
+        mfile, dfile = MODELS[key]
+        model = onnx.load(os.path.join(ROOT, "sample_models", mfile))
+        data = np.load(os.path.join(ROOT, "sample_models", dfile))
+        x, y = data["x"], data["y"]
+        cal = [{"x": x[i:min(i + 32, CAL)]} for i in range(0, CAL, 32)]
+        for name, kw in VARIANTS.items():
+            accs = [accuracy(prune(model, s, "lamp", reconstruct=True, calibration=cal, **kw)[0], x[CAL:], y[CAL:])
+                    for s in SPARSITIES]
+            lines.append(f"| {mfile} | {name} | " + " | ".join(f"{a:.3f}" for a in accs) + " |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+BIG = """
+import sys, time, numpy as np, onnx, resource
+sys.path.insert(0, {root!r})
+from onnxprune import prune
+m = onnx.load({path!r})
+rng = np.random.default_rng(0)
+cal = [{{"x": rng.standard_normal((1, 256, 8, 8)).astype(np.float32)}} for _ in range(128)]
+t = time.perf_counter()
+kw = dict(reconstruct=True, calibration=cal, reconstruct_max_rows={rows}) if {rec} else dict()
+out, rep = prune(m, 0.95, "lamp", **kw)
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+"""
+
+
+def big():
+    sys.path.insert(0, HERE)
+    import bench_prune
+    if not os.path.exists(bench_prune.MODEL):
+        subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_prune as b; "
+                        "b.build_model(b.MODEL)"], check=True)
+    res = {}
+    for rec in (False, True):
+        code = BIG.format(root=ROOT, path=bench_prune.MODEL, rec=rec, rows=2048)
+        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+        res[rec] = [float(v) for v in out.split()]
+        print(rec, res[rec], flush=True)
+    (tp, mp), (tr, mr) = res[False], res[True]
+    return ["", "30 M-weight model of bench_prune.py, 95 % LAMP, 128 random calibration samples (batch 1), "
+            "`reconstruct_max_rows=2048`, fresh processes, in-process prune time (load excluded):", "",
+            "| run | time s | peak RSS MiB |", "|---|---|---|",
+            f"| plain prune | {tp:.2f} | {mp:.0f} |", f"| prune + reconstruction | {tr:.2f} | {mr:.0f} |", "",
+            f"Ratios: time {tr / tp:.0f}x, memory {mr / mp:.2f}x."]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--big", action="store_true")
+    ap.add_argument("--ablation", action="store_true")
+    args = ap.parse_args()
+    logging.disable(logging.WARNING)
+    lines = quality(args.repeat)
+    if args.ablation:
+        lines += ablation()
+    if args.big:
+        lines += big()
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""im2col for N-d convolutions: patches whose columns follow the (c, k1, k2, ...) order of an OIHW weight reshape."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def conv_pads(spatial: tuple, kernel: tuple, strides: tuple, dilations: tuple, pads, auto_pad: str) -> list:
+    """Begin/end pads per spatial axis (ONNX order: all begins, then all ends), resolving auto_pad."""
+    n = len(spatial)
+    if auto_pad in ("", "NOTSET"):
+        p = list(pads) if pads else [0] * (2 * n)
+        return p
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    begins, ends = [], []
+    for size, k, s, d in zip(spatial, kernel, strides, dilations):
+        out = math.ceil(size / s)
+        total = max((out - 1) * s + (k - 1) * d + 1 - size, 0)
+        small, big = total // 2, total - total // 2
+        if auto_pad == "SAME_UPPER":
+            begins.append(small), ends.append(big)
+        else:  # SAME_LOWER
+            begins.append(big), ends.append(small)
+    return begins + ends
+
+
+def im2col(x: np.ndarray, kernel: tuple, strides: tuple, dilations: tuple, pads: list, groups: int) -> np.ndarray:
+    """x [N, C, *S] -> patches [groups, N * prod(out), C/groups * prod(kernel)] (float64).
+
+    Row order is (n, out positions...), column order (c within the group, kernel offsets...), so that
+    ``patches[g] @ W[g-th block of out channels].reshape(O/g, -1).T`` is the convolution's output for that group.
+    """
+    x = np.asarray(x)
+    n_sp = x.ndim - 2
+    begins, ends = pads[:n_sp], pads[n_sp:]
+    if any(begins) or any(ends):
+        x = np.pad(x, [(0, 0), (0, 0)] + [(b, e) for b, e in zip(begins, ends)])
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    spatial = x.shape[2:]
+    out = tuple((size - (k - 1) * d - 1) // s + 1 for size, k, s, d in zip(spatial, kernel, strides, dilations))
+    if min(out, default=1) <= 0:
+        raise ValueError(f"convolution output would be empty (input {spatial}, kernel {kernel})")
+    sN, sC = x.strides[:2]
+    sS = x.strides[2:]
+    view = np.lib.stride_tricks.as_strided(
+        x, shape=(x.shape[0], x.shape[1]) + out + tuple(kernel),
+        strides=(sN, sC) + tuple(a * s for a, s in zip(sS, strides)) + tuple(a * d for a, d in zip(sS, dilations)),
+        writeable=False)
+    # -> [N, *out, C, *k]
+    order = (0,) + tuple(range(2, 2 + n_sp)) + (1,) + tuple(range(2 + n_sp, 2 + 2 * n_sp))
+    cols = view.transpose(order)
+    rows = x.shape[0] * int(np.prod(out))
+    c, kk = x.shape[1], int(np.prod(kernel))
+    cg = c // groups
+    cols = cols.reshape(rows, groups, cg * kk)
+    return np.ascontiguousarray(cols.transpose(1, 0, 2))

@@ -1,0 +1,275 @@
+"""Layer -> least-squares problem: which activation feeds it, how weight entries map to [group, out, in] rows,
+how activations become sample rows (im2col, flattening, transposes), and where a bias can be written."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..layout import node_attr
+from .im2col import conv_pads, im2col
+
+
+class Unsupported(Exception):
+    """This layer cannot be reconstructed; plain selection is used (the message says why)."""
+
+
+@dataclass
+class BiasSink:
+    """A per-output-row bias the refit may change: Conv B, Gemm C, a following Add's constant, or a following
+    BatchNormalization's running mean (which absorbs -b)."""
+    kind: str  # "tensor" | "bn"
+    tensor: str  # name of the constant tensor written
+    dense: np.ndarray  # the bias as the layer's output sees it, float64 [out]
+    scale: float = 1.0  # output bias = scale * stored (Gemm beta)
+    shape: tuple = ()
+    dtype: np.dtype = np.dtype(np.float32)
+    original: np.ndarray | None = None  # stored values (BN running mean)
+
+    def stored(self, bias: np.ndarray) -> np.ndarray:
+        """Values to store for a new output bias ``bias`` [out]."""
+        if self.kind == "bn":
+            return (self.original.astype(np.float64) - bias).astype(self.dtype)
+        return (bias / self.scale).reshape(self.shape).astype(self.dtype)
+
+
+@dataclass
+class Site:
+    """One consumer node of the weight."""
+    node: onnx.NodeProto
+    act: str  # the activation input's name
+    kind: str  # "conv" | "right" (x @ W) | "left" (W @ x)
+    index: np.ndarray = field(repr=False, default=None)  # [groups, out_g, d] flat storage indices
+    scale: float = 1.0  # Gemm alpha
+    transpose_x: bool = False  # Gemm: the activation is used transposed
+    conv: dict | None = None
+    bias: BiasSink | None = None
+
+    def samples(self, x: np.ndarray) -> np.ndarray:
+        """Activation batch -> [groups, m, d] float64 sample rows."""
+        if self.kind == "conv":
+            c = self.conv
+            n_sp = x.ndim - 2
+            if n_sp != len(c["kernel"]):
+                raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
+            pads = conv_pads(x.shape[2:], c["kernel"], c["strides"], c["dilations"], c["pads"], c["auto_pad"])
+            return im2col(x, c["kernel"], c["strides"], c["dilations"], pads, c["groups"])
+        d = self.index.shape[2]
+        if self.kind == "right":
+            if self.transpose_x:
+                x = x.T
+            return np.asarray(x, dtype=np.float64).reshape(1, -1, d)
+        # left: W @ x, x [..., K, N] (or [K]); samples are x's columns
+        if x.ndim == 1:
+            return np.asarray(x, dtype=np.float64).reshape(1, 1, d)
+        if self.transpose_x:
+            x = x.T
+        return np.ascontiguousarray(np.swapaxes(x, -1, -2), dtype=np.float64).reshape(1, -1, d)
+
+
+class Graph:
+    """Lookups on the main graph: producers, consumers, constants (initializers and Constant nodes)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        g = model.graph
+        self.graph = g
+        self.inits = {t.name: t for t in g.initializer}
+        self.consts = {}
+        self.producer = {}
+        self.uses = {}
+        for node in g.node:
+            for o in node.output:
+                self.producer[o] = node
+            if node.op_type == "Constant" and len(node.output) == 1:
+                for a in node.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        self.consts[node.output[0]] = a.t
+            for name in _all_inputs(node):
+                self.uses.setdefault(name, []).append(node)
+        self.outputs = {o.name for o in g.output}
+        self.inputs = {i.name for i in g.input}
+
+    def constant(self, name: str):
+        """The TensorProto holding ``name`` (through Identity), or None."""
+        for _ in range(8):
+            if name in self.inits:
+                return self.inits[name]
+            if name in self.consts:
+                return self.consts[name]
+            node = self.producer.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
+
+    def private(self, name: str) -> bool:
+        """True when ``name`` is read by exactly one node, is no graph output, and no graph input."""
+        return len(self.uses.get(name, ())) == 1 and name not in self.outputs and name not in self.inputs
+
+    def tensor_name(self, name: str) -> str:
+        """The initializer / Constant output behind ``name`` (through Identity)."""
+        for _ in range(8):
+            if name in self.inits or name in self.consts:
+                return name
+            name = self.producer[name].input[0]
+        return name
+
+
+def _all_inputs(node):
+    names = list(node.input)
+    for a in node.attribute:
+        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
+        for sub in subs:
+            for n in sub.node:
+                names.extend(_all_inputs(n))
+    return [n for n in names if n]
+
+
+def _chain(graph: Graph, name: str, target: str):
+    """Transposes between a node's weight input ``name`` and the stored tensor ``target`` (consumer side first)."""
+    perms = []
+    for _ in range(16):
+        if name == target:
+            return perms
+        node = graph.producer.get(name)
+        if node is None or node.op_type not in ("Identity", "Cast", "Transpose") or not node.input:
+            break
+        if node.op_type == "Transpose":
+            perms.append(node_attr(node, "perm"))
+        name = node.input[0]
+    raise Unsupported("weight reaches the node through ops other than Identity/Cast/Transpose")
+
+
+def _view(index: np.ndarray, perms: list) -> np.ndarray:
+    """The storage index array as the node sees it (apply the Transposes from the tensor towards the node)."""
+    for p in reversed(perms):
+        index = np.transpose(index, p) if p is not None else index.T
+    return index
+
+
+def _const_array(graph: Graph, name: str):
+    t = graph.constant(name) if name else None
+    return None if t is None else numpy_helper.to_array(t)
+
+
+def _bias_after(graph: Graph, out_name: str, rows: int, channel_from_end: int) -> BiasSink | None:
+    """A following Add with a per-output constant, or a following BatchNormalization (inference mode)."""
+    if not graph.private(out_name):
+        return None
+    nxt = graph.uses[out_name][0]
+    if nxt.op_type == "Add" and len(nxt.input) == 2:
+        other = nxt.input[1] if nxt.input[0] == out_name else nxt.input[0]
+        arr = _const_array(graph, other)
+        if arr is None or arr.dtype.kind != "f":
+            return None
+        tname = graph.tensor_name(other)
+        if not graph.private(other) or (tname != other and not graph.private(tname)):
+            return None
+        shape = arr.shape
+        if len(shape) < channel_from_end or shape[-channel_from_end] != rows:
+            return None
+        if int(np.prod(shape)) != rows:
+            return None
+        return BiasSink("tensor", tname, arr.reshape(-1).astype(np.float64), 1.0, shape, arr.dtype)
+    if nxt.op_type == "BatchNormalization" and nxt.input[0] == out_name and len(nxt.input) >= 5 \
+            and not node_attr(nxt, "training_mode", 0) and len(nxt.output) == 1:
+        mean = _const_array(graph, nxt.input[3])
+        tname = graph.tensor_name(nxt.input[3]) if mean is not None else None
+        if mean is None or mean.shape != (rows,) or not graph.private(tname) or mean.dtype.kind != "f":
+            return None
+        return BiasSink("bn", tname, np.zeros(rows), 1.0, mean.shape, mean.dtype, original=mean)
+    return None
+
+
+def _own_bias(graph: Graph, name: str, rows: int, scale: float) -> BiasSink | None:
+    arr = _const_array(graph, name)
+    if arr is None or arr.dtype.kind != "f" or int(arr.size) != rows or scale == 0:
+        return None
+    if arr.ndim > 1 and arr.shape[-1] != rows:
+        return None
+    tname = graph.tensor_name(name)
+    if not graph.private(tname) or (tname != name and not graph.private(name)):
+        return None
+    return BiasSink("tensor", tname, arr.reshape(-1).astype(np.float64) * scale, scale, arr.shape, arr.dtype)
+
+
+def build_sites(graph: Graph, layer, shape: tuple) -> list:
+    """One Site per consumer of ``layer``; raises Unsupported with the reason when the layer cannot be solved."""
+    if layer.graph:
+        raise Unsupported("weight lives in a subgraph (If/Loop/Scan body)")
+    nodes = {id(n): n for n in graph.graph.node}
+    sites = []
+    size = int(np.prod(shape)) if shape else 1
+    base = np.arange(size, dtype=np.int64).reshape(shape)
+    for cons in layer.consumers:
+        node = graph.graph.node[cons.index] if 0 <= cons.index < len(graph.graph.node) else None
+        if node is None or node.op_type != cons.op or id(node) not in nodes:
+            raise Unsupported("consumer node not found in the main graph")
+        slot = cons.slot
+        perms = _chain(graph, node.input[slot], layer.name)
+        view = _view(base, perms)
+        op = node.op_type
+        if op == "Conv":
+            if view.ndim < 3:
+                raise Unsupported("Conv weight of rank < 3")
+            groups = int(node_attr(node, "group", 1))
+            o = view.shape[0]
+            if o % groups:
+                raise Unsupported("output channels not divisible by group")
+            n_sp = view.ndim - 2
+            kernel = tuple(view.shape[2:])
+            conv = {"kernel": kernel, "strides": tuple(node_attr(node, "strides", [1] * n_sp)),
+                    "dilations": tuple(node_attr(node, "dilations", [1] * n_sp)),
+                    "pads": node_attr(node, "pads", None),
+                    "auto_pad": node_attr(node, "auto_pad", "NOTSET") or "NOTSET",
+                    "groups": groups}
+            index = view.reshape(groups, o // groups, -1)
+            bias = _own_bias(graph, node.input[2], o, 1.0) if len(node.input) > 2 and node.input[2] else None
+            if bias is None and not (len(node.input) > 2 and node.input[2]):
+                bias = _bias_after(graph, node.output[0], o, n_sp + 1)
+            site = Site(node, node.input[0], "conv", index, conv=conv, bias=bias)
+        elif op == "Gemm":
+            alpha = float(node_attr(node, "alpha", 1.0))
+            beta = float(node_attr(node, "beta", 1.0))
+            ta, tb = int(node_attr(node, "transA", 0)), int(node_attr(node, "transB", 0))
+            if alpha == 0:
+                raise Unsupported("Gemm alpha = 0")
+            if slot == 1:
+                bprime = view.T if tb else view  # [K, N]
+                index = bprime.T[None]
+                rows = index.shape[1]
+                bias = None
+                if len(node.input) > 2 and node.input[2]:
+                    bias = _own_bias(graph, node.input[2], rows, beta)
+                else:
+                    bias = _bias_after(graph, node.output[0], rows, 1)
+                site = Site(node, node.input[0], "right", index, scale=alpha, transpose_x=bool(ta), bias=bias)
+            else:
+                aprime = view.T if ta else view  # [M, K]
+                index = aprime[None]
+                site = Site(node, node.input[1], "left", index, scale=alpha, transpose_x=bool(tb))
+        elif op == "MatMul":
+            if view.ndim > 2:
+                raise Unsupported("batched (rank > 2) MatMul weight")
+            if slot == 1:
+                index = (view.T if view.ndim == 2 else view[None, :])[None]
+                bias = _bias_after(graph, node.output[0], index.shape[1], 1)
+                site = Site(node, node.input[0], "right", index, bias=bias)
+            else:
+                index = (view if view.ndim == 2 else view[None, :])[None]
+                site = Site(node, node.input[1], "left", index)
+        else:
+            raise Unsupported(f"{op} is not reconstructed (plain selection)")
+        if graph.constant(site.act) is not None:
+            raise Unsupported("the layer's other operand is a constant")
+        sites.append(site)
+    first = sites[0]
+    for s in sites[1:]:
+        if s.index.shape != first.index.shape or not np.array_equal(s.index, first.index) or s.scale != first.scale:
+            raise Unsupported("tied weight read with different layouts by its consumers")
+    if len(sites) > 1:
+        for s in sites:
+            s.bias = None  # one refit serves every consumer: no per-consumer bias shift
+    return sites
