@@ -17,7 +17,7 @@ from .allocation import ALLOCATIONS
 from .errors import (AccuracyGateError, ConfigError, InputError, Interrupted, OnnxPruneError, OutputError,
                      RequestError)
 from .inputs import MAX_BATCH_SIZE, MAX_BATCHES
-from .pipeline import METHODS, PruneConfig, parse_min_keep
+from .methods import METHODS
 from .report import Report
 
 DEVICES = ("auto", "cuda", "tensorrt", "cpu")  # validate.DEVICES, without importing ONNX Runtime at start-up
@@ -215,6 +215,7 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
     # warnings reach the user once, through the report (table, JSON); logging shows them too only with -v
     logging.basicConfig(level=logging.DEBUG if verbose else logging.ERROR,
                         format="onnxprune: %(levelname)s: %(message)s", stream=sys.stderr)
+    from .pipeline import PruneConfig, parse_min_keep
     search = sparsity == "auto"
     config = PruneConfig(sparsity=0.0 if search else sparsity, method=method, allocation=allocation,
                          exclude=tuple(exclude), min_keep=min_keep, seed=seed, dry_run=dry_run, effective=effective,

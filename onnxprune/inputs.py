@@ -7,8 +7,6 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from onnx import helper
 
 from .errors import ConfigError
 
@@ -72,6 +70,7 @@ def input_specs(model: onnx.ModelProto) -> list:
             raise ConfigError(f"input '{vi.name}' is not a plain tensor (sequence/map/optional); "
                               f"validation cannot feed it: use --no-validate")
         try:
+            from onnx import helper
             dtype = np.dtype(helper.tensor_dtype_to_np_dtype(vi.type.tensor_type.elem_type))
         except Exception:
             raise ConfigError(f"input '{vi.name}' has element type {vi.type.tensor_type.elem_type}, which "

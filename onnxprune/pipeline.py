@@ -20,18 +20,7 @@ from .select import apply_mask, layout_perm, prune_mask
 
 log = logging.getLogger("onnxprune")
 
-# A named method is an (allocation, score) pair; None means "--allocation decides" (default in the 3rd field).
-METHODS = {
-    "lamp": ("lamp", "magnitude", None),
-    "global": ("global", "magnitude", None),
-    "global-mt": ("global-mt", "magnitude", None),
-    "uniform": ("uniform", "magnitude", None),
-    "uniform+": ("uniform+", "magnitude", None),
-    "erk": ("erk", "magnitude", None),
-    "igq": ("igq", "magnitude", None),
-    "random": (None, "random", "igq"),
-    "lap": (None, "lap", "uniform"),
-}
+from .methods import METHODS  # noqa: E402,F401  (re-exported: the public registry)
 
 
 @dataclass

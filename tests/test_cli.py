@@ -221,3 +221,12 @@ def test_deeply_nested_if_is_rejected_cleanly(tmp_path):
     path.write_bytes(m.SerializeToString())
     r = invoke(path, "-s", "0.5")
     assert r.exit_code == 3 and "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_cli_import_is_light():
+    """Starting the CLI never imports onnx, ONNX Runtime or rich (they load when a run needs them)."""
+    import subprocess
+    import sys
+    code = "import sys, onnxprune.cli; print(sorted(m for m in ('onnx', 'onnxruntime', 'rich') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
