@@ -143,6 +143,14 @@ def default_output(model_path: str) -> str:
                    "scalar). Repeatable.")
 @click.option("--synthetic", default="normal", show_default=True, metavar="normal[:M,S]|uniform[:LO,HI]",
               help="Distribution of synthetic float inputs, e.g. uniform:0,1 for image models that expect [0, 1].")
+@click.option("--granularity", type=click.Choice(["weight", "channel"]), default="weight", show_default=True,
+              help="weight: unstructured zeros; channel: whole output channels/neurons (then --compact), what "
+                   "makes any runtime faster.")
+@click.option("--compact/--no-compact", default=None,
+              help="Physically delete dead units so shapes shrink (default: on with --granularity channel; "
+                   "otherwise the report says what it would remove).")
+@click.option("--align", type=click.IntRange(1, 1024), default=1, show_default=True,
+              help="Keep compacted channel counts at multiples of N (8 recommended for CPU runtimes).")
 @click.option("--reconstruct/--no-reconstruct", default=None,
               help="Calibrated reconstruction: choose each layer's kept weights with second-order information and "
                    "refit them to reproduce the dense layer (needs --calibration, or --data to split). On by "
@@ -185,7 +193,8 @@ def default_output(model_path: str) -> str:
 @click.option("-v", "--verbose", is_flag=True, help="More logging; tracebacks on errors; ONNX Runtime's own messages.")
 @click.version_option(__version__, prog_name="onnxprune")
 def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, effective, target, effective_mode,
-         validate, data, batch_size, batches, input_shape, synthetic, reconstruct, calibration, calibration_samples,
+         validate, data, batch_size, batches, input_shape, synthetic, granularity, compact, align, reconstruct,
+         calibration, calibration_samples,
          device, max_drop, max_rel_error, min_cosine,
          min_snr, gate_metric, gate_output, keep_failed, sensitivity, plot, report_path, table_mode, as_json,
          dry_run, quiet, verbose):
@@ -204,6 +213,7 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
       onnxprune model.onnx -s 0.95 --data test.npz --reconstruct    # first 128 samples calibrate, rest evaluate
       onnxprune model.onnx -s 0.9 --calibration calib.npz --data test.npz --max-drop 0.01
       onnxprune model.onnx -s auto --data test.npz --max-drop 0.01 --plot curve.png
+      onnxprune model.onnx -s 0.5 --granularity channel --align 8   # smaller and faster in any runtime
       onnxprune model.onnx -s 0.9 --dry-run --json
 
     \b
@@ -219,7 +229,8 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
     search = sparsity == "auto"
     config = PruneConfig(sparsity=0.0 if search else sparsity, method=method, allocation=allocation,
                          exclude=tuple(exclude), min_keep=min_keep, seed=seed, dry_run=dry_run, effective=effective,
-                         target=target, effective_mode=effective_mode)
+                         target=target, effective_mode=effective_mode, granularity=granularity, compact=compact,
+                         align=align)
     try:
         config.resolve()
         parse_min_keep(min_keep, 1)
@@ -249,7 +260,10 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
                                "first --calibration-samples samples then calibrate and the rest evaluate)")
     if calibration and not reconstruct:
         raise click.UsageError("--calibration is only read by --reconstruct")
-    config.reconstruct = reconstruct
+    if reconstruct and granularity == "channel":
+        raise click.UsageError("--granularity channel removes whole channels; --reconstruct refits weight by weight: "
+                               "use one of them")
+    config.reconstruct = reconstruct  # after resolve() above: the calibration data is read later
     run = Run(model, output or default_output(model), config, locals(), quiet or as_json, verbose)
     with _signals_raise():
         code = run.execute()
@@ -367,10 +381,7 @@ class Run:
         writes = {k: v for k, v in writes.items() if v}
         reads = [self.model] + list(loaded.external_files if loaded else [])
         reads += [p for p in (o["data"], o["calibration"]) if p]
-        if hasattr(pio, "check_write_targets"):  # TEMP until io grows it
-            pio.check_write_targets(writes, reads, loaded)
-        elif "-o" in writes:
-            pio.check_output_path(writes["-o"], loaded)
+        pio.check_write_targets(writes, reads, loaded)
 
     def _execute(self):
         from .io import load_model, stage_model
@@ -412,10 +423,10 @@ class Run:
                              "curve": curve}
             if o["plot"]:
                 from .search import plot_curve
-                from . import io as pio
                 from .evaluation import badness_bound
+                from .io import atomic_write_bytes
                 plot_curve(curve, o["plot"], badness_bound(validator, curve), config.sparsity,
-                           write=getattr(pio, "atomic_write_bytes", None) or _tmp_write)  # TEMP
+                           write=lambda path, data: atomic_write_bytes(path, data, label="--plot"))
         if config.dry_run:
             report.timings["total"] = time.perf_counter() - self.t0
             return
@@ -454,6 +465,8 @@ class Run:
             report.written = staged.commit()
             report.output = self.out_path
             report.sizes["after"] = file_size(self.out_path, list(report.written))
+            with fb.stage("measuring"):
+                report.figures = self._figures(validator, report)
             report.timings["total"] = time.perf_counter() - self.t0
             if gate_error:
                 report.warnings.append(f"{gate_error}; written anyway because of --keep-failed")
@@ -492,11 +505,25 @@ class Run:
         self.report.warnings.extend(warnings)
         return validator
 
+    def _figures(self, validator, report) -> dict:
+        """Before → after: file and gzip size, parameters, MACs per sample at the validated input shape, latency."""
+        from .figures import figures, ratios
+        shapes = None
+        if validator is not None and validator.dataset.batches:
+            shapes = {k: list(v.shape) for k, v in validator.dataset.batches[0].items()}
+        dense, pruned = figures(self.model, shapes), figures(self.out_path, shapes)
+        v = report.validation or {}
+        if v.get("latency_ms_dense"):
+            dense["latency_ms"], pruned["latency_ms"] = v["latency_ms_dense"], v["latency_ms_pruned"]
+        ratio = ratios(dense, pruned)
+        if dense.get("latency_ms"):
+            ratio["latency_ms"] = pruned["latency_ms"] / dense["latency_ms"]
+        return {"input_shapes": shapes, "before": dense, "after": pruned, "ratio": ratio}
+
     def write_report(self, path: str) -> int:
         from . import io as pio
         try:
-            write = getattr(pio, "atomic_write_bytes", None) or _tmp_write  # TEMP
-            write(path, (report_json(self.report) + "\n").encode())
+            pio.atomic_write_bytes(path, (report_json(self.report) + "\n").encode(), label="--report")
             return 0
         except OnnxPruneError as exc:
             return self._fail(EXIT_OUTPUT, f"{exc} (the report was not written)")
@@ -510,14 +537,6 @@ class Run:
             traceback.print_exc()
         click.echo(f"onnxprune: error: {r.error}", err=True)
         return code
-
-
-def _tmp_write(path, data):  # TEMP
-    try:
-        with open(path, "wb") as fh:
-            fh.write(data)
-    except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror})") from None
 
 
 def _num(x) -> str:

@@ -236,14 +236,14 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
             _acc(bwd, x_name, b)
         elif op in ("Add", "Sum", "Sub", "Mul", "Max", "Min", "Mean"):
             for n in node.input:
-                if n in fwd:
+                if fwd.get(n) is not None:  # constants (also behind Identity/Cast) carry no reachability
                     _acc(bwd, n, _unbroadcast(b, fwd[n].shape))
         elif op == "Concat":
             ax = node_attr(node, "axis", 1) - 1
             off = 0
             for n in node.input:
                 size = shape_of(n)[ax]
-                if n in fwd:
+                if fwd.get(n) is not None:
                     _acc(bwd, n, np.take(b, np.arange(off, off + size), axis=ax))
                 off += size
         elif op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):

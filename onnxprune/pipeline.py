@@ -39,6 +39,9 @@ class PruneConfig:
     extra: dict = field(default_factory=dict)
     # Calibrated reconstruction (issue 9): OBS mask under each layer's allocated count, least-squares refit of the
     # kept weights (inputs from the pruned prefix, targets from the dense model), mean/variance correction.
+    granularity: str = "weight"  # "channel": whole output channels/neurons (then compacted)
+    compact: bool | None = None  # physically delete dead units (None: only with channel granularity)
+    align: int = 1  # compacted channel counts stay multiples of this
     reconstruct: bool = False
     calibration: list | None = None  # feed dicts {input name: batched array}; never the evaluation data
     calibration_info: dict = field(default_factory=dict)  # path / samples / sha256, copied into the report
@@ -56,6 +59,12 @@ class PruneConfig:
             if not all(isinstance(b, dict) and b for b in self.calibration):
                 raise ConfigError("calibration must be a list of feed dicts {input name: array}")
             self.reconstruct_options().check()
+        if self.granularity not in ("weight", "channel"):
+            raise ValueError(f"granularity must be 'weight' or 'channel', got {self.granularity!r}")
+        if not isinstance(self.align, int) or not 1 <= self.align <= 1024:
+            raise ValueError(f"align must be an integer in [1, 1024], got {self.align!r}")
+        if self.granularity == "channel" and (self.reconstruct or self.target == "effective"):
+            raise ValueError("--granularity channel works with --target direct and without --reconstruct")
         if not isinstance(self.sparsity, (int, float)) or not math.isfinite(self.sparsity) or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be a finite number in [0, 1), got {self.sparsity!r}")
         if self.method not in METHODS:
@@ -173,14 +182,18 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
                f"nothing more pruned")
         report.warnings.append(msg)
         log.warning(msg)
-    counts, hints = sel.allocate(target)
-    t2 = time.perf_counter()
-
     kept = {}  # layer index -> packed non-zero flags after selection (the tensor is written once, after removal)
-    for k, i, pruned in sel.masks(counts, hints):
-        rows[i].zeros_after = int(counts[k])
-        nz = np.not_equal(values[i], 0).reshape(-1)
-        kept[i] = np.packbits(np.logical_and(nz, np.logical_not(pruned, out=pruned), out=nz))
+    if config.granularity == "channel":
+        counts = None
+        t2 = time.perf_counter()
+        _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report)
+    else:
+        counts, hints = sel.allocate(target)
+        t2 = time.perf_counter()
+        for k, i, pruned in sel.masks(counts, hints):
+            rows[i].zeros_after = int(counts[k])
+            nz = np.not_equal(values[i], 0).reshape(-1)
+            kept[i] = np.packbits(np.logical_and(nz, np.logical_not(pruned, out=pruned), out=nz))
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
     if config.reconstruct and idx:
@@ -202,7 +215,38 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     flush()
     report.timings["connectivity"] = t4 - t3
     report.timings["write"] = time.perf_counter() - t4
+    _compact(loaded, layers, config, report)
     return report
+
+
+def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report):
+    """Whole output channels, scored by their norms and removed with every weight that reads them."""
+    from .channels import channel_plan
+    if alloc_name not in ("lamp", "global", "uniform", "erk"):
+        raise ConfigError(f"--granularity channel allocates with lamp, global, uniform or erk, not {alloc_name!r}")
+    active = [layers[i] for i in idx]
+    plan = channel_plan(model, active, [values[i] for i in idx], config.sparsity, alloc_name, config.align)
+    report.options["channel_plan"] = plan.to_dict()
+    for i in idx:
+        m = plan.masks.get(layers[i].name)
+        if m is not None:
+            nz = values[i] != 0
+            rows[i].zeros_after = int(np.count_nonzero(~nz | m))
+            kept[i] = np.packbits((nz & ~m).reshape(-1))
+
+
+def _compact(loaded, layers, config, report):
+    """Delete dead units (--compact or channel granularity); otherwise report what that would remove."""
+    from .compact import compact, compact_loaded
+    t = time.perf_counter()
+    do = config.compact if config.compact is not None else config.granularity == "channel"
+    if do and not config.dry_run:
+        result = compact_loaded(loaded, layers, config.align)
+        report.compaction = {"applied": True, **result.to_dict()}
+    else:
+        result = compact(loaded.model, layers, config.align, apply_changes=False)
+        report.compaction = {"applied": False, **result.to_dict()}
+    report.timings["compact"] = time.perf_counter() - t
 
 
 def _reconstruct(model, layers, values, idx, counts, kept, config, report):

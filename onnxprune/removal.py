@@ -96,9 +96,10 @@ def _probe(model, names, shapes, seed=0):
         ds = synthesize(input_specs(model), 2, 1, seed, {})
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        with quiet_native_stderr():
+        # ONNX Runtime's native log lines reach stderr only with -v (as in validate.make_session)
+        with quiet_native_stderr(not log.isEnabledFor(logging.DEBUG)):
             sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        vals = sess.run(list(names), ds.batches[0])
+            vals = sess.run(list(names), ds.batches[0])
         return dict(zip(names, vals))
     except Exception as exc:  # no probe, no folding: everything stays in place
         log.info("constant probe skipped: %s", exc)
@@ -165,16 +166,24 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None) ->
             alive = alive_const_in
             consts = _constants(values.get(node.input[lop.data_slot]), lop, node, res, ~in_vec) \
                 if bias is not None and _foldable_conv(node, lop) else None
-            if consts is None:
+            folded = None
+            if consts is not None:
+                with np.errstate(all="ignore"):
+                    contrib = np.zeros(lop.c_out)
+                    for i in unreached:
+                        sl, targets = lop.in_index(int(i))
+                        part = w[sl].astype(np.float64)
+                        contrib[targets] += consts[i] * part.reshape(len(targets), -1).sum(axis=1)
+                    folded = b_arr + contrib / bias[1]
+                    # the new bias must be representable in the bias' own dtype (fp16 saturates at 65504)
+                    if not np.isfinite(folded.astype(read_tensor(bias[0]).dtype)).all():
+                        folded = None
+            if folded is None:
                 out.left_in_place += alive
             else:
-                contrib = np.zeros(lop.c_out)
                 for i in unreached:
-                    sl, targets = lop.in_index(int(i))
-                    part = w[sl].astype(np.float64)
-                    contrib[targets] += consts[i] * part.reshape(len(targets), -1).sum(axis=1)
-                    w[sl] = 0
-                b_arr = b_arr + contrib / bias[1]
+                    w[lop.in_index(int(i))[0]] = 0
+                b_arr = folded
                 changed = True
                 out.folded_const_in += alive
                 zeroed += alive
@@ -208,7 +217,7 @@ def _constants(x, lop, node, res, unreached):
     consts = np.zeros(lop.c_in)
     for i in np.flatnonzero(unreached):
         row = moved[i]
-        if row.size == 0 or not np.all(row == row[0]):
+        if row.size == 0 or not np.isfinite(row[0]) or not np.all(row == row[0]):
             return None
         consts[i] = row[0]
     return consts

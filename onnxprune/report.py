@@ -66,6 +66,8 @@ class Report:
     search: dict | None = None
     sensitivity: list | None = None
     sizes: dict = field(default_factory=dict)  # bytes on disk: before (input + its data), after (files written)
+    compaction: dict | None = None  # dead units physically deleted (applied) or what --compact would delete
+    figures: dict | None = None  # before/after: file and gzip size, parameters, MACs per sample, latency
     reconstruction: dict | None = None  # calibrated reconstruction: calibration set, lambda, per-layer errors
     status: str = "ok"
     exit_code: int = 0
@@ -117,6 +119,8 @@ class Report:
             "search": self.search,
             "sensitivity": self.sensitivity,
             "reconstruction": self.reconstruction,
+            "compaction": self.compaction,
+            "figures": self.figures,
             "warnings": self.warnings,
             "timings_s": self.timings,
             "sizes_bytes": self.sizes,

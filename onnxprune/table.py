@@ -93,10 +93,16 @@ def print_report(report, mode: str = "auto") -> None:
             console.print(escape(_t(line)))
             if c["unknown_ops"]:
                 console.print(escape(f"ops treated as all-to-all (not understood): {', '.join(c['unknown_ops'])}"))
+        if getattr(report, "compaction", None):
+            _print_compaction(console, report.compaction)
+        if getattr(report, "figures", None):
+            _print_figures(console, report.figures)
         if getattr(report, "reconstruction", None):
             _print_reconstruction(console, report.reconstruction)
         if report.validation and report.validation.get("status") != "skipped":
-            _print_validation(console, report.validation)
+            _print_validation(console, report.validation,
+                              bool((getattr(report, "compaction", None) or {}).get("applied")
+                                   and report.compaction.get("channels_removed")))
         if report.search:
             _print_search(console, report.search)
         if report.sensitivity:
@@ -153,7 +159,7 @@ def _fmt(x, digits=4) -> str:
     return f"{x:.{digits}f}"
 
 
-def _print_validation(console, v: dict) -> None:
+def _print_validation(console, v: dict, compacted: bool = False) -> None:
     t = Table(title=escape(_t(f"validation on {', '.join(v['providers'])} — {v['samples']} samples, "
                               f"{v['batches']} batches")), box=box.SIMPLE_HEAD, collapse_padding=True,
               pad_edge=False)
@@ -183,7 +189,8 @@ def _print_validation(console, v: dict) -> None:
         console.print(f"top-5 accuracy: {v['top5_dense']:.4f} → {v['top5_pruned']:.4f}")
     if v.get("latency_ms_dense") is not None:
         console.print(_t(f"latency per batch: {v['latency_ms_dense']:.3f} ms dense, {v['latency_ms_pruned']:.3f} "
-                         f"ms pruned (zeros alone do not make ONNX Runtime faster)"))
+                         f"ms pruned" + ("" if compacted else " (zeros alone do not make ONNX Runtime faster; "
+                                                              "--granularity channel and --compact shrink shapes)")))
     if v.get("passed") is not None:
         verdict = "[green]passed[/green]" if v["passed"] else "[red]FAILED[/red]"
         console.print(f"gate ({escape(_gate_text(v['gate']))}): {verdict}")
@@ -198,6 +205,39 @@ def _gate_text(g: dict) -> str:
     names = {"max_drop": "max drop", "max_rel_error": "max rel error", "min_cosine": "min cosine",
              "min_snr_db": "min SNR dB"}
     return ", ".join(f"{names[k]} {g[k]}" for k in names if g.get(k) is not None)
+
+
+def _print_compaction(console, c: dict) -> None:
+    if not c.get("channels_removed"):
+        if c.get("applied"):
+            console.print("compaction: no dead channel to remove")
+        return
+    what = "removed" if c["applied"] else "--compact would remove"
+    line = (f"compaction: {what} {c['channels_removed']:,} dead channels/neurons, prunable parameters "
+            f"{c['params_before']:,} → {c['params_after']:,}" + (f" (align {c['align']})" if c.get("align", 1) > 1
+                                                                 else ""))
+    console.print(escape(_t(line)))
+
+
+def _print_figures(console, f: dict) -> None:
+    b, a = f["before"], f["after"]
+    t = Table(title="payoff (before → after)", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for col, j in (("", "left"), ("dense", "right"), ("pruned", "right"), ("ratio", "right")):
+        t.add_column(col, justify=j, no_wrap=True)
+    rows = [("file size", _size(b.get("file_bytes")), _size(a.get("file_bytes")), "file_bytes"),
+            ("gzip size", _size(b.get("gzip_bytes")), _size(a.get("gzip_bytes")), "gzip_bytes"),
+            ("parameters", f"{b.get('params_total', 0):,}", f"{a.get('params_total', 0):,}", "params_total"),
+            ("non-zero prunable", f"{b.get('nonzero_prunable', 0):,}", f"{a.get('nonzero_prunable', 0):,}",
+             "nonzero_prunable")]
+    if b.get("macs") is not None:
+        rows.append(("MACs per sample" + ("" if b.get("macs_complete") else " (known layers)"), f"{b['macs']:,}",
+                     f"{a.get('macs') or 0:,}", "macs"))
+    if b.get("latency_ms"):
+        rows.append(("latency ms/batch", f"{b['latency_ms']:.3f}", f"{a['latency_ms']:.3f}", "latency_ms"))
+    for label, x, y, key in rows:
+        r = f["ratio"].get(key)
+        t.add_row(label, x, y, "" if r is None else f"{r:.3f}")
+    console.print(t)
 
 
 def _print_reconstruction(console, r: dict) -> None:
@@ -241,8 +281,12 @@ def summary_line(report) -> str:
     t = report.totals()
     parts = []
     sizes = getattr(report, "sizes", {}) or {}
+    fig = getattr(report, "figures", None) or {}
     if report.output:
-        parts.append(f"{_size(sizes.get('before'))} → {_size(sizes.get('after'))}")
+        size = f"{_size(sizes.get('before'))} → {_size(sizes.get('after'))}"
+        if fig.get("before", {}).get("gzip_bytes"):
+            size += f" (gzip {_size(fig['before']['gzip_bytes'])} → {_size(fig['after']['gzip_bytes'])})"
+        parts.append(size)
     elif report.dry_run:
         parts.append("dry run, nothing written")
     total = report.timings.get("total")

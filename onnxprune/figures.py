@@ -1,0 +1,162 @@
+"""The figures a user decides on: file size, gzip size, parameters and MACs of the prunable layers."""
+from __future__ import annotations
+
+import gzip
+import os
+
+import numpy as np
+import onnx
+
+from .connectivity import infer_shapes
+from .graph import find_layers
+
+GZIP_LEVEL = 6
+
+
+def gzip_size(data: bytes) -> int:
+    """Bytes of ``data`` gzip-compressed at level 6 with a zero timestamp (deterministic)."""
+    return len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
+
+
+def figures(model_or_path, input_shapes: dict | None = None) -> dict:
+    """File size, gzip size (level 6) of the serialized model, parameters and MACs.
+
+    ``model_or_path``: a path (the file's own bytes are measured; external data files are added to the file
+    size and to the gzip size, each compressed on its own) or an ``onnx.ModelProto`` (its serialization).
+    ``input_shapes``: {input name: [dims]} used for shape inference; inputs not named keep their declared
+    shapes. MACs count multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul layers with a constant weight
+    (dense: zeros count), per sample: the total at the given shapes divided by the batch, the first dim of the
+    first graph input. A layer whose output shape is not known gets None, and the total then covers the
+    layers that are known (``macs_complete`` False).
+    """
+    if isinstance(model_or_path, onnx.ModelProto):
+        model = model_or_path
+        data = model.SerializeToString()
+        file_bytes, gz = len(data), gzip_size(data)
+    else:
+        path = str(model_or_path)
+        with open(path, "rb") as f:
+            data = f.read()
+        model = onnx.load_from_string(data)
+        file_bytes, gz = len(data), gzip_size(data)
+        for ext in _external_files(model, os.path.dirname(os.path.abspath(path))):
+            with open(ext, "rb") as f:
+                blob = f.read()
+            file_bytes += len(blob)
+            gz += gzip_size(blob)
+        if any(_is_external(t) for t in model.graph.initializer):
+            onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+    layers, _ = find_layers(model)
+    prunable = sum(l.size for l in layers)
+    nonzero = sum(int(np.count_nonzero(onnx.numpy_helper.to_array(l.tensor))) for l in layers)
+    total = _total_params(model)
+    macs, batch = _macs(model, layers, input_shapes or {})
+    known = [v for v in macs.values() if v is not None]
+    return {"file_bytes": file_bytes, "gzip_bytes": gz, "params_total": total, "params_prunable": prunable,
+            "nonzero_prunable": nonzero, "macs": int(sum(known)) if known else None,
+            "macs_complete": len(known) == len(macs), "macs_per_layer": macs, "batch": batch}
+
+
+def ratios(dense: dict, pruned: dict) -> dict:
+    """pruned / dense for every figure both hold as numbers."""
+    out = {}
+    for k in ("file_bytes", "gzip_bytes", "params_total", "params_prunable", "nonzero_prunable", "macs"):
+        a, b = dense.get(k), pruned.get(k)
+        out[k] = (b / a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
+    return out
+
+
+def _is_external(t) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL
+
+
+def _external_files(model, base) -> list:
+    files = []
+    for t in model.graph.initializer:
+        if _is_external(t):
+            loc = next((e.value for e in t.external_data if e.key == "location"), None)
+            p = os.path.join(base, loc) if loc else None
+            if p and p not in files and os.path.isfile(p):
+                files.append(p)
+    return files
+
+
+def _numel(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def _total_params(model) -> int:
+    """Elements of every float initializer and Constant tensor of the main graph (graph-input overrides too)."""
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    n = sum(_numel(t.dims) for t in model.graph.initializer if t.data_type in floats)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for a in node.attribute:
+                if a.name == "value" and a.t.data_type in floats:
+                    n += _numel(a.t.dims)
+    return n
+
+
+def _macs(model, layers, input_shapes) -> tuple:
+    graph = model.graph
+    saved = [onnx.ValueInfoProto() for _ in graph.input]
+    for s, vi in zip(saved, graph.input):
+        s.CopyFrom(vi)
+    try:
+        for vi in graph.input:
+            if vi.name in input_shapes:
+                tt = vi.type.tensor_type
+                tt.ClearField("shape")
+                for d in input_shapes[vi.name]:
+                    tt.shape.dim.add().dim_value = int(d)
+        shapes = infer_shapes(model)
+    finally:
+        del graph.input[:]
+        graph.input.extend(saved)
+    inits = {t.name for t in graph.initializer}
+    first = next((vi.name for vi in graph.input if vi.name not in inits), None)
+    batch = None
+    if first is not None:
+        d = shapes.dims.get(first)
+        batch = d[0] if d and isinstance(d[0], int) and d[0] > 0 else None
+    nodes = list(graph.node)
+    out = {}
+    for layer in layers:
+        total = 0
+        for c in layer.consumers:
+            if c.graph != "":
+                total = None
+                break
+            node = nodes[c.index]
+            m = _layer_macs(node, layer, c, shapes)
+            if m is None:
+                total = None
+                break
+            total += m
+        if total is not None:
+            total = total // batch if batch else None
+        out[layer.name] = total
+    return out, batch
+
+
+def _known(dims) -> bool:
+    return dims is not None and all(isinstance(d, int) and d >= 0 for d in dims)
+
+
+def _layer_macs(node, layer, consumer, shapes):
+    w = [int(d) for d in layer.tensor.dims]
+    op = node.op_type
+    if op == "Conv":
+        o = shapes.dims.get(node.output[0])
+        return _numel(o) * _numel(w[1:]) if _known(o) else None
+    if op == "ConvTranspose":
+        i = shapes.dims.get(node.input[0])
+        return _numel(i) * _numel(w) // w[0] if _known(i) and w[0] else None
+    o = shapes.dims.get(node.output[0])
+    if not _known(o) or consumer.layout.in_axis is None:
+        return None
+    k = w[consumer.layout.in_axis]
+    return _numel(o) * k

@@ -1,0 +1,53 @@
+"""The CLI side of making pruning pay off: --granularity channel, --compact, --align and the figures."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from conftest import invoke, run, sample
+
+
+def test_channel_pruning_compacts_and_reports_the_payoff(cnn, tmp_path):
+    out = tmp_path / "small.onnx"
+    r = invoke(cnn, "-s", "0.5", "--granularity", "channel", "--align", "8", "-o", out, "--json", "-q",
+               "--data", sample("cnn")[1])
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0, doc["error"]
+    c, f = doc["compaction"], doc["figures"]
+    assert c["applied"] and c["channels_removed"] > 0 and c["align"] == 8
+    assert f["ratio"]["file_bytes"] < 1 and f["ratio"]["params_total"] < 1 and f["ratio"]["macs"] < 1
+    assert f["after"]["file_bytes"] == out.stat().st_size and f["before"]["latency_ms"] > 0
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    x = np.load(sample("cnn")[1])["x"][:4]
+    assert run(str(out), {"x": x})[0].shape == (4, 10)  # graph inputs and outputs keep their shapes
+    for layer in c["layers"]:
+        assert layer["channels_after"] % 8 == 0 or layer["channels_after"] == layer["channels_before"]
+
+
+def test_compact_after_unstructured_pruning_keeps_the_outputs(tmp_path):
+    path = sample("mlp_gemm")[0]
+    plain, small = tmp_path / "plain.onnx", tmp_path / "small.onnx"
+    assert invoke(path, "-s", "0.99", "--no-validate", "-o", plain).exit_code == 0
+    r = invoke(path, "-s", "0.99", "--no-validate", "--compact", "-o", small, "--json", "-q")
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["compaction"]["applied"] and doc["compaction"]["channels_removed"] > 0
+    assert small.stat().st_size < plain.stat().st_size
+    x = np.load(sample("mlp_gemm")[1])["x"][:16]
+    np.testing.assert_allclose(run(str(small), {"x": x})[0], run(str(plain), {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_without_compact_the_report_says_what_it_would_remove(tmp_path):
+    r = invoke(sample("mlp_gemm")[0], "-s", "0.99", "--no-validate", "-o", tmp_path / "o.onnx", "--json", "-q")
+    c = json.loads(r.stdout)["compaction"]
+    assert r.exit_code == 0 and not c["applied"] and c["channels_removed"] > 0
+    r = invoke(sample("mlp_gemm")[0], "-s", "0.99", "--no-validate", "-o", tmp_path / "o.onnx")
+    assert "--compact would remove" in r.stdout
+
+
+@pytest.mark.parametrize("args", [["--granularity", "channel", "--reconstruct", "--data", sample("cnn")[1]],
+                                  ["--align", "0"], ["--granularity", "channel", "--target", "effective"],
+                                  ["--granularity", "channel", "--method", "igq"]])
+def test_channel_options_that_cannot_combine_are_usage_errors(cnn, tmp_path, args):
+    r = invoke(cnn, "-s", "0.5", "-o", tmp_path / "o.onnx", *args)
+    assert r.exit_code == 2 and not (tmp_path / "o.onnx").exists()
