@@ -395,6 +395,7 @@ class Run:
         self.size_before = file_size(self.model, loaded.external_files)
         evaluation = self._datasets(loaded)
         validator = self._validator(loaded, evaluation) if o["validate"] and not config.dry_run else None
+        self.dense_figures = None if config.dry_run else self._figures_before(loaded, validator)
         curve = None
         if o["sparsity"] == "auto":
             from .search import search_sparsity
@@ -466,7 +467,7 @@ class Run:
             report.output = self.out_path
             report.sizes["after"] = file_size(self.out_path, list(report.written))
             with fb.stage("measuring"):
-                report.figures = self._figures(validator, report)
+                report.figures = self._figures(loaded, report)
             report.timings["total"] = time.perf_counter() - self.t0
             if gate_error:
                 report.warnings.append(f"{gate_error}; written anyway because of --keep-failed")
@@ -505,20 +506,27 @@ class Run:
         self.report.warnings.extend(warnings)
         return validator
 
-    def _figures(self, validator, report) -> dict:
-        """Before → after: file and gzip size, parameters, MACs per sample at the validated input shape, latency."""
-        from .figures import figures, ratios
+    def _figures_before(self, loaded, validator):
+        """The dense side of the payoff figures, from the model in memory before it is pruned."""
+        from .figures import figures
         shapes = None
         if validator is not None and validator.dataset.batches:
             shapes = {k: list(v.shape) for k, v in validator.dataset.batches[0].items()}
-        dense, pruned = figures(self.model, shapes), figures(self.out_path, shapes)
+        self.shapes = shapes
+        return figures(loaded.model, shapes, files=[self.model] + list(loaded.external_files))
+
+    def _figures(self, loaded, report) -> dict:
+        """Before → after: file and gzip size, parameters, MACs per sample at the validated input shape, latency."""
+        from .figures import ratios, figures
+        dense = self.dense_figures
+        pruned = figures(loaded.model, self.shapes, files=[self.out_path] + list(report.written))
         v = report.validation or {}
         if v.get("latency_ms_dense"):
             dense["latency_ms"], pruned["latency_ms"] = v["latency_ms_dense"], v["latency_ms_pruned"]
         ratio = ratios(dense, pruned)
         if dense.get("latency_ms"):
             ratio["latency_ms"] = pruned["latency_ms"] / dense["latency_ms"]
-        return {"input_shapes": shapes, "before": dense, "after": pruned, "ratio": ratio}
+        return {"input_shapes": self.shapes, "before": dense, "after": pruned, "ratio": ratio}
 
     def write_report(self, path: str) -> int:
         from . import io as pio

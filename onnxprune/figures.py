@@ -13,37 +13,40 @@ from .graph import find_layers
 GZIP_LEVEL = 6
 
 
-def gzip_size(data: bytes) -> int:
-    """Bytes of ``data`` gzip-compressed at level 6 with a zero timestamp (deterministic)."""
+GZIP_MAX_BYTES = 16 << 20  # above this the gzip size is not computed (about 3 s per 100 MB on 2 cores)
+
+
+def gzip_size(data: bytes) -> int | None:
+    """Bytes of ``data`` gzip-compressed at level 6 with a zero timestamp (deterministic); None above 16 MiB,
+    where compressing would cost more than the whole prune (gzip the file yourself: `gzip -6 -c F | wc -c`)."""
+    if len(data) > GZIP_MAX_BYTES:
+        return None
     return len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
 
 
-def figures(model_or_path, input_shapes: dict | None = None) -> dict:
-    """File size, gzip size (level 6) of the serialized model, parameters and MACs.
+def figures(model_or_path, input_shapes: dict | None = None, files: list | None = None) -> dict:
+    """File size, gzip size (level 6) of the model file, parameters and MACs.
 
-    ``model_or_path``: a path (the file's own bytes are measured; external data files are added to the file
-    size and to the gzip size, each compressed on its own) or an ``onnx.ModelProto`` (its serialization).
-    ``input_shapes``: {input name: [dims]} used for shape inference; inputs not named keep their declared
-    shapes. MACs count multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul layers with a constant weight
-    (dense: zeros count), per sample: the total at the given shapes divided by the batch, the first dim of the
-    first graph input. A layer whose output shape is not known gets None, and the total then covers the
-    layers that are known (``macs_complete`` False).
+    ``model_or_path``: a path (the file and its external data files are measured) or an ``onnx.ModelProto``
+    (then ``files`` names the model file it was written to and its data files, so nothing is serialized again;
+    without ``files`` its serialization is measured). The gzip size covers the model file and its data files, each compressed on its
+    own, and is None above 16 MiB. ``input_shapes``: {input name: [dims]} used for shape inference; inputs not
+    named keep their declared shapes. MACs count multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul layers
+    with a constant weight (dense: zeros count), per sample: the total at the given shapes divided by the batch,
+    the first dim of the first graph input. A layer whose output shape is not known gets None, and the total
+    then covers the layers that are known (``macs_complete`` False).
     """
     if isinstance(model_or_path, onnx.ModelProto):
         model = model_or_path
-        data = model.SerializeToString()
-        file_bytes, gz = len(data), gzip_size(data)
+        if not files:
+            size = model.ByteSize()
+            file_bytes, gz = size, gzip_size(model.SerializeToString()) if size <= GZIP_MAX_BYTES else None
+        else:
+            file_bytes, gz = _file_figures(list(dict.fromkeys(files)))
     else:
         path = str(model_or_path)
-        with open(path, "rb") as f:
-            data = f.read()
-        model = onnx.load_from_string(data)
-        file_bytes, gz = len(data), gzip_size(data)
-        for ext in _external_files(model, os.path.dirname(os.path.abspath(path))):
-            with open(ext, "rb") as f:
-                blob = f.read()
-            file_bytes += len(blob)
-            gz += gzip_size(blob)
+        model = onnx.load(path, load_external_data=False)
+        file_bytes, gz = _file_figures([path] + _external_files(model, os.path.dirname(os.path.abspath(path))))
         if any(_is_external(t) for t in model.graph.initializer):
             onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     layers, _ = find_layers(model)
@@ -52,7 +55,8 @@ def figures(model_or_path, input_shapes: dict | None = None) -> dict:
     total = _total_params(model)
     macs, batch = _macs(model, layers, input_shapes or {})
     known = [v for v in macs.values() if v is not None]
-    return {"file_bytes": file_bytes, "gzip_bytes": gz, "params_total": total, "params_prunable": prunable,
+    return {"file_bytes": file_bytes, "gzip_bytes": gz, "params_total": total,
+            "params_prunable": prunable,
             "nonzero_prunable": nonzero, "macs": int(sum(known)) if known else None,
             "macs_complete": len(known) == len(macs), "macs_per_layer": macs, "batch": batch}
 
@@ -64,6 +68,18 @@ def ratios(dense: dict, pruned: dict) -> dict:
         a, b = dense.get(k), pruned.get(k)
         out[k] = (b / a) if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else None
     return out
+
+
+def _file_figures(files: list) -> tuple:
+    """(bytes on disk of a model file and its external data files, their gzip size or None)."""
+    file_bytes = sum(os.path.getsize(f) for f in files)
+    if file_bytes > GZIP_MAX_BYTES:
+        return file_bytes, None
+    gz = 0
+    for f in files:
+        with open(f, "rb") as fh:
+            gz += gzip_size(fh.read())
+    return file_bytes, gz
 
 
 def _is_external(t) -> bool:

@@ -225,7 +225,8 @@ def _print_figures(console, f: dict) -> None:
     for col, j in (("", "left"), ("dense", "right"), ("pruned", "right"), ("ratio", "right")):
         t.add_column(col, justify=j, no_wrap=True)
     rows = [("file size", _size(b.get("file_bytes")), _size(a.get("file_bytes")), "file_bytes"),
-            ("gzip size", _size(b.get("gzip_bytes")), _size(a.get("gzip_bytes")), "gzip_bytes"),
+            ("gzip size", _size(b.get("gzip_bytes")) if b.get("gzip_bytes") else "> 16 MB: not computed",
+             _size(a.get("gzip_bytes")) if a.get("gzip_bytes") else "-", "gzip_bytes"),
             ("parameters", f"{b.get('params_total', 0):,}", f"{a.get('params_total', 0):,}", "params_total"),
             ("non-zero prunable", f"{b.get('nonzero_prunable', 0):,}", f"{a.get('nonzero_prunable', 0):,}",
              "nonzero_prunable")]
