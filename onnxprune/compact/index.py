@@ -141,19 +141,9 @@ def drop_orphans(ix: Index) -> None:
 
 
 def _implicit(node) -> list:
-    """Outer-scope names read by a node's subgraphs."""
-    names = []
-    for a in node.attribute:
-        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in subs:
-            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                defined.update(n.output)
-            for n in g.node:
-                for i in list(n.input) + _implicit(n):
-                    if i and i not in defined and i not in names:
-                        names.append(i)
-    return names
+    """Outer-scope names read by a node's subgraphs (the connectivity analysis' own reader)."""
+    from ..connectivity import _implicit_inputs
+    return _implicit_inputs(node)
 
 
 def has_subgraph(node) -> bool:
