@@ -513,13 +513,17 @@ class Run:
         if validator is not None and validator.dataset.batches:
             shapes = {k: list(v.shape) for k, v in validator.dataset.batches[0].items()}
         self.shapes = shapes
-        return figures(loaded.model, shapes, files=[self.model] + list(loaded.external_files))
+        # the non-zero count comes from the report after pruning (zeros_before), not from a second read
+        return figures(loaded.model, shapes, files=[self.model] + list(loaded.external_files), nonzero=-1)
 
     def _figures(self, loaded, report) -> dict:
         """Before → after: file and gzip size, parameters, MACs per sample at the validated input shape, latency."""
         from .figures import ratios, figures
         dense = self.dense_figures
-        pruned = figures(loaded.model, self.shapes, files=[self.out_path] + list(report.written))
+        rows = report.layers  # every weight compaction removes is a zero: the report's counts still hold
+        dense["nonzero_prunable"] = sum(r.params - r.zeros_before for r in rows)
+        pruned = figures(loaded.model, self.shapes, files=[self.out_path] + list(report.written),
+                         nonzero=sum(r.params - r.zeros_after for r in rows))
         v = report.validation or {}
         if v.get("latency_ms_dense"):
             dense["latency_ms"], pruned["latency_ms"] = v["latency_ms_dense"], v["latency_ms_pruned"]

@@ -24,7 +24,8 @@ def gzip_size(data: bytes) -> int | None:
     return len(gzip.compress(data, compresslevel=GZIP_LEVEL, mtime=0))
 
 
-def figures(model_or_path, input_shapes: dict | None = None, files: list | None = None) -> dict:
+def figures(model_or_path, input_shapes: dict | None = None, files: list | None = None,
+            nonzero: int | None = None) -> dict:
     """File size, gzip size (level 6) of the model file, parameters and MACs.
 
     ``model_or_path``: a path (the file and its external data files are measured) or an ``onnx.ModelProto``
@@ -34,7 +35,8 @@ def figures(model_or_path, input_shapes: dict | None = None, files: list | None 
     named keep their declared shapes. MACs count multiply-accumulates of Conv/ConvTranspose/Gemm/MatMul layers
     with a constant weight (dense: zeros count), per sample: the total at the given shapes divided by the batch,
     the first dim of the first graph input. A layer whose output shape is not known gets None, and the total
-    then covers the layers that are known (``macs_complete`` False).
+    then covers the layers that are known (``macs_complete`` False). ``nonzero``: the non-zero prunable weights
+    when the caller already counted them (the report does), so the weights are not read again.
     """
     if isinstance(model_or_path, onnx.ModelProto):
         model = model_or_path
@@ -51,7 +53,8 @@ def figures(model_or_path, input_shapes: dict | None = None, files: list | None 
             onnx.load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
     layers, _ = find_layers(model)
     prunable = sum(l.size for l in layers)
-    nonzero = sum(int(np.count_nonzero(onnx.numpy_helper.to_array(l.tensor))) for l in layers)
+    if nonzero is None:
+        nonzero = sum(int(np.count_nonzero(onnx.numpy_helper.to_array(l.tensor))) for l in layers)
     total = _total_params(model)
     macs, batch = _macs(model, layers, input_shapes or {})
     known = [v for v in macs.values() if v is not None]

@@ -129,6 +129,12 @@ def prune(model_or_path, sparsity: float, method: str = "lamp", **options):
 
 def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     """Prune ``loaded.model`` in place according to ``config`` and describe what was done."""
+    report, layers = _prune(loaded, config)
+    _compact(loaded, layers, config, report)  # after _prune's arrays are freed: it reads the written tensors
+    return report
+
+
+def _prune(loaded: LoadedModel, config: PruneConfig):
     t0 = time.perf_counter()
     alloc_name, score_name = config.resolve()
     model = loaded.model
@@ -215,8 +221,7 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
     flush()
     report.timings["connectivity"] = t4 - t3
     report.timings["write"] = time.perf_counter() - t4
-    _compact(loaded, layers, config, report)
-    return report
+    return report, layers
 
 
 def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report):

@@ -18,6 +18,11 @@ def test_channel_pruning_compacts_and_reports_the_payoff(cnn, tmp_path):
     assert c["applied"] and c["channels_removed"] > 0 and c["align"] == 8
     assert f["ratio"]["file_bytes"] < 1 and f["ratio"]["params_total"] < 1 and f["ratio"]["macs"] < 1
     assert f["after"]["file_bytes"] == out.stat().st_size and f["before"]["latency_ms"] > 0
+    from onnxprune.figures import figures
+    for side, path in (("before", cnn), ("after", str(out))):  # the counts taken from the report hold on disk
+        counted = figures(path, {"x": [1, 1, 8, 8]})
+        assert f[side]["nonzero_prunable"] == counted["nonzero_prunable"]
+        assert f[side]["macs"] == counted["macs"] and f[side]["params_total"] == counted["params_total"]
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
     x = np.load(sample("cnn")[1])["x"][:4]
     assert run(str(out), {"x": x})[0].shape == (4, 10)  # graph inputs and outputs keep their shapes
