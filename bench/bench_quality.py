@@ -3,9 +3,14 @@
 Sample MLP and sample CNN (and the torch-exported CNN), sparsity 80/90/95/98 %; calibration = the first 128
 samples of the test .npz, evaluation = the remaining samples (disjoint). Also the reconstruction time as a ratio to
 the plain prune of the same model in the same run (in-process, median of --repeat), and optionally (--big) the
-30 M-weight model of bench_prune.py with 128 random calibration samples (fresh processes, time and peak RSS).
+30 M-weight model of bench_prune.py with 128 random calibration samples: plain prune and prune + reconstruction
+(max_rows 2048 and the default) alternating in fresh processes, median of --repeat, time and peak RSS as ratios.
 
-    python bench/bench_quality.py [--repeat 3] [--big] [--ablation]
+    python bench/bench_quality.py [--repeat 3] [--big] [--ablation] [--peers] [--skip-quality]
+
+--peers: onnxsim 0.8.1's calibrated pruners (`sparsegpt`, `wanda` per layer and with global_sparsity) at equal
+sparsity on the sample MLP and CNN, same calibration (first 128 samples) and evaluation (the rest); skipped with a
+message when onnxsim is not installed (`pip install onnxsim==0.8.1`, part of the `bench` extra).
 """
 import argparse
 import logging
@@ -123,26 +128,108 @@ kw = dict(reconstruct=True, calibration=cal, reconstruct_max_rows={rows}) if {re
 out, rep = prune(m, 0.95, "lamp", **kw)
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
 """
+BIG_ROWS = 2048  # sample rows per layer: every 4th conv output position of the 128 calibration inputs
 
 
-def big():
+def big_run(rec, rows=BIG_ROWS, root=ROOT):
+    """(prune seconds without the load, peak RSS MiB) of one fresh process."""
+    sys.path.insert(0, HERE)
+    import bench_prune
+    code = BIG.format(root=root, path=bench_prune.MODEL, rec=rec, rows=rows)
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    return [float(v) for v in out.split()[-2:]]
+
+
+def big(repeat):
+    """The 30 M-weight model: plain prune and prune + reconstruction alternating in fresh processes, medians."""
     sys.path.insert(0, HERE)
     import bench_prune
     if not os.path.exists(bench_prune.MODEL):
         subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); import bench_prune as b; "
                         "b.build_model(b.MODEL)"], check=True)
-    res = {}
-    for rec in (False, True):
-        code = BIG.format(root=ROOT, path=bench_prune.MODEL, rec=rec, rows=2048)
-        out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-        res[rec] = [float(v) for v in out.split()]
-        print(rec, res[rec], flush=True)
-    (tp, mp), (tr, mr) = res[False], res[True]
-    return ["", "30 M-weight model of bench_prune.py, 95 % LAMP, 128 random calibration samples (batch 1), "
-            "`reconstruct_max_rows=2048`, fresh processes, in-process prune time (load excluded):", "",
-            "| run | time s | peak RSS MiB |", "|---|---|---|",
-            f"| plain prune | {tp:.2f} | {mp:.0f} |", f"| prune + reconstruction | {tr:.2f} | {mr:.0f} |", "",
-            f"Ratios: time {tr / tp:.0f}x, memory {mr / mp:.2f}x."]
+    runs = {"plain prune": [], f"prune + reconstruction (max_rows {BIG_ROWS})": [],
+            "prune + reconstruction (default max_rows 32768)": []}
+    for _ in range(repeat):
+        runs["plain prune"].append(big_run(False))
+        runs[f"prune + reconstruction (max_rows {BIG_ROWS})"].append(big_run(True))
+        runs["prune + reconstruction (default max_rows 32768)"].append(big_run(True, 32768))
+        print({k: v[-1] for k, v in runs.items()}, flush=True)
+    med = {k: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for k, v in runs.items()}
+    tp, mp = med["plain prune"]
+    lines = ["", f"30 M-weight model of bench_prune.py, 95 % LAMP, 128 random calibration samples (batch 1), fresh "
+             f"processes alternating, median of {repeat}, in-process prune time (load excluded):", "",
+             "| run | time s | time / plain | peak RSS MiB | RSS / plain |", "|---|---|---|---|---|"]
+    for k, (t, mem) in med.items():
+        lines.append(f"| {k} | {t:.2f} | {t / tp:.0f}x | {mem:.0f} | {mem / mp:.2f}x |")
+    return lines
+
+
+def _sparsity(model):
+    """Achieved sparsity over every weight of rank >= 2 (the tensors both tools prune)."""
+    from onnx import numpy_helper
+    n = z = 0
+    for t in model.graph.initializer:
+        if len(t.dims) > 1:
+            a = numpy_helper.to_array(t)
+            n += a.size
+            z += a.size - np.count_nonzero(a)
+    return z / max(n, 1)
+
+
+PEER_MODELS = ("mlp_gemm", "cnn")
+
+
+def peers():
+    """onnxprune (LAMP + reconstruction) against onnxsim's sparsegpt / wanda at equal sparsity."""
+    try:
+        import onnxsim
+        from onnxsim import pruning as osp
+    except ImportError:
+        msg = "onnxsim not installed: peer comparison skipped (pip install onnxsim==0.8.1)"
+        print(msg)
+        return ["", msg]
+    version = getattr(onnxsim, "__version__", "?")
+    contenders = {
+        "onnxsim sparsegpt": lambda m, s, cal: osp.apply_sparsegpt_pruning(m, calibration_data=cal, sparsity=s),
+        "onnxsim wanda": lambda m, s, cal: osp.apply_wanda_pruning(m, calibration_data=cal, sparsity=s),
+        "onnxsim wanda (global)": lambda m, s, cal: osp.apply_wanda_pruning(m, calibration_data=cal, sparsity=s,
+                                                                            global_sparsity=True),
+        "onnxprune lamp, one-shot": lambda m, s, cal: prune(m, s, "lamp")[0],
+        "onnxprune lamp + reconstruction": lambda m, s, cal: prune(m, s, "lamp", reconstruct=True,
+                                                                   calibration=cal)[0],
+    }
+    lines = ["", f"Peers: onnxsim {version} at equal sparsity, calibration = first {CAL} samples, evaluation = the "
+             "rest (accuracy; achieved sparsity over all rank >= 2 weights in parentheses):", "",
+             "| model | contender | " + " | ".join(f"{int(s * 100)} %" for s in SPARSITIES) + " |",
+             "|---|---|" + "---|" * len(SPARSITIES)]
+    for key in PEER_MODELS:
+        mfile, dfile = MODELS[key]
+        path = os.path.join(ROOT, "sample_models", mfile)
+        data = np.load(os.path.join(ROOT, "sample_models", dfile))
+        x, y = data["x"], data["y"]
+        cal = [{"x": x[i:min(i + 32, CAL)]} for i in range(0, CAL, 32)]
+        xe, ye = x[CAL:], y[CAL:]
+        best = {}
+        for name, fn in contenders.items():
+            cells = []
+            for s in SPARSITIES:
+                try:
+                    out = fn(onnx.load(path), s, [dict(b) for b in cal])
+                    a, sp = accuracy(out, xe, ye), _sparsity(out)
+                    cells.append(f"{a:.3f} ({sp * 100:.1f} %)")
+                    if name.startswith("onnxsim"):
+                        best[s] = max(best.get(s, 0.0), a)
+                    elif "reconstruction" in name:
+                        best[("ours", s)] = a
+                except Exception as exc:  # noqa: BLE001 - a peer failing is a result too
+                    cells.append(f"failed ({type(exc).__name__}: {str(exc)[:60]})")
+            lines.append(f"| {mfile} | {name} | " + " | ".join(cells) + " |")
+            print(lines[-1], flush=True)
+        margin = [f"{int(s * 100)} %: {best.get(('ours', s), float('nan')) - best.get(s, float('nan')):+.3f}"
+                  for s in SPARSITIES]
+        lines.append(f"| {mfile} | margin over onnxsim's best | " + " | ".join(m.split(': ')[1] for m in margin)
+                     + " |")
+    return lines
 
 
 def main():
@@ -150,13 +237,17 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--ablation", action="store_true")
+    ap.add_argument("--peers", action="store_true")
+    ap.add_argument("--skip-quality", action="store_true")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
-    lines = quality(args.repeat)
+    lines = [] if args.skip_quality else quality(args.repeat)
+    if args.peers:
+        lines += peers()
     if args.ablation:
         lines += ablation()
     if args.big:
-        lines += big()
+        lines += big(args.repeat)
     print("\n".join(lines))
 
 

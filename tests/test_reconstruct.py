@@ -369,3 +369,57 @@ def test_too_wide_layer_falls_back_to_plain_selection(mlp_cal, monkeypatch):
     assert layers["fc3.weight"]["method"] != "plain"
     assert np.array_equal(weights(rec)["fc1.weight"], weights(plain)["fc1.weight"])
     assert sum("not reconstructed" in w for w in rep.warnings) == 2
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_low_rank_solves_match_the_dense_ones(bias):
+    """Fewer sample rows than inputs: the Woodbury paths (m x m systems) give the dense inverse's W*, inverse
+    diagonal and per-row refits."""
+    from onnxprune.reconstruct.solver import Group
+    rng = np.random.default_rng(3)
+    m, d, out = 12, 40, 7
+    X = np.concatenate([rng.standard_normal((m, d)) + 0.3, np.ones((m, 1))], axis=1)
+    Xd = X + 0.05 * rng.standard_normal(X.shape)
+    Xd[:, d] = 1.0
+    R = rng.standard_normal((out, d))
+    b = rng.standard_normal(out) if bias else None
+    Wt = np.concatenate([R, (b if bias else np.zeros(out))[:, None]], axis=1)
+    Y = Xd @ Wt.T
+    H, GW = X.T @ X / m, X.T @ Y / m
+    ym, ysq = Y.mean(0), (Y ** 2).mean(0)
+
+    def group(low):
+        return Group(R, b, H.copy(), GW.copy(), ym, ysq, 0.03, X.copy() if low else None)
+    lo, hi = group(True), group(False)
+    assert lo._use_lowrank(d) and not hi._use_lowrank(d)
+    (w1, h1), (w2, h2) = lo.unconstrained(), hi.unconstrained()
+    np.testing.assert_allclose(w1, w2, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(h1, h2, rtol=1e-8, atol=1e-12)
+    keep = rng.random((out, d)) < np.linspace(0.1, 0.95, out)[:, None]  # some rows wider than 2 m, some not
+    assert (keep.sum(1) >= 2 * m).any() and (keep.sum(1) < 2 * m).any()
+    r1, r2 = lo.refit(keep), hi.refit(keep)
+    np.testing.assert_allclose(r1.w, r2.w, rtol=1e-7, atol=1e-9)
+    np.testing.assert_allclose(r1.q, r2.q, rtol=1e-7, atol=1e-9)
+    assert np.all(r1.w[:, :d][~keep] == 0)
+    e = [np.sum((Y - X @ r.w.T) ** 2) / m for r in (r1, r2)]  # the reported error is the real one
+    assert lo.error(r1) == pytest.approx(e[0], rel=1e-6) and hi.error(r2) == pytest.approx(e[1], rel=1e-6)
+
+
+def test_im2col_row_step_keeps_every_step_th_row():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 4, 7, 6)).astype(np.float32)
+    args = ((3, 2), (2, 1), (1, 2), [1, 0, 1, 2], 2)
+    full = im2col(x, *args)
+    for step in (2, 3, 5):
+        np.testing.assert_array_equal(im2col(x, *args, step=step), full[:, ::step])
+
+
+def test_blocked_spd_inverse_matches_lapack():
+    from onnxprune.reconstruct.solver import spd_inverse
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((60, 45))
+    H = np.concatenate([X, np.ones((60, 1))], axis=1)
+    H = H.T @ H / 60
+    H[np.arange(45), np.arange(45)] += 0.03  # damped weights, undamped bias entry: positive definite
+    for block in (7, 16, 46, 64):
+        np.testing.assert_allclose(spd_inverse(H, block), np.linalg.inv(H), rtol=1e-9, atol=1e-10)

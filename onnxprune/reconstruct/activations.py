@@ -19,11 +19,21 @@ def _deps(node):
     return [n for n in names if n]
 
 
-def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None) -> tuple:
+def _replaced(tensor, values):
+    from ..io import write_tensor
+    out = onnx.TensorProto()
+    out.CopyFrom(tensor)
+    write_tensor(out, values)
+    return out
+
+
+def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, overrides: dict | None = None) -> tuple:
     """(serialised model computing ``names``, the inputs it must be fed).
 
     The walk back from ``names`` stops at graph inputs and at the tensors in ``cut`` (name -> an example array),
-    which become inputs of the prefix: values already captured need not be recomputed."""
+    which become inputs of the prefix: values already captured need not be recomputed. ``overrides``: constant
+    tensor (initializer or Constant node output) name -> the values the prefix uses instead of the stored ones."""
+    overrides = overrides or {}
     cut = cut or {}
     g = model.graph
     producer = {}
@@ -51,8 +61,18 @@ def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None) -
     out.opset_import.extend(model.opset_import)
     out.functions.extend(model.functions)
     out.graph.name = g.name
-    out.graph.node.extend(g.node[i] for i in sorted(needed_nodes))
-    out.graph.initializer.extend(t for t in g.initializer if t.name in used)
+    for i in sorted(needed_nodes):
+        node = g.node[i]
+        if node.op_type == "Constant" and len(node.output) == 1 and node.output[0] in overrides:
+            copy = onnx.NodeProto()
+            copy.CopyFrom(node)
+            for a in copy.attribute:
+                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    a.t.CopyFrom(_replaced(a.t, overrides[node.output[0]]))
+            node = copy
+        out.graph.node.append(node)
+    out.graph.initializer.extend(_replaced(t, overrides[t.name]) if t.name in overrides else t
+                                 for t in g.initializer if t.name in used)
     feeds = [i for i in g.input if i.name in used and i.name not in inits]
     out.graph.input.extend(feeds)
     cut_used.sort()
@@ -76,7 +96,8 @@ class Capture:
     """A prefix of ``model`` in ONNX Runtime: ``run(feed, j)`` gives {name: array} for calibration batch ``j``
     (graph inputs asked for are passed through; ``cut`` values stand in for the nodes that computed them)."""
 
-    def __init__(self, model: onnx.ModelProto, names: list, feeds: list, threads: int = 0, cut=None):
+    def __init__(self, model: onnx.ModelProto, names: list, feeds: list, threads: int = 0, cut=None,
+                 overrides: dict | None = None):
         self.names = list(dict.fromkeys(names))
         graph_inputs = {i.name for i in model.graph.input}
         self.direct = [n for n in self.names if n in graph_inputs and not any(n == o for node in model.graph.node
@@ -90,7 +111,7 @@ class Capture:
             self.cut = cut
             try:
                 payload, self.inputs = prefix_model(model, self.computed,
-                                                    cut.examples() if cut is not None else None)
+                                                    cut.examples() if cut is not None else None, overrides)
             except ValueError as exc:  # protobuf refuses to serialise more than 2 GiB
                 raise RequestError(f"reconstruction cannot hand this model's prefix to ONNX Runtime "
                                    f"({_first_line(exc)}); models over 2 GiB are not reconstructed yet") from exc
@@ -125,29 +146,6 @@ class Capture:
         self.session = None
 
 
-class DenseCache:
-    """Every layer's dense input on every calibration batch, captured in one pass when they fit in ``budget``
-    bytes (then each layer only runs the partly reconstructed prefix); ``store`` is None when they do not."""
-
-    def __init__(self, model: onnx.ModelProto, names: list, feeds: list, budget: int, threads: int = 0):
-        self.store = None
-        self.names = set(names)
-        if not names or not feeds or budget <= 0:
-            return
-        cap = Capture(model, names, feeds, threads)
-        first = cap.run(feeds[0])
-        if sum(a.nbytes for a in first.values()) * len(feeds) > budget:
-            return
-        self.store = [first] + [cap.run(f) for f in feeds[1:]]
-        cap.close()
-
-    def covers(self, names) -> bool:
-        return self.store is not None and all(n in self.names for n in names)
-
-    def run(self, feed: dict, j: int) -> dict:
-        return self.store[j]
-
-
 class CutStore:
     """Captured activations of the partly reconstructed model that stay valid (they depend only on layers already
     final), kept per batch within a byte budget; later prefixes start from them instead of the graph inputs."""
@@ -163,6 +161,11 @@ class CutStore:
             return
         self.values[name] = arrays
         self.used += size
+
+    def forget(self, keep) -> None:
+        """Drop the entries ``keep(name)`` rejects (prefixes then just start further back)."""
+        for name in [n for n in self.values if not keep(n)]:
+            self.used -= sum(a.nbytes for a in self.values.pop(name))
 
     def examples(self) -> dict:
         return {n: v[0] for n, v in self.values.items()}

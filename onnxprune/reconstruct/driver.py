@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 
 from ..select import layout_perm, prune_mask
-from .activations import Capture, CutStore, DenseCache
+from .activations import Capture, CutStore
 from .problems import Graph, Unsupported, build_sites
 from .solver import Group, admm_support
 
@@ -18,7 +18,8 @@ log = logging.getLogger("onnxprune")
 
 CORRECTIONS = ("meanvar", "none")
 MASKS = ("admm", "obs", "plain")
-ACC_BYTES = 1 << 26  # rows of augmented samples handled per accumulation step
+ACC_BYTES = 1 << 26  # bytes of buffered sample rows per accumulation step (per model: dense and pruned prefix)
+GRAM_BLOCK = 1024  # columns of H updated per product
 
 
 @dataclass
@@ -29,9 +30,10 @@ class ReconstructOptions:
     #                     "plain": keep the allocation's selection
     max_inputs: int = 16384  # layers with more inputs per output row fall back to plain selection
     admm_cost: float = 5e8  # ADMM where groups * out * d^2 stays below this, the one-shot OBS mask above
+    admm_max_inputs: int = 1024  # ... and where d stays below this (its eigendecomposition is O(d^3))
     max_rows: int = 32768  # cap on sample rows per layer, evenly strided (0: all; Conv rows are N * positions)
     threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
-    cache_bytes: int = 1 << 30  # keep every layer's dense inputs when they fit (one dense pass), else recompute
+    cache_bytes: int = 1 << 30  # captured layer inputs kept (each store: dense, reconstructed) to start later prefixes
 
     def check(self):
         from ..errors import ConfigError
@@ -51,6 +53,29 @@ class Outcome:
     warnings: list = field(default_factory=list)
 
 
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed mid-sized blocks, so a layer's temporaries
+    would otherwise add up in the resident size across layers). A no-op where malloc_trim does not exist."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        try:
+            import ctypes
+            import ctypes.util
+            import sys
+            if sys.platform.startswith("linux"):
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _MALLOC_TRIM = libc.malloc_trim
+                _MALLOC_TRIM.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _tensors(model: onnx.ModelProto) -> dict:
     out = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
@@ -61,78 +86,128 @@ def _tensors(model: onnx.ModelProto) -> dict:
     return out
 
 
-def _write(tensor, values):
-    from ..io import write_tensor
-    write_tensor(tensor, values)
+@dataclass
+class Moments:
+    """What the layer problem needs of the calibration data, per group (float64, averaged over sample rows):
+    H [g, p, p] = E[x~_p x~_p^T]; GW [g, p, og] = E[x~_p y_d^T] with y_d = W~ x~_d the dense layer's output;
+    ymean, ysq [g, og] = E[y_d], E[y_d^2]; X: per group the pruned prefix's sample rows [m, p] (ones column last),
+    kept only when there are fewer of them than inputs (H is then low-rank plus the damping); rows: m."""
+    H: np.ndarray
+    GW: np.ndarray
+    ymean: np.ndarray
+    ysq: np.ndarray
+    rows: int
+    X: list | None = None
 
 
-def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: int, keep: list | None = None):
-    """Float64 H, G, Hdd [groups, p, p] averaged over every sample row, and the row count.
+def _add_gram(H: np.ndarray, x: np.ndarray) -> None:
+    """H += x^T x for the upper triangle in column blocks (no p x p temporary), then mirrored: exactly symmetric."""
+    p = H.shape[0]
+    if p <= GRAM_BLOCK:
+        t = x.T @ x
+        H += (t + t.T) / 2
+        return
+    for a in range(0, p, GRAM_BLOCK):
+        b = min(p, a + GRAM_BLOCK)
+        H[:b, a:b] += x[:, :b].T @ x[:, a:b]
+        blk = H[a:b, a:b]
+        blk[...] = (blk + blk.T) / 2
+        H[a:b, :a] = H[:a, a:b].T
 
-    Sample rows are buffered across batches up to ACC_BYTES, so that small batches (batch-1 models) still give
-    large matrix products instead of many rank-few updates. ``keep``: a list that receives the (single) site's
-    pruned-prefix activation of every batch."""
-    g, _, d = sites[0].index.shape
-    p = d + 1
+
+def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: int, Wt: np.ndarray,
+                keep: list | None = None, keep_dense: list | None = None) -> Moments:
+    """Accumulate the layer's ``Moments`` over the calibration batches; ``Wt`` [g, og, p]: the dense rows [W | b].
+
+    Only H is p x p: the cross terms with the dense inputs are taken through the dense outputs y_d (p x og), which
+    is all the objective, the targets and the mean/variance correction need of G and Hdd. Sample rows are copied
+    into preallocated buffers (ones column last) of up to ACC_BYTES (or all rows, when at most half the inputs)
+    and multiplied once full, so that small batches (batch-1 models) still give large matrix products.
+    ``keep`` / ``keep_dense``: lists that receive the (single) site's pruned-prefix / dense activation of every
+    batch."""
+    g, og, p = Wt.shape
+    d = p - 1
     same = current is None
     H = np.zeros((g, p, p))
-    G = None if same else np.zeros((g, p, p))
-    Hdd = None if same else np.zeros((g, p, p))
-    chunk = max(256, ACC_BYTES // (8 * p * g))
-    buf_d, buf_p, buffered, rows = [], [], 0, 0
+    GW = np.zeros((g, p, og))
+    ysum = np.zeros((g, og))
+    ysq = np.zeros((g, og))
+    WtT = np.ascontiguousarray(Wt.transpose(0, 2, 1))
+    cap = max(256, ACC_BYTES // (8 * p * g))
+    Bd = Bp = None
+    fill, rows, flushes = 0, 0, 0
     stride = None
 
     def flush():
-        xd = np.concatenate(buf_d, axis=1) if len(buf_d) > 1 else buf_d[0]
-        ones = np.ones((g, xd.shape[1], 1))
-        pd = np.concatenate([xd, ones], axis=2)
-        if same:
-            H[...] += pd.transpose(0, 2, 1) @ pd
-            return
-        xp = np.concatenate(buf_p, axis=1) if len(buf_p) > 1 else buf_p[0]
-        pp = np.concatenate([xp, ones], axis=2)
-        ppT = pp.transpose(0, 2, 1)
-        H[...] += ppT @ pp
-        G[...] += ppT @ pd
-        Hdd[...] += pd.transpose(0, 2, 1) @ pd
+        nonlocal flushes
+        xd = Bd[:, :fill]
+        xp = xd if same else Bp[:, :fill]
+        yd = xd @ WtT  # [g, n, og]: the dense layer's outputs
+        for gi in range(g):
+            _add_gram(H[gi], xp[gi])
+        GW[...] += xp.transpose(0, 2, 1) @ yd
+        ysum[...] += yd.sum(axis=1)
+        ysq[...] += np.einsum("gnr,gnr->gr", yd, yd)
+        flushes += 1
 
     for j, feed in enumerate(feeds):
         od = dense.run(feed, j)
         oc = od if same else current.run(feed, j)
         if keep is not None:
             keep.append(oc[sites[0].act])
+        if keep_dense is not None:
+            keep_dense.append(od[sites[0].act])
         for site in sites:
-            xd = site.samples(od[site.act])
-            xp = xd if same else site.samples(oc[site.act])
+            if max_rows and stride is None:  # fixed from the first batch: deterministic, evenly spread rows
+                n0 = site.count(od[site.act])
+                stride = max(1, -(-n0 * len(feeds) * len(sites) // max_rows))
+            xd = site.samples(od[site.act], stride or 1)
+            xp = xd if same else site.samples(oc[site.act], stride or 1)
             if xd.shape != xp.shape:
                 raise Unsupported("dense and pruned activations differ in shape")
             if xd.shape[2] != d or xd.shape[0] != g:
                 raise Unsupported(f"activation gives {xd.shape[0]}x{xd.shape[2]} inputs per group, the weight "
                                   f"{g}x{d}")
-            if max_rows:
-                if stride is None:  # fixed from the first batch: deterministic, evenly spread rows
-                    stride = max(1, -(-xd.shape[1] * len(feeds) * len(sites) // max_rows))
-                if stride > 1:
-                    xd, xp = xd[:, ::stride], xp[:, ::stride]
-            for a in range(0, xd.shape[1], chunk):
-                buf_d.append(xd[:, a:a + chunk])
-                buf_p.append(xp[:, a:a + chunk])
-                buffered += buf_d[-1].shape[1]
-                rows += buf_d[-1].shape[1]
-                if buffered >= chunk:
+            if xd.shape[1] == 0:
+                continue
+            if Bd is None:  # at most the rows all batches can give (as many as the first), at most ACC_BYTES
+                total = xd.shape[1] * len(feeds) * len(sites)
+                if 2 * total <= d:  # few rows: keep them all in one buffer (smaller than H) for the low-rank path
+                    cap = total
+                cap = max(1, min(cap, total))
+                Bd = np.empty((g, cap, p))
+                Bd[:, :, d] = 1.0
+                if not same:
+                    Bp = np.empty((g, cap, p))
+                    Bp[:, :, d] = 1.0
+            a, n = 0, xd.shape[1]
+            while a < n:
+                take = min(n - a, cap - fill)
+                Bd[:, fill:fill + take, :d] = xd[:, a:a + take]
+                if not same:
+                    Bp[:, fill:fill + take, :d] = xp[:, a:a + take]
+                fill += take
+                rows += take
+                a += take
+                if fill == cap:
                     flush()
-                    buf_d, buf_p, buffered = [], [], 0
+                    fill = 0
+            del xd, xp
         del od, oc
-    if buffered:
+    if fill:
         flush()
     if rows == 0:
         raise Unsupported("no calibration rows reached this layer")
     H /= rows
-    if same:  # nothing upstream changed: the pruned prefix is the dense one
-        return H, H, H, rows
-    G /= rows
-    Hdd /= rows
-    return H, G, Hdd, rows
+    GW /= rows
+    ysum /= rows
+    ysq /= rows
+    X = None
+    if flushes == 1 and 2 * rows <= d:  # every row is still in the buffer: H = lambda*I + low rank, used
+        B = Bd if same else Bp
+        X = [B[gi, :rows] for gi in range(g)]
+    Bd = Bp = None
+    return Moments(H, GW, ysum, ysq, rows, X)
 
 
 def reconstruct(model, layers, values, idx, counts, kept, calibration, options: ReconstructOptions) -> Outcome:
@@ -145,9 +220,10 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
     options.check()
     t0 = time.perf_counter()
     res = Outcome()
-    work = onnx.ModelProto()
-    work.CopyFrom(model)
-    work_tensors = _tensors(work)
+    # The partly reconstructed model is ``model`` with these tensors replaced (values in the storage dtype): the
+    # prefixes handed to ONNX Runtime substitute them, so no second copy of the model is ever made.
+    work_tensors = _tensors(model)
+    overrides = {}
     graph = Graph(model)
     changed = False
     records = []
@@ -156,16 +232,12 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
         first = next(iter(feed.values()), None)
         samples += int(first.shape[0]) if first is not None and getattr(first, "ndim", 0) else 1
     underdetermined = []
-    wanted = []
-    for i in idx:
-        try:
-            wanted += [s.act for s in build_sites(graph, layers[i], tuple(values[i].shape))]
-        except Unsupported:
-            pass
-    cache = DenseCache(model, list(dict.fromkeys(wanted)), calibration, options.cache_bytes, options.threads)
-    # Inputs captured from the partly reconstructed model depend only on layers already final (graph order), so
-    # later prefixes start from them: each layer's capture runs only the nodes since the previous layers.
+    # Captures chain: inputs already captured (dense model, and partly reconstructed model, whose values depend
+    # only on layers already final in graph order) are where later prefixes start, so each layer's captures run
+    # only the nodes since the previous layers, and no session ever holds the whole model.
+    dense_cuts = CutStore(options.cache_bytes)
     cuts = CutStore(options.cache_bytes)
+    position = {id(node): j for j, node in enumerate(model.graph.node)}
     for k, i in enumerate(idx):
         layer = layers[i]
         w = values[i]
@@ -190,30 +262,46 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
             if d > options.max_inputs:
                 raise Unsupported(f"{d} inputs per output row > {options.max_inputs}: H would not fit")
             names = [s.act for s in sites]
-            dense = cache if cache.covers(names) else Capture(model, names, calibration, options.threads)
-            current = Capture(work, names, calibration, options.threads, cuts) if changed else None
+            dense = Capture(model, names, calibration, options.threads, dense_cuts)
+            current = Capture(model, names, calibration, options.threads, cuts, overrides) if changed else None
             acts = [] if len(sites) == 1 else None  # a tied weight's later inputs depend on itself: not kept
+            dense_acts = []
+            scale = sites[0].scale
+            sink = sites[0].bias
+            R = w.reshape(-1).astype(np.float64)[index] * scale  # [g, og, d]
+            Wt = np.concatenate([R, (sink.dense.reshape(g, og, 1) if sink is not None else np.zeros((g, og, 1)))],
+                                axis=2)
             try:
-                H, G, Hdd, m = _accumulate(sites, calibration, dense, current, options.max_rows, acts)
+                mom = _accumulate(sites, calibration, dense, current, options.max_rows, Wt, acts, dense_acts)
             finally:
-                if dense is not cache:
-                    dense.close()
+                dense.close()
                 if current is not None:
                     current.close()
-            if acts is not None and sites[0].act in graph.producer:
-                cuts.add(sites[0].act, acts)
-            del acts
+            if sites[0].act in graph.producer:
+                dense_cuts.add(sites[0].act, dense_acts)
+                if acts is not None:
+                    cuts.add(sites[0].act, acts)
+            # a captured tensor no node from this layer on reads only saves work for residual paths: dropped
+            # (correctness never depends on the stores; a prefix without it starts further back)
+            horizon = min(position.get(id(s.node), -1) for s in sites)
+
+            def live(name):
+                return any(position.get(id(n), horizon) >= horizon for n in graph.uses.get(name, ()))
+            dense_cuts.forget(live)
+            cuts.forget(live)
+            del acts, dense_acts
             t_gram = time.perf_counter()
-            moments = [H, G, Hdd]
-            del H, G, Hdd  # _solve releases G and Hdd once the targets are formed
-            solved = _solve(layer, w, sites, moments, n_prune, plain_pruned, options)
+            m = mom.rows
+            solved = _solve(layer, w, sites, mom, R, n_prune, plain_pruned, options)
+            del mom, R, Wt
+            _trim_heap()
             rec["time_capture_s"] = t_gram - t
             out, bias, fields = solved
             res.values[i] = out
-            _write(work_tensors[layer.name], out)
+            overrides[layer.name] = out
             if bias is not None:
                 res.biases[sites[0].bias.tensor] = bias
-                _write(work_tensors[sites[0].bias.tensor], bias)
+                overrides[sites[0].bias.tensor] = bias
             rec.update(fields, rows=int(m))
             if sites[0].kind != "conv" and m < fields["inputs"] + 1:
                 underdetermined.append(layer.name)
@@ -227,8 +315,9 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
             if gains:  # the next layers must see this layer pruned
                 masked = np.where(plain_pruned.reshape(w.shape), np.zeros((), w.dtype), w)
                 if layer.name in work_tensors:
-                    _write(work_tensors[layer.name], masked)
+                    overrides[layer.name] = masked
                 changed = True
+        _trim_heap()
         rec["time_s"] = time.perf_counter() - t
         records.append(rec)
     if underdetermined:
@@ -239,26 +328,23 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
         log.warning(msg)
     res.info = {"samples": samples, "batches": len(calibration), "damping": float(options.damping),
                 "correction": options.correction, "mask": options.mask, "max_rows": options.max_rows,
-                "dense_inputs_cached": cache.store is not None, "time_s": time.perf_counter() - t0,
+                "time_s": time.perf_counter() - t0,
                 "layers": records}
     return res
 
 
-def _solve(layer, w, sites, moments, n_prune, plain_pruned, options):
+def _solve(layer, w, sites, mom, R, n_prune, plain_pruned, options):
     """One layer: support under the exact count, refit, correction, guard against plain selection.
 
     Returns (new weights in the storage dtype, new stored bias or None, report fields)."""
     index = sites[0].index
     g, og, d = index.shape
-    H, G, Hdd = moments
-    moments.clear()
     scale = sites[0].scale
     sink = sites[0].bias
     flat_w = w.reshape(-1)
-    R = flat_w.astype(np.float64)[index] * scale
-    groups = [Group(R[gi], sink.dense[gi * og:(gi + 1) * og] if sink is not None else None, H[gi], G[gi], Hdd[gi],
-                    options.damping) for gi in range(g)]
-    del G, Hdd, R
+    groups = [Group(R[gi], sink.dense[gi * og:(gi + 1) * og] if sink is not None else None, mom.H[gi], mom.GW[gi],
+                    mom.ymean[gi], mom.ysq[gi], options.damping, None if mom.X is None else mom.X[gi])
+              for gi in range(g)]
     perm = layout_perm(w.shape, layer.layout.out_axis, layer.layout.in_axis)
     zero = flat_w == 0
 
@@ -275,7 +361,7 @@ def _solve(layer, w, sites, moments, n_prune, plain_pruned, options):
         return out
 
     mask_used = options.mask
-    if mask_used == "admm" and g * og * d * d > options.admm_cost:
+    if mask_used == "admm" and (g * og * d * d > options.admm_cost or d > options.admm_max_inputs):
         mask_used = "obs"  # ADMM's O(T * out * d^2) iterations would dominate: one-shot OBS mask
     if mask_used == "admm":
         pruned = storage(admm_support(groups, select))

@@ -26,11 +26,20 @@ def conv_pads(spatial: tuple, kernel: tuple, strides: tuple, dilations: tuple, p
     return begins + ends
 
 
-def im2col(x: np.ndarray, kernel: tuple, strides: tuple, dilations: tuple, pads: list, groups: int) -> np.ndarray:
+def conv_out(spatial: tuple, kernel: tuple, strides: tuple, dilations: tuple, pads: list) -> tuple:
+    """Output spatial size of a convolution (``pads`` as from ``conv_pads``)."""
+    n = len(spatial)
+    return tuple((size + pads[i] + pads[i + n] - (k - 1) * d - 1) // s + 1
+                 for i, (size, k, s, d) in enumerate(zip(spatial, kernel, strides, dilations)))
+
+
+def im2col(x: np.ndarray, kernel: tuple, strides: tuple, dilations: tuple, pads: list, groups: int,
+           step: int = 1) -> np.ndarray:
     """x [N, C, *S] -> patches [groups, N * prod(out), C/groups * prod(kernel)] (float64).
 
     Row order is (n, out positions...), column order (c within the group, kernel offsets...), so that
     ``patches[g] @ W[g-th block of out channels].reshape(O/g, -1).T`` is the convolution's output for that group.
+    ``step`` > 1 keeps every step-th row only (rows 0, step, 2 step, ...), copying nothing else.
     """
     x = np.asarray(x)
     n_sp = x.ndim - 2
@@ -54,5 +63,9 @@ def im2col(x: np.ndarray, kernel: tuple, strides: tuple, dilations: tuple, pads:
     rows = x.shape[0] * int(np.prod(out))
     c, kk = x.shape[1], int(np.prod(kernel))
     cg = c // groups
+    if step > 1:
+        pick = np.unravel_index(np.arange(0, rows, step), (x.shape[0],) + out)
+        cols = cols[pick]  # [rows / step, C, *k], a copy of the kept rows only
+        rows = cols.shape[0]
     cols = cols.reshape(rows, groups, cg * kk)
     return np.ascontiguousarray(cols.transpose(1, 0, 2))

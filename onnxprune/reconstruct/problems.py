@@ -9,7 +9,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..layout import node_attr
-from .im2col import conv_pads, im2col
+from .im2col import conv_out, conv_pads, im2col
 
 
 class Unsupported(Exception):
@@ -47,26 +47,40 @@ class Site:
     conv: dict | None = None
     bias: BiasSink | None = None
 
-    def samples(self, x: np.ndarray) -> np.ndarray:
-        """Activation batch -> [groups, m, d] float64 sample rows."""
+    def count(self, x: np.ndarray) -> int:
+        """Sample rows one activation batch gives (before any row stride)."""
+        d = self.index.shape[2]
         if self.kind == "conv":
             c = self.conv
             n_sp = x.ndim - 2
             if n_sp != len(c["kernel"]):
                 raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
             pads = conv_pads(x.shape[2:], c["kernel"], c["strides"], c["dilations"], c["pads"], c["auto_pad"])
-            return im2col(x, c["kernel"], c["strides"], c["dilations"], pads, c["groups"])
+            out = conv_out(x.shape[2:], c["kernel"], c["strides"], c["dilations"], pads)
+            return int(x.shape[0]) * int(np.prod(out))
+        return int(x.size) // max(d, 1)
+
+    def samples(self, x: np.ndarray, step: int = 1) -> np.ndarray:
+        """Activation batch -> [groups, m, d] float64 sample rows (every ``step``-th row, from the first)."""
+        if self.kind == "conv":
+            c = self.conv
+            n_sp = x.ndim - 2
+            if n_sp != len(c["kernel"]):
+                raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
+            pads = conv_pads(x.shape[2:], c["kernel"], c["strides"], c["dilations"], c["pads"], c["auto_pad"])
+            return im2col(x, c["kernel"], c["strides"], c["dilations"], pads, c["groups"], step)
         d = self.index.shape[2]
         if self.kind == "right":
             if self.transpose_x:
                 x = x.T
-            return np.asarray(x, dtype=np.float64).reshape(1, -1, d)
+            return np.asarray(np.asarray(x).reshape(-1, d)[::step], dtype=np.float64).reshape(1, -1, d)
         # left: W @ x, x [..., K, N] (or [K]); samples are x's columns
         if x.ndim == 1:
             return np.asarray(x, dtype=np.float64).reshape(1, 1, d)
         if self.transpose_x:
             x = x.T
-        return np.ascontiguousarray(np.swapaxes(x, -1, -2), dtype=np.float64).reshape(1, -1, d)
+        rows = np.swapaxes(x, -1, -2).reshape(-1, d)[::step]
+        return np.ascontiguousarray(rows, dtype=np.float64).reshape(1, -1, d)
 
 
 class Graph:

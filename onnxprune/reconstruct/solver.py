@@ -3,6 +3,12 @@ correction, and the output error E||W~x~_d - W^x~_p||^2 for any candidate weight
 
 Notation (ALGORITHMS.md section 6): inputs are augmented with a trailing 1 (p = d + 1 columns),
 H = E[x~_p x~_p^T], G = E[x~_p x~_d^T], Hdd = E[x~_d x~_d^T]; target rows W~ = [W | b] (b = 0 without a bias).
+G and Hdd only ever appear multiplied by W~, so they are never formed: the accumulation keeps G W~^T = E[x~_p y_d^T]
+and the per-row E[y_d], E[y_d^2] of the dense outputs y_d = W~ x~_d (p x out instead of two p x p matrices).
+
+Cost (p inputs, m sample rows, k_r weights kept in row r): H_lambda^-1 for the OBS mask O(p^3), or, when m <= p / 2,
+O(m^2 p) through the Woodbury identity on the kept sample rows; the refit O(sum_r k_r^3), or O(m^2 k_r) for
+rows with k_r >= 2 m.
 """
 from __future__ import annotations
 
@@ -10,7 +16,32 @@ from typing import NamedTuple
 
 import numpy as np
 
-SOLVE_BYTES = 1 << 27  # batched refit: at most this many bytes of stacked sub-matrices at once
+SOLVE_BYTES = 1 << 25  # batched refit: at most this many bytes of stacked sub-matrices at once
+SPD_BLOCKED = 1024  # wider damped systems are inverted by blocks in one copy (``spd_inverse``), not by LAPACK
+
+
+def spd_inverse(A: np.ndarray, block: int = 512) -> np.ndarray:
+    """Inverse of a symmetric positive definite matrix by block Gauss-Jordan elimination in one copy of ``A``.
+
+    Same O(p^3) multiply-adds as LAPACK's getrf + getri, but the only other memory is a few p x block panels
+    (np.linalg.inv needs three p x p float64 buffers). No pivoting: every pivot block of a positive definite
+    matrix is a (positive definite) Schur complement."""
+    X = np.array(A, dtype=np.float64, order="C", copy=True)
+    n = X.shape[0]
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        P = np.linalg.inv(X[a:b, a:b])
+        col = X[:, a:b].copy()
+        row = P @ X[a:b, :]
+        for c in range(0, n, block):
+            e = min(n, c + block)
+            X[:, c:e] -= col @ row[:, c:e]
+        X[a:b, :] = row
+        X[:, a:b] = -(col @ P)
+        X[a:b, a:b] = P
+    if not np.all(np.isfinite(np.diag(X))):
+        raise np.linalg.LinAlgError("non-finite inverse")
+    return X
 
 
 class Rows(NamedTuple):
@@ -21,11 +52,14 @@ class Rows(NamedTuple):
 
 class Group:
     """One problem: rows ``R`` [out, d] of the dense weight, dense bias (or None when the layer has no bias the
-    refit may change), and the accumulated second moments."""
+    refit may change), and the accumulated moments (see ``Moments``).
 
-    def __init__(self, R, bias, H, G, Hdd, delta: float):
+    ``H`` [p, p] is damped in place (it becomes H_lambda); nothing else of size p^2 is kept. ``X`` [m, p] (the
+    pruned prefix's sample rows, ones column last) is given when there are fewer rows than inputs: H_lambda is then
+    lambda*I plus a rank-m term and its inverse comes from an m x m system (Woodbury)."""
+
+    def __init__(self, R, bias, H, GW, ymean, ysq, delta: float, X=None):
         self.R, self.bias = R, bias
-        self.H, self.G, self.Hdd = H, G, Hdd
         d = R.shape[1]
         self.d = d
         self.has_bias = bias is not None
@@ -36,26 +70,69 @@ class Group:
             lam = max(delta, 1e-12) * 1e-6
         self.lam = lam
         self.vars = np.arange(d + 1) if self.has_bias else np.arange(d)
-        v = self.vars
-        Hl = H[np.ix_(v, v)].copy()
-        Hl[np.arange(d), np.arange(d)] += lam
-        self.Hl = (Hl + Hl.T) / 2
-        self._GW = G @ self.Wt.T  # [p, out]
-        C = self._GW[v]
+        H[np.arange(d), np.arange(d)] += lam  # in place: H is H_lambda from here on (bias entry undamped)
+        self.Hd = H  # [p, p] damped, ones row/column last
+        self.Hl = H if self.has_bias else H[:d, :d]  # the system over the refit's variables (a view)
+        self._GW = GW  # [p, out] = E[x~_p y_d^T]
+        C = GW[self.vars].copy()
         C[:d] += lam * R.T
         self.C = C  # [vars, out]
-        self._WH = self.Wt @ Hdd  # [out, p]: all that is needed of G and Hdd from here on
-        self._energy = None
-        self.G = self.Hdd = None
+        self._mu_d = ymean  # E[y_d] per row
+        self._sq_d = ysq  # E[y_d^2] per row
+        self.X = X
+        if X is not None:
+            self._prepare_lowrank()
+        self._energy = float(np.sum(ysq))
+
+    # -- the damped system ---------------------------------------------------------------------------------
+    def _prepare_lowrank(self):
+        """Turn the kept sample rows' weight columns, in place, into A with H_lambda's weight block minus the
+        bias coupling = lambda*I + A^T A: A = centred rows / sqrt(m) with a bias, rows / sqrt(m) without (any
+        column subset of A is then the same for that subset). ``self.mu``: the column means (bias only)."""
+        X = self.X
+        m = X.shape[0]
+        A = X[:, :self.d]
+        self.mu = None
+        if self.has_bias:
+            self.mu = A.mean(axis=0)
+            A -= self.mu
+        A *= 1.0 / np.sqrt(m)
+        self.A = A
+
+    def _use_lowrank(self, k: int) -> bool:
+        return self.X is not None and 2 * self.X.shape[0] <= k
 
     def unconstrained(self):
         """(W* [out, vars], diag of H_lambda^-1 [d]): the dense optimum on the pruned prefix's inputs."""
+        d = self.d
+        if self._use_lowrank(d):
+            A, mu = self.A, self.mu
+            m = A.shape[0]
+            K = A @ A.T
+            K[np.arange(m), np.arange(m)] += self.lam
+            K = np.linalg.inv(K)
+            hdiag = np.empty(d)
+            for a in range(0, d, 1024):  # diag(A^T K A) by column blocks: no m x d temporary
+                hdiag[a:a + 1024] = np.einsum("ij,ij->j", K @ A[:, a:a + 1024], A[:, a:a + 1024])
+            hdiag = (1.0 - hdiag) / self.lam
+            cw = self.C[:d]
+            if mu is not None:
+                cw = cw - np.outer(mu, self.C[d])
+            t = K @ (A @ cw)
+            del K
+            ww = (cw - A.T @ t) / self.lam  # [d, out]
+            if mu is None:
+                return ww.T.copy(), hdiag
+            b = self.C[d] - mu @ ww
+            return np.concatenate([ww, b[None]], axis=0).T.copy(), hdiag
         try:
-            Hinv = np.linalg.inv(self.Hl)
+            Hinv = spd_inverse(self.Hl) if self.Hl.shape[0] > SPD_BLOCKED else np.linalg.inv(self.Hl)
         except np.linalg.LinAlgError:
             Hinv = np.linalg.pinv(self.Hl)
         Wstar = (Hinv @ self.C).T
-        return Wstar, np.diag(Hinv)[:self.d].copy()
+        hdiag = np.diag(Hinv)[:d].copy()
+        del Hinv
+        return Wstar, hdiag
 
     def saliency(self):
         """OBS saliency (w*_j)^2 / [H^-1]_jj of every weight entry [out, d] (bias eliminated by the Schur
@@ -63,27 +140,43 @@ class Group:
         Wstar, hdiag = self.unconstrained()
         return Wstar[:, :self.d] ** 2 / np.maximum(hdiag, 1e-300)[None, :]
 
-    def _supports(self, keep: np.ndarray):
+    def _supports(self, keep: np.ndarray, bias: bool | None = None):
         """Yield (rows, columns [n, s]) for the rows of equal support size: kept columns, then the bias column."""
         d = self.d
+        bias = self.has_bias if bias is None else bias
         sizes = keep.sum(axis=1)
         for s in np.unique(sizes):
             rows = np.flatnonzero(sizes == s)
             cols = np.nonzero(keep[rows])[1].reshape(len(rows), int(s))
-            if self.has_bias:
+            if bias:
                 cols = np.concatenate([cols, np.full((len(rows), 1), d)], axis=1)
             if cols.shape[1] == 0:
                 continue
-            step = max(1, SOLVE_BYTES // (8 * cols.shape[1] ** 2))
+            if self._use_lowrank(int(s)):  # [n, m, k] sample columns and [n, m, m] systems
+                m = self.X.shape[0]
+                per_row = 8 * (2 * m * cols.shape[1] + m * m)
+            else:  # [n, s, s] gathered sub-matrices
+                per_row = 8 * cols.shape[1] ** 2
+            step = max(1, SOLVE_BYTES // per_row)
             for a in range(0, len(rows), step):
                 yield rows[a:a + step], cols[a:a + step]
+
+    def _gather(self, c):
+        """H_lambda[c, c] for every row of ``c`` [n, s] -> [n, s, s]."""
+        p = self.Hd.shape[0]
+        flat = c[:, :, None] * p + c[:, None, :]
+        return np.take(self.Hd.reshape(-1), flat)
 
     def refit(self, keep: np.ndarray) -> Rows:
         """Exact least squares per output row over the kept columns (and the bias)."""
         out, d = keep.shape
         full = np.zeros((out, d + 1))
         for r, c in self._supports(keep):
-            A = self.Hl[c[:, :, None], c[:, None, :]]
+            k = c.shape[1] - (1 if self.has_bias else 0)
+            if k and self._use_lowrank(k):
+                full[r[:, None], c] = self._refit_lowrank(r, c[:, :k])
+                continue
+            A = self._gather(c)
             rhs = self.C[c, r[:, None]]
             try:
                 sol = np.linalg.solve(A, rhs[:, :, None])[:, :, 0]
@@ -95,6 +188,25 @@ class Group:
         q = np.einsum("vr,rv->r", self.C, full[:, v]) - self.lam * np.einsum("ri,ri->r", full[:, :d], full[:, :d])
         return Rows(full, q)
 
+    def _refit_lowrank(self, r, c):
+        """The refit of rows ``r`` whose supports ``c`` [n, k] are wider than twice the sample rows: per row
+        (lambda*I + A_S^T A_S) w = c_S (Woodbury, an m x m solve), bias eliminated as in ``unconstrained``."""
+        m = self.A.shape[0]
+        A = self.A[:, c].transpose(1, 0, 2)  # [n, m, k]
+        rhs = self.C[c, r[:, None]]  # [n, k]
+        if self.has_bias:
+            mu = self.mu[c]  # [n, k]
+            cb = self.C[self.d, r]
+            rhs = rhs - mu * cb[:, None]
+        K = A @ A.transpose(0, 2, 1)
+        K[:, np.arange(m), np.arange(m)] += self.lam
+        t = np.linalg.solve(K, (A @ rhs[:, :, None]))  # [n, m, 1]
+        w = (rhs - (A.transpose(0, 2, 1) @ t)[:, :, 0]) / self.lam
+        if self.has_bias:
+            b = cb - np.einsum("nk,nk->n", mu, w)
+            return np.concatenate([w, b[:, None]], axis=1)
+        return w
+
     def masked(self, keep: np.ndarray) -> Rows:
         """The dense rows with the mask applied, dense bias kept."""
         full = np.zeros((keep.shape[0], self.d + 1))
@@ -104,29 +216,26 @@ class Group:
         return Rows(full, self._quad(full, keep))
 
     def _quad(self, full: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        """Per-row w^T H w, on each row's support when that is cheaper than the dense product."""
+        """Per-row w^T H w (undamped), on each row's support when that is cheaper than the dense product."""
+        d = self.d
         sizes = keep.sum(axis=1) + 1
-        if 8 * float(np.sum(sizes.astype(np.float64) ** 2)) > full.shape[0] * full.shape[1] ** 2:
-            return np.einsum("ri,ri->r", full @ self.H, full)
+        damp = self.lam * np.einsum("ri,ri->r", full[:, :d], full[:, :d])
+        # a gathered entry costs about as much as 50-100 multiply-adds of a dense product
+        if 64 * float(np.sum(sizes.astype(np.float64) ** 2)) > full.shape[0] * full.shape[1] ** 2:
+            return np.einsum("ri,ri->r", full @ self.Hd, full) - damp
         q = np.zeros(full.shape[0])
-        for r, c in self._supports(keep):
-            if not self.has_bias:
-                c = np.concatenate([c, np.full((len(r), 1), self.d)], axis=1)
+        for r, c in self._supports(keep, bias=True):
             w = full[r[:, None], c]
-            q[r] = np.einsum("ni,nij,nj->n", w, self.H[c[:, :, None], c[:, None, :]], w)
-        empty = keep.sum(axis=1) == 0
-        if not self.has_bias and np.any(empty):
-            q[empty] = 0.0
-        return q
+            q[r] = np.einsum("ni,nij,nj->n", w, self._gather(c), w)
+        return q - damp
 
     def correct(self, rows: Rows) -> Rows:
         """Mean and variance correction per output row (never mean-only). Without a bias only the scale."""
         d = self.d
         full, q = rows
-        WH = self.dense_moments()
-        mu_d = WH[:, d]
-        var_d = np.einsum("ri,ri->r", WH, self.Wt) - mu_d ** 2
-        mu_p = full @ self.H[:, d]
+        mu_d = self._mu_d
+        var_d = self._sq_d - mu_d ** 2
+        mu_p = full @ self.Hd[:, d]
         var_p = q - mu_p ** 2
         sd, sp = np.sqrt(np.maximum(var_d, 0)), np.sqrt(np.maximum(var_p, 0))
         ok = sp > 1e-12 * np.maximum(sd, 1e-300)
@@ -134,21 +243,15 @@ class Group:
         out = full.copy()
         out[:, :d] *= a[:, None]
         b = full[:, d]
-        s = full[:, :d] @ self.H[:d, d]  # E[w.x]
+        s = full[:, :d] @ self.Hd[:d, d]  # E[w.x]
         uhu = q - 2 * b * s - b * b  # weights-only quadratic form (H[d, d] = 1)
         if self.has_bias:
             out[:, d] = a * b + mu_d - a * mu_p
         b2 = out[:, d]
         return Rows(out, a * a * uhu + 2 * a * b2 * s + b2 * b2)
 
-    def dense_moments(self) -> np.ndarray:
-        """W~ Hdd [out, p]: the dense outputs' first and second moments come from it."""
-        return self._WH
-
     def energy(self) -> float:
         """sum over rows of E||w~ x~_d||^2: the denominator of the relative error."""
-        if self._energy is None:
-            self._energy = float(np.einsum("ri,ri->", self.dense_moments(), self.Wt))
         return self._energy
 
     def error(self, rows: Rows) -> float:
