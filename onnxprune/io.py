@@ -642,6 +642,7 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
             if mode is not None:
                 os.chmod(data_tmp, mode)
         tmp_model = os.path.join(tmp, base)
+        trim_heap()  # the prune's freed arrays go back to the OS before the payload doubles the model
         payload = model.SerializeToString(deterministic=True)
         _write_synced(tmp_model, payload)
         if mode is not None:
@@ -721,3 +722,26 @@ def _write_synced(path: str, payload: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
 
+
+
+_MALLOC_TRIM = None
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps freed mid-sized blocks, so temporaries would otherwise
+    add up in the resident size). A no-op where malloc_trim does not exist."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        _MALLOC_TRIM = False
+        try:
+            import ctypes
+            import ctypes.util
+            import sys
+            if sys.platform.startswith("linux"):
+                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+                _MALLOC_TRIM = libc.malloc_trim
+                _MALLOC_TRIM.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)

@@ -32,6 +32,9 @@ class ReconstructOptions:
     admm_cost: float = 5e8  # ADMM where groups * out * d^2 stays below this, the one-shot OBS mask above
     admm_max_inputs: int = 1024  # ... and where d stays below this (its eigendecomposition is O(d^3))
     max_rows: int = 32768  # cap on sample rows per layer, evenly strided (0: all; Conv rows are N * positions)
+    wide_max_rows: int = 2048  # the cap for layers wider than admm_max_inputs, whose p x p solves dominate (the
+    #                            30 M benchmark model: 36 s with 8192 rows, 28-31 s with 4096, 20-24 s with 2048,
+    #                            where the Woodbury route applies from 4096 inputs; damping keeps H solvable)
     threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
     cache_bytes: int = 1 << 30  # captured layer inputs kept (each store: dense, reconstructed) to start later prefixes
 
@@ -54,26 +57,9 @@ class Outcome:
 
 
 def _trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps freed mid-sized blocks, so a layer's temporaries
-    would otherwise add up in the resident size across layers). A no-op where malloc_trim does not exist."""
-    global _MALLOC_TRIM
-    if _MALLOC_TRIM is None:
-        _MALLOC_TRIM = False
-        try:
-            import ctypes
-            import ctypes.util
-            import sys
-            if sys.platform.startswith("linux"):
-                libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-                _MALLOC_TRIM = libc.malloc_trim
-                _MALLOC_TRIM.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _MALLOC_TRIM = False
-    if _MALLOC_TRIM:
-        _MALLOC_TRIM(0)
-
-
-_MALLOC_TRIM = None
+    """Hand freed heap back to the OS after each layer (its temporaries would otherwise add up)."""
+    from ..io import trim_heap
+    trim_heap()
 
 
 def _tensors(model: onnx.ModelProto) -> dict:
@@ -272,7 +258,9 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
             Wt = np.concatenate([R, (sink.dense.reshape(g, og, 1) if sink is not None else np.zeros((g, og, 1)))],
                                 axis=2)
             try:
-                mom = _accumulate(sites, calibration, dense, current, options.max_rows, Wt, acts, dense_acts)
+                rows = options.max_rows if d <= options.admm_max_inputs else \
+                    min(options.max_rows or options.wide_max_rows, options.wide_max_rows)
+                mom = _accumulate(sites, calibration, dense, current, rows, Wt, acts, dense_acts)
             finally:
                 dense.close()
                 if current is not None:
