@@ -10,13 +10,9 @@ from ..validate import quiet_native_stderr
 
 
 def _deps(node):
-    names = list(node.input)
-    for a in node.attribute:
-        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for sub in subs:
-            for n in sub.node:
-                names.extend(_deps(n))
-    return [n for n in names if n]
+    """Every name a node reads, its subgraphs' reads included."""
+    from .problems import _all_inputs
+    return _all_inputs(node)
 
 
 def _replaced(tensor, values):

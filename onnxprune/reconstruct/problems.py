@@ -47,15 +47,18 @@ class Site:
     conv: dict | None = None
     bias: BiasSink | None = None
 
+    def _pads(self, x: np.ndarray):
+        """The convolution's explicit pads for this input (auto_pad resolved); Unsupported on a rank mismatch."""
+        c = self.conv
+        if x.ndim - 2 != len(c["kernel"]):
+            raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
+        return conv_pads(x.shape[2:], c["kernel"], c["strides"], c["dilations"], c["pads"], c["auto_pad"])
+
     def count(self, x: np.ndarray) -> int:
         """Sample rows one activation batch gives (before any row stride)."""
         d = self.index.shape[2]
         if self.kind == "conv":
-            c = self.conv
-            n_sp = x.ndim - 2
-            if n_sp != len(c["kernel"]):
-                raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
-            pads = conv_pads(x.shape[2:], c["kernel"], c["strides"], c["dilations"], c["pads"], c["auto_pad"])
+            c, pads = self.conv, self._pads(x)
             out = conv_out(x.shape[2:], c["kernel"], c["strides"], c["dilations"], pads)
             return int(x.shape[0]) * int(np.prod(out))
         return int(x.size) // max(d, 1)
@@ -64,11 +67,7 @@ class Site:
         """Activation batch -> [groups, m, d] float64 sample rows (every ``step``-th row, from the first)."""
         if self.kind == "conv":
             c = self.conv
-            n_sp = x.ndim - 2
-            if n_sp != len(c["kernel"]):
-                raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
-            pads = conv_pads(x.shape[2:], c["kernel"], c["strides"], c["dilations"], c["pads"], c["auto_pad"])
-            return im2col(x, c["kernel"], c["strides"], c["dilations"], pads, c["groups"], step)
+            return im2col(x, c["kernel"], c["strides"], c["dilations"], self._pads(x), c["groups"], step)
         d = self.index.shape[2]
         if self.kind == "right":
             if self.transpose_x:
