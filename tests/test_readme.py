@@ -38,3 +38,18 @@ def test_runtime_markers_pick_one_onnxruntime_per_platform():
     for plat, machine, want in platforms.values():
         env = {"sys_platform": plat, "platform_machine": machine}
         assert [r.name for r in ort if r.marker.evaluate(env)] == [want]
+
+
+def test_packaging_ships_every_subpackage():
+    """The tests import the source tree; a user gets what pyproject.toml packages: every package with an
+    __init__.py must be matched by its find patterns (a plain `packages = ["onnxprune"]` drops the sub-packages)."""
+    import fnmatch
+    import pytest
+    tomllib = pytest.importorskip("tomllib")
+    cfg = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["tool"]["setuptools"]
+    packages = cfg["packages"]
+    patterns = packages if isinstance(packages, list) else packages["find"]["include"]
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "onnxprune")):
+        if "__init__.py" in files and "__pycache__" not in dirpath:
+            dotted = os.path.relpath(dirpath, ROOT).replace(os.sep, ".")
+            assert any(fnmatch.fnmatchcase(dotted, p) for p in patterns), dotted
