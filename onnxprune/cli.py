@@ -283,21 +283,8 @@ def _json_default(x):
     return str(x)
 
 
-def _finite(obj):
-    """JSON has no inf/nan (strict parsers reject them): write them as strings / null."""
-    if type(obj).__module__ == "numpy" and hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def report_json(report) -> str:
-    return json.dumps(_finite(report.to_dict()), indent=2, default=_json_default, allow_nan=False)
+    return json.dumps(report.to_dict(), indent=2, default=_json_default, allow_nan=False)
 
 
 class _signals_raise:
@@ -391,8 +378,8 @@ class Run:
             loaded = load_model(self.model)
         self._write_targets(loaded)  # fail before any work
         self.report.timings["load"] = t_load = time.perf_counter() - self.t0
-        from .evaluation import file_size
-        self.size_before = file_size(self.model, loaded.external_files)
+        from .figures import disk_bytes
+        self.size_before = disk_bytes([self.model, *loaded.external_files])
         evaluation = self._datasets(loaded)
         validator = self._validator(loaded, evaluation) if o["validate"] and not config.dry_run else None
         self.dense_figures = None if config.dry_run else self._figures_before(loaded, validator)
@@ -424,9 +411,9 @@ class Run:
                              "curve": curve}
             if o["plot"]:
                 from .search import plot_curve
-                from .evaluation import badness_bound
                 from .io import atomic_write_bytes
-                plot_curve(curve, o["plot"], badness_bound(validator, curve), config.sparsity,
+                from .metrics import bound_badness
+                plot_curve(curve, o["plot"], bound_badness(curve[-1]["metric"], validator.bounds), config.sparsity,
                            write=lambda path, data: atomic_write_bytes(path, data, label="--plot"))
         if config.dry_run:
             report.timings["total"] = time.perf_counter() - self.t0
@@ -465,9 +452,9 @@ class Run:
                 raise AccuracyGateError(gate_error + "; nothing written (--keep-failed writes it anyway)")
             report.written = staged.commit()
             report.output = self.out_path
-            report.sizes["after"] = file_size(self.out_path, list(report.written))
             with fb.stage("measuring"):
                 report.figures = self._figures(loaded, report)
+            report.sizes["after"] = report.figures["after"]["file_bytes"]
             report.timings["total"] = time.perf_counter() - self.t0
             if gate_error:
                 report.warnings.append(f"{gate_error}; written anyway because of --keep-failed")

@@ -5,7 +5,6 @@ samples calibrate, the rest evaluate), and --calibration equal to --data is refu
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 from .errors import ConfigError
@@ -87,21 +86,3 @@ def build_validator(model_path: str, model, evaluation, bounds, *, batch_size: i
                           weight_names=[l.name for l in layers if not l.excluded], bounds=bounds)
     validator.progress = None
     return validator, None, [f"validation: {n}" for n in list(dataset.notes) + list(validator.notes)]
-
-
-def badness_bound(validator, curve):
-    """The search curve plots 'drop' (badness); the gate bound of the headline metric on that scale."""
-    b = validator.bounds
-    metric = curve[-1]["metric"] if curve else None
-    return {"top1_accuracy": b.max_drop, "top1_agreement": b.max_drop, "rel_error": b.max_rel_error,
-            "cosine": None if b.min_cosine is None else 1 - b.min_cosine,
-            "snr_db": None if b.min_snr is None else -b.min_snr}.get(metric)
-
-
-def file_size(path: str, extra=()) -> int | None:
-    """Bytes of a model file plus its external data files."""
-    try:
-        files = dict.fromkeys(os.path.abspath(f) for f in [path, *extra])
-        return sum(os.path.getsize(f) for f in files)
-    except OSError:
-        return None

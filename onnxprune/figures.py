@@ -73,9 +73,14 @@ def ratios(dense: dict, pruned: dict) -> dict:
     return out
 
 
+def disk_bytes(files) -> int:
+    """Bytes on disk of a model file and its external data files (each counted once)."""
+    return sum(os.path.getsize(f) for f in dict.fromkeys(os.path.abspath(f) for f in files))
+
+
 def _file_figures(files: list) -> tuple:
     """(bytes on disk of a model file and its external data files, their gzip size or None)."""
-    file_bytes = sum(os.path.getsize(f) for f in files)
+    file_bytes = disk_bytes(files)
     if file_bytes > GZIP_MAX_BYTES:
         return file_bytes, None
     gz = 0

@@ -9,7 +9,6 @@ import numpy as np
 
 from .errors import ConfigError, InputError
 
-KINDS = ("classification", "sequence", "dense", "integer", "passthrough")
 # metric -> (option bounding it, higher is better, kinds it applies to)
 METRICS = {
     "top1_accuracy": ("--max-drop", True, ("classification", "sequence")),
@@ -42,14 +41,13 @@ class Bounds:
     def active(self) -> bool:
         return any(x is not None for x in (self.max_drop, self.max_rel_error, self.min_cosine, self.min_snr))
 
-    def bound(self, metric: str):
+    def by_option(self) -> dict:
+        """Each bound under the option that sets it."""
         return {"--max-drop": self.max_drop, "--max-rel-error": self.max_rel_error, "--min-cosine": self.min_cosine,
-                "--min-snr": self.min_snr}[METRICS[metric][0]]
+                "--min-snr": self.min_snr}
 
-
-def _graph_maps(model):
-    producer = {o: n for n in model.graph.node for o in n.output}
-    return producer
+    def bound(self, metric: str):
+        return self.by_option()[METRICS[metric][0]]
 
 
 def _depends_on(model, names: set, producer) -> set:
@@ -90,7 +88,7 @@ _SCORE_NAME = re.compile(r"logit|prob|score|cls|class|pred|softmax|output_label"
 def classify_outputs(model, weight_names, dense: dict, rows: int | None = None) -> dict:
     """name -> (kind, why). ``dense``: name -> first-batch array of the dense model; ``weight_names`` None:
     every output may depend on the weights."""
-    producer = _graph_maps(model)
+    producer = {o: n for n in model.graph.node for o in n.output}
     depends = _depends_on(model, set(weight_names), producer) if weight_names is not None else \
         {o.name for o in model.graph.output}
     kinds = {}
@@ -305,9 +303,7 @@ def plan_gate(kinds: dict, labelled: dict, bounds: Bounds) -> dict:
         plan[n] = metric
     if bounds.active():
         used = {METRICS[m][0] for m in plan.values()}
-        given = {"--max-drop": bounds.max_drop, "--max-rel-error": bounds.max_rel_error,
-                 "--min-cosine": bounds.min_cosine, "--min-snr": bounds.min_snr}
-        for opt, value in given.items():
+        for opt, value in bounds.by_option().items():
             if value is not None and opt not in used:
                 gated = ", ".join(f"'{n}' ({kinds[n][0]}: {m})" for n, m in plan.items()) or "none"
                 what = ("accuracy/agreement of classification and sequence outputs" if opt == "--max-drop" else
@@ -340,6 +336,14 @@ def gate_value(st: OutputStats, metric: str) -> tuple[float, float, float]:
         return 1.0, st.cosine, 1.0 - st.cosine
     snr = float("inf") if st.snr_db is None else st.snr_db
     return float("inf"), snr, -snr
+
+
+def bound_badness(metric: str, bounds: Bounds):
+    """The bound of ``metric`` on gate_value's badness scale (what a search curve plots), or None."""
+    b = bounds.bound(metric) if metric in METRICS else None
+    if b is None:
+        return None
+    return {"cosine": 1 - b, "snr_db": -b}.get(metric, b)
 
 
 def judge(st: OutputStats, bounds: Bounds) -> None:

@@ -1,6 +1,7 @@
 """The report: what was pruned, per layer and in total. Plain data and its JSON; no printing."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 SCHEMA_VERSION = 1
@@ -93,7 +94,8 @@ class Report:
         }
 
     def to_dict(self) -> dict:
-        return {
+        """The report as JSON-safe data: inf/NaN (which strict parsers reject) become "inf"/"-inf"/null."""
+        return _finite({
             "schema_version": SCHEMA_VERSION,
             "status": self.status,
             "exit_code": self.exit_code,
@@ -124,4 +126,16 @@ class Report:
             "warnings": self.warnings,
             "timings_s": self.timings,
             "sizes_bytes": self.sizes,
-        }
+        })
+
+
+def _finite(obj):
+    if type(obj).__module__ == "numpy" and hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj

@@ -151,15 +151,7 @@ class Validation:
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
-        for o in d["outputs"]:  # JSON has no inf/nan: strict parsers reject them
-            for k, v in o.items():
-                if isinstance(v, float) and not np.isfinite(v):
-                    o[k] = None if np.isnan(v) else ("inf" if v > 0 else "-inf")
-        for k in ("dense", "pruned", "drop"):
-            if isinstance(d[k], float) and not np.isfinite(d[k]):
-                d[k] = None if np.isnan(d[k]) else ("inf" if d[k] > 0 else "-inf")
-        return d
+        return asdict(self)  # non-finite figures are made JSON-safe once, in Report.to_dict
 
     def failure(self) -> str:
         """One line naming what failed the gate."""
@@ -243,12 +235,12 @@ class Validator:
         self.labelled = labels_for(self.kinds, first, dataset.labels, dataset.source, self.bounds.outputs)
         self.plan = plan_gate(self.kinds, self.labelled, self.bounds)
         # what the dense outputs alone say about this data: a comparison on them may mean nothing
-        self.notes = [f"output '{st.name}': {st.unreliable}" for st in self._metrics(self.dense_outs).outputs
-                      if st.unreliable]
-        if self.bounds.active():
-            bad = [n for n in self.notes if n.split("'")[1] in self.plan]
-            if bad:
-                raise ConfigError(f"the gate cannot be evaluated on these inputs: {bad[0]}")
+        unreliable = [st for st in self._metrics(self.dense_outs).outputs if st.unreliable]
+        self.notes = [f"output '{st.name}': {st.unreliable}" for st in unreliable]
+        bad = [st for st in unreliable if st.name in self.plan]
+        if self.bounds.active() and bad:
+            raise ConfigError(f"the gate cannot be evaluated on these inputs: output '{bad[0].name}': "
+                              f"{bad[0].unreliable}")
 
     def compare(self, pruned_path: str, latency: bool = True) -> Validation:
         """Run the pruned model on the same batches and compare; ``latency=False`` skips the side-by-side
@@ -276,8 +268,7 @@ class Validator:
         ds, stats = self.dataset, []
         for k, name in enumerate(self.output_names):
             kind, why = self.kinds.get(name, ("dense", ""))
-            st = OutputStats(name, kind=kind, why=why, gated=name in self.plan,
-                             metric=self.plan.get(name) if hasattr(self, "plan") else None)
+            st = OutputStats(name, kind=kind, why=why, gated=name in self.plan, metric=self.plan.get(name))
             d = [np.asarray(b[k]) for b in self.dense_outs]
             p = [np.asarray(b[k]) for b in pruned_outs]
             st.shape = list(d[0].shape) if d else None
@@ -289,7 +280,7 @@ class Validator:
                 st.max_abs_error = float("nan")  # an integer output changed: reported, not gated
                 st.collapsed = None
                 st.why += "; values changed"
-            if st.gated and hasattr(self, "plan"):
+            if st.gated:
                 judge(st, self.bounds)
             stats.append(st)
         gated = [s for s in stats if s.gated]
@@ -298,7 +289,7 @@ class Validator:
                        batches=len(ds.batches), batch_size=ds.batch_size, outputs=stats,
                        metric=head.metric if head else "none", dense=head.dense_value if head else 0.0,
                        pruned=head.value if head else 0.0, drop=head.drop if head else 0.0,
-                       output=head.name if head else None, notes=list(ds.notes) + list(getattr(self, "notes", [])),
+                       output=head.name if head else None, notes=list(ds.notes) + list(getattr(self, "notes", ())),
                        collapsed=[s.name for s in stats if s.collapsed])
         if head is not None and head.kind in ("classification", "sequence"):
             v.agreement = head.top1_agreement
