@@ -38,13 +38,12 @@ def synthesize(specs, batch_size: int, batches: int, seed: int, shapes: dict, mo
                dist=("normal", 0.0, 1.0)) -> Dataset:
     """Seeded synthetic batches; raises ConfigError when a dynamic dimension stays unresolved."""
     from .inputs import unresolved_message
-    if model is not None or any(s.shape is None for s in specs):
+    if any(s.shape is None for s in specs):  # a caller that resolved them (evaluation) is not redone
         resolve_shapes(model if model is not None else _EmptyModel(), specs, batch_size, shapes)
     if any(s.missing for s in specs):
         raise ConfigError(unresolved_message(specs))
     feeds = synthetic_batches(model if model is not None else _EmptyModel(), specs, batches, seed, dist)
     per = next((s.shape[s.batch_axis] for s in specs if s.batch_axis is not None), 1)
-    kind, a, b = dist
     fills = "; ".join(f"{s.name}: {s.fill}" for s in specs)
     return Dataset(feeds, None, f"synthetic (seed {seed}; {fills})", per, samples=batches * per,
                    batch_sizes=[per] * batches, batch_axes={s.name: s.batch_axis for s in specs})
@@ -110,7 +109,7 @@ def _check_labels(labels: np.ndarray, n: int, path: str) -> np.ndarray:
     return labels.astype(np.int64, copy=False)
 
 
-def load_data(path: str, specs, batch_size: int, model=None, shapes: dict | None = None) -> Dataset:
+def load_data(path: str, specs, batch_size: int) -> Dataset:
     """Read ``path`` and cut it into batches along each input's batch axis, checking every array against the
     model (rank, fixed dimensions, one sample count) and the labels (integer class ids, one per sample)."""
     arrays, digest = _read_arrays(path)
@@ -173,16 +172,8 @@ def load_data(path: str, specs, batch_size: int, model=None, shapes: dict | None
         notes.append(f"{n - usable} trailing samples dropped (batch fixed at {fixed})")
     batches, sizes = [], []
     for i in range(0, usable, bs):
-        feed = {}
-        for s in specs:
-            a = feeds[s.name]
-            if s.batch_axis is None:
-                feed[s.name] = a
-            else:
-                index = [slice(None)] * a.ndim
-                index[s.batch_axis] = slice(i, i + bs)
-                feed[s.name] = np.ascontiguousarray(a[tuple(index)])
-        batches.append(feed)
+        batches.append({s.name: np.ascontiguousarray(_along(feeds[s.name], s.batch_axis, i, i + bs))
+                        for s in specs})
         sizes.append(min(bs, usable - i))
     for s in specs:  # the resolved shape of a batch, for the report
         s.shape = list(batches[0][s.name].shape)
@@ -210,13 +201,13 @@ def take(dataset: Dataset, start: int, stop: int | None, source: str) -> Dataset
 
 
 def _slice_feed(feed, lo, hi, dataset):
-    out = {}
-    for name, a in feed.items():
-        axis = dataset.batch_axes.get(name, 0)
-        if axis is None:
-            out[name] = a
-            continue
-        index = [slice(None)] * a.ndim
-        index[axis] = slice(lo, hi)
-        out[name] = a[tuple(index)]
-    return out
+    return {name: _along(a, dataset.batch_axes.get(name, 0), lo, hi) for name, a in feed.items()}
+
+
+def _along(a: np.ndarray, axis: int | None, lo: int, hi: int) -> np.ndarray:
+    """Samples [lo, hi) of an array on its batch axis (a view); the whole array when it has none."""
+    if axis is None:
+        return a
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(lo, hi)
+    return a[tuple(index)]

@@ -30,11 +30,11 @@ def prepare_data(model, data: str | None, calibration: str | None, samples: int,
     from .inputs import input_specs
     out = RunData()
     if data and (evaluate or (reconstruct and not calibration)):
-        out.evaluation = load_data(data, input_specs(model), batch_size, model)
+        out.evaluation = load_data(data, input_specs(model), batch_size)
     if not reconstruct:
         return out
     if calibration:
-        calib = load_data(calibration, input_specs(model), batch_size, model)
+        calib = load_data(calibration, input_specs(model), batch_size)
         if out.evaluation is not None and calib.sha256 and calib.sha256 == out.evaluation.sha256:
             raise ConfigError("--calibration and --data are the same data: the gate would measure the calibration "
                               "set; give --data alone to split it")
