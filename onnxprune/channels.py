@@ -70,7 +70,7 @@ def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp
     plan.total = sum(int(values[l.name].size) for l in active)
     plan.target_zeros = int(round(sparsity * plan.total))
     nonzero = {l.name: values[l.name] != 0 for l in active}
-    plan.zeros = plan.total - sum(int(np.count_nonzero(v)) for v in nonzero.values())
+    plan.zeros = base_zeros = plan.total - sum(int(np.count_nonzero(v)) for v in nonzero.values())
     excluded = {l.name for l in layers if l.excluded}
     # every place a label's channel lives in a weight: (layer name, weight axis, index)
     touches = {}
@@ -107,11 +107,7 @@ def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp
     for block in _blocks(g, cand, align):
         if plan.zeros >= plan.target_zeros:
             break
-        hit = {}
-        for _, _, _, own in block:
-            for m in own:
-                name = g.producers[g.owner[m]].layer.name
-                hit[name] = hit.get(name, 0) + 1
+        hit = _hits(g, [m for *_, own in block for m in own])
         if any(kept[n] - c < floor for n, c in hit.items()):
             continue
         for n, c in hit.items():
@@ -120,7 +116,7 @@ def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp
             plan.zeros += _mark(masks, nonzero, touches[root])
             removed.append((score, root, own, _hits(g, own)))
     if align > 1:
-        removed = _align(removed, kept, width, align, masks, nonzero, touches, plan)
+        removed = _align(removed, kept, width, align, masks, nonzero, touches, plan, base_zeros)
     plan.groups_removed = len(removed)
     plan.masks = {n: m for n, m in masks.items() if m.any()}
     plan.channels = {n: [width[n], width[n] - kept[n]] for n in width if kept[n] != width[n]}
@@ -169,7 +165,7 @@ def _mark(masks, nonzero, where) -> int:
     return new
 
 
-def _align(removed, kept, width, align, masks, nonzero, touches, plan):
+def _align(removed, kept, width, align, masks, nonzero, touches, plan, base_zeros):
     """Give back the highest-scoring removed groups of each layer until its channel count is aligned."""
     while True:
         bad = [n for n in sorted(kept) if kept[n] != width[n] and kept[n] % align]
@@ -182,7 +178,7 @@ def _align(removed, kept, width, align, masks, nonzero, touches, plan):
             kept[ln] += c
     # rebuild the masks from what stays removed
     masks.clear()
-    plan.zeros = plan.total - sum(int(np.count_nonzero(v)) for v in nonzero.values())
+    plan.zeros = base_zeros
     for _, root, _, _ in removed:
         plan.zeros += _mark(masks, nonzero, touches[root])
     return removed

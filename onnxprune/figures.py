@@ -7,8 +7,9 @@ import os
 import numpy as np
 import onnx
 
-from .connectivity import infer_shapes
+from .connectivity import _numel, infer_shapes
 from .graph import find_layers
+from .io import read_tensor
 
 GZIP_LEVEL = 6
 
@@ -54,7 +55,7 @@ def figures(model_or_path, input_shapes: dict | None = None, files: list | None 
     layers, _ = find_layers(model)
     prunable = sum(l.size for l in layers)
     if nonzero is None:
-        nonzero = sum(int(np.count_nonzero(onnx.numpy_helper.to_array(l.tensor))) for l in layers)
+        nonzero = sum(int(np.count_nonzero(read_tensor(l.tensor))) for l in layers)
     total = _total_params(model)
     macs, batch = _macs(model, layers, input_shapes or {})
     known = [v for v in macs.values() if v is not None]
@@ -103,13 +104,6 @@ def _external_files(model, base) -> list:
             if p and p not in files and os.path.isfile(p):
                 files.append(p)
     return files
-
-
-def _numel(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
 
 
 def _total_params(model) -> int:

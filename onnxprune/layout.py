@@ -78,3 +78,19 @@ def weight_slots(node):
     if op in ("Gemm", "MatMul"):
         return (1, 0)
     return ()
+
+
+def unpadded(node) -> bool:
+    """No padding at all (pads zero, auto_pad NOTSET/VALID): every output position sees the whole kernel."""
+    pads = node_attr(node, "pads")
+    return (not pads or not any(pads)) and node_attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+
+
+def set_attr(node, name: str, value) -> None:
+    """Replace (or add) one attribute of ``node``."""
+    import onnx
+    for a in node.attribute:
+        if a.name == name:
+            node.attribute.remove(a)
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))

@@ -17,7 +17,7 @@ import onnx
 from .connectivity import Analysis, _in_axis, per_out_counts, unit_flags
 from .graph import _resolve, _Scope
 from .io import read_tensor, write_tensor
-from .layout import node_attr
+from .layout import node_attr, unpadded
 
 log = logging.getLogger("onnxprune")
 
@@ -201,9 +201,7 @@ def _foldable_conv(node, lop) -> bool:
         return True
     if node.op_type == "ConvTranspose":
         return False
-    pads = node_attr(node, "pads")
-    # every output position must see the whole kernel over the constant input: no padding at all
-    return (not pads or not any(pads)) and node_attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")
+    return unpadded(node)  # every output position must see the whole kernel over the constant input
 
 
 def _constants(x, lop, node, res, unreached):

@@ -70,13 +70,13 @@ def compact(model: onnx.ModelProto, layers=None, align: int = 1, inplace: bool =
         layers, _ = find_layers(model)
     g = build(model, layers)
     gone = decide(g, align)
-    before = {l.name: (l.size, _channels(g, l)) for l in layers}
+    before = {l.name: (l.size, _channels(l)) for l in layers}
     res = CompactResult(model=model, applied=apply_changes, align=align, kept_by=dict(g.kept_why))
     res.params_before = sum(s for s, _ in before.values())
     after_ch = {}
     for p in g.producers:
         chan = g.chans.get(p.out)
-        if chan is not None and p.kind != "dw":
+        if chan is not None:
             after_ch[p.layer.name] = int((~gone[chan.lab]).sum())
     sizes = _sizes_after(g, gone, layers)
     if apply_changes:
@@ -86,8 +86,6 @@ def compact(model: onnx.ModelProto, layers=None, align: int = 1, inplace: bool =
         p_before, c_before = before[l.name]
         p_after = sizes.get(l.name, p_before)
         c_after = after_ch.get(l.name, c_before)
-        if dw := next((p for p in g.producers if p.layer is l and p.kind == "dw"), None):
-            c_after = int((~gone[g.chans[dw.out].lab]).sum()) if dw.out in g.chans else c_before
         res.params_after += p_after
         res.channels_removed += c_before - c_after
         if p_after != p_before:
@@ -112,7 +110,7 @@ def compact_loaded(loaded, layers=None, align: int = 1) -> CompactResult:
     return res
 
 
-def _channels(g, layer) -> int:
+def _channels(layer) -> int:
     shape = [int(d) for d in layer.tensor.dims]
     ax = layer.consumers[0].layout.out_axis
     return shape[ax] if ax is not None and shape else 1

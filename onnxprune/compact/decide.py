@@ -39,9 +39,8 @@ def out_labels(g: Graph, idx: int):
     return None
 
 
-def decide(g: Graph, align: int = 1, extra_dead=None) -> np.ndarray:
-    """Per label: True when its channel is removed. ``extra_dead``: labels to treat as removable regardless of
-    their weights (not used by compaction itself)."""
+def decide(g: Graph, align: int = 1) -> np.ndarray:
+    """Per label: True when its channel is removed."""
     n = len(g.parent)
     roots = g.roots()
     fixed = g.fixed_roots()

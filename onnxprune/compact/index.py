@@ -5,6 +5,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..connectivity import _implicit_inputs
 from ..layout import node_attr
 
 
@@ -29,7 +30,7 @@ class Index:
         self.uses = {}
         self.readers = {}
         for idx, n in enumerate(self.nodes):
-            for i in list(n.input) + _implicit(n):
+            for i in list(n.input) + _implicit_inputs(n):
                 if i:
                     self.uses[i] = self.uses.get(i, 0) + 1
                     self.readers.setdefault(i, []).append(idx)
@@ -140,36 +141,7 @@ def drop_orphans(ix: Index) -> None:
                 del graph.initializer[k]
 
 
-def _implicit(node) -> list:
-    """Outer-scope names read by a node's subgraphs (the connectivity analysis' own reader)."""
-    from ..connectivity import _implicit_inputs
-    return _implicit_inputs(node)
-
-
 def has_subgraph(node) -> bool:
     return any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
 
 
-def implicit_inputs(node) -> list:
-    return _implicit(node)
-
-
-def set_attr_ints(node, name: str, values) -> None:
-    for a in node.attribute:
-        if a.name == name:
-            node.attribute.remove(a)
-            break
-    node.attribute.append(onnx.helper.make_attribute(name, [int(v) for v in values]))
-
-
-def set_attr_int(node, name: str, value: int) -> None:
-    for a in node.attribute:
-        if a.name == name:
-            node.attribute.remove(a)
-            break
-    node.attribute.append(onnx.helper.make_attribute(name, int(value)))
-
-
-def conv_unpadded(node) -> bool:
-    pads = node_attr(node, "pads")
-    return (not pads or not any(pads)) and node_attr(node, "auto_pad", "NOTSET") in ("NOTSET", "VALID")

@@ -7,7 +7,9 @@ import numpy as np
 
 from ..connectivity import infer_shapes
 from ..layout import node_attr
-from .index import Index, conv_unpadded, has_subgraph, implicit_inputs
+from ..connectivity import _implicit_inputs
+from ..layout import unpadded
+from .index import Index, has_subgraph
 
 
 @dataclass
@@ -121,7 +123,7 @@ def build(model, layers) -> Graph:
         if layer is not None and _prunable(g, idx, node, layer, ins):
             continue
         if has_subgraph(node):
-            for n in list(node.input) + implicit_inputs(node):
+            for n in list(node.input) + _implicit_inputs(node):
                 if n in g.chans:
                     g.fix(g.chans[n].lab, node.op_type)
             continue
@@ -182,7 +184,7 @@ def _prunable(g: Graph, idx, node, layer, ins) -> bool:
         if chan is not None:
             if chan.axis != 1:
                 return False
-            fold = "conv" if op == "Conv" and conv_unpadded(node) else None
+            fold = "conv" if op == "Conv" and unpadded(node) else None
             g.readers.append(Reader(idx, layer, kind, w_in, data, fold))
         n_out = shape[w_out]
         zero = ~_any_rows(g, layer, w_out)

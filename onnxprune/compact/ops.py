@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ..layout import node_attr
+from ..layout import node_attr, unpadded
 from ..unitops import _axis_map, norm_axis
 from .labels import Graph, Rewrite, _out_chan, _rank
 
@@ -156,8 +156,7 @@ def _unary_val(g, node, chan):
         if op in ("MaxPool", "GlobalAveragePool", "GlobalMaxPool", "Resize", "Upsample"):
             return v
         if op == "AveragePool":
-            pads = node_attr(node, "pads")
-            padded = bool(pads and any(pads)) or node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+            padded = not unpadded(node)
             return np.full_like(v, np.nan) if padded and node_attr(node, "count_include_pad", 0) else v
     return np.full_like(v, np.nan)
 

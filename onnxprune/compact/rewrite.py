@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper, numpy_helper
 
-from ..layout import node_attr
-from .index import drop_orphans, set_attr_int, set_attr_ints
+from ..layout import node_attr, set_attr
+from .index import drop_orphans
 from .labels import Graph
 from .ops import slice_params
 
@@ -55,7 +55,7 @@ def apply(g: Graph, gone: np.ndarray) -> dict:
             if b is not None and b.ndim >= 1 and b.shape[-1] == k.size and b.size == k.size:
                 ix.set_input(p.idx, 2, np.take(b, idx, axis=b.ndim - 1))
         if p.kind == "dw":
-            set_attr_int(node, "group", int(keep[node.input[0]].sum()))
+            set_attr(node, "group", int(keep[node.input[0]].sum()))
     for r in g.readers:
         k = keep.get(r.data)
         if k is None or k.all():
@@ -106,12 +106,7 @@ def _fold(g, keep, ws, inserts) -> list:
             c = ix.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if beta == 0.0:
                 c, beta = None, 1.0
-                from onnx import helper
-                for a in node.attribute:
-                    if a.name == "beta":
-                        node.attribute.remove(a)
-                        break
-                node.attribute.append(helper.make_attribute("beta", 1.0))
+                set_attr(node, "beta", 1.0)
             if c is None:
                 new, dtype = alpha * contrib / beta, w.dtype
             else:
@@ -168,7 +163,7 @@ def _rewrite(g, rw, keep):
                 if a.name == "num_outputs":
                     node.attribute.remove(a)
         else:
-            set_attr_ints(node, "split", sizes)
+            set_attr(node, "split", [int(v) for v in sizes])
     elif rw.kind == "slice":
         chan = g.chans[rw.tensor]
         params = slice_params(ix, node, chan.rank)
