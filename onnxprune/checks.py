@@ -242,22 +242,22 @@ def check_strings(model: onnx.ModelProto, where: str = "model", error=InputError
                     stack.append((getattr(msg, fd.name), f"{path}.{fd.name}"))
 
 
-def check_model(model: onnx.ModelProto, where: str = "model", error=InputError, onnx_checker: bool = True) -> None:
+def check_model(model: onnx.ModelProto, where: str = "model", error=InputError) -> None:
     """Every check in this module, in order; the first problem found is raised as ``error``."""
     check_header(model, where, error)
     check_strings(model, where, error)
     try:
-        _check_model(model, where, error, onnx_checker)
+        _check_model(model, where, error)
     except UnicodeDecodeError as exc:  # check_strings covers every field; this is a second net
         raise error(f"{where}: invalid UTF-8 in a string field ({exc.reason})") from None
 
 
-def _check_model(model, where, error, onnx_checker) -> None:
+def _check_model(model, where, error) -> None:
     check_sparse(model, where, error)
     for tensor, what in all_tensors(model):
         check_tensor(tensor, f"{where}: {what}", error)
     convs = _check_graphs(model, where, error)
-    shapes = run_onnx_checker(model, where, error) if onnx_checker else {}
+    shapes = run_onnx_checker(model, where, error)
     _check_conv_channels(convs, shapes, where, error)
 
 

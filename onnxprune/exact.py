@@ -185,7 +185,8 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
             continue
         data = [a for a in ins if a is not None]
         if op in PASS:
-            fwd[node.output[0]] = ins[0] if ins[0] is not None else None
+            if ins[0] is not None:  # a constant (also behind Identity/Cast) carries no reachability
+                fwd[node.output[0]] = ins[0]
         elif op in ("Add", "Sum", "Sub", "Mul", "Max", "Min", "Mean") and op in BINARY | {"Sum"}:
             target = shape_of(node.output[0])
             acc = np.zeros(target, dtype=bool)
@@ -236,14 +237,14 @@ def effective_exact(model: onnx.ModelProto, layers, weights, shapes) -> dict:
             _acc(bwd, x_name, b)
         elif op in ("Add", "Sum", "Sub", "Mul", "Max", "Min", "Mean"):
             for n in node.input:
-                if fwd.get(n) is not None:  # constants (also behind Identity/Cast) carry no reachability
+                if n in fwd:
                     _acc(bwd, n, _unbroadcast(b, fwd[n].shape))
         elif op == "Concat":
             ax = node_attr(node, "axis", 1) - 1
             off = 0
             for n in node.input:
                 size = shape_of(n)[ax]
-                if fwd.get(n) is not None:
+                if n in fwd:
                     _acc(bwd, n, np.take(b, np.arange(off, off + size), axis=ax))
                 off += size
         elif op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"):

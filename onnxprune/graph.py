@@ -194,9 +194,8 @@ def find_layers(model: onnx.ModelProto, exclude=(), only=None) -> tuple[list, li
                 continue  # e.g. MatMul of two activations: never pruned
             key, name, tensor, kind, owner = hit
             if tensor.data_type not in FLOAT_TYPES:
-                kind_name = {v: k for k, v in onnx.TensorProto.DataType.items()}.get(tensor.data_type,
-                                                                                      f"type {tensor.data_type}")
-                warnings.append(f"{name}: {kind_name} weight of "
+                # an unknown data_type never gets here: checks.check_tensor refuses it on load
+                warnings.append(f"{name}: {onnx.TensorProto.DataType.Name(tensor.data_type)} weight of "
                                 f"{node.op_type} '{node.name}' is not a float tensor; left as is")
                 continue
             node_order = idx if graph is model.graph else order

@@ -269,12 +269,9 @@ def clean_stale_staging(directory: str) -> list:
             continue
         if uid is not None and st.st_uid != uid:
             continue
-        if stat.S_ISDIR(st.st_mode):
-            _remove(path)
-        elif stat.S_ISREG(st.st_mode):
-            _remove(path)
-        else:
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)):
             continue
+        _remove(path)
         removed.append(path)
     return removed
 
@@ -335,9 +332,7 @@ def check_write_target(path: str, label: str = "output") -> None:
     try:
         st = os.stat(path)  # follows a symlink: what a rename would hide is what it points at
     except FileNotFoundError:
-        st = None
-        if os.path.islink(path):
-            pass  # a dangling symlink: the rename replaces the link itself
+        st = None  # absent, or a dangling symlink: the rename replaces the link itself
     except OSError as exc:
         raise OutputError(f"{path}: cannot use as {label} ({exc.strerror or exc})") from None
     for special in ("/dev", "/proc", "/sys"):
@@ -509,11 +504,12 @@ class Staged:
         published = None
         model_id = None
         try:
+            # reading the old output (which data file it references) stays outside the critical section
+            check_write_target(self.out_path)
+            stale = self._previous_data_files()
+            st = os.stat(self.model_path)
+            model_id = (st.st_dev, st.st_ino)
             with deferred_signals():
-                check_write_target(self.out_path)
-                stale = self._previous_data_files()
-                st = os.stat(self.model_path)
-                model_id = (st.st_dev, st.st_ino)
                 if self.data_tmp:
                     existed = os.path.lexists(self.data_dest)
                     published = None if existed else self.data_dest

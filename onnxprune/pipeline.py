@@ -272,7 +272,13 @@ def _reconstruct(model, layers, values, idx, counts, kept, config, report):
     if balance:
         report.warnings.append(balance)
         log.warning(balance)
-    report.reconstruction = {"calibration": dict(config.calibration_info), **out.info,
+    # the sample count is the data reader's (it knows each input's batch axis); for API callers without it, the
+    # leading dimension of each batch's first input
+    samples = config.calibration_info.get("samples")
+    if samples is None:
+        firsts = [next(iter(feed.values()), None) for feed in config.calibration]
+        samples = sum(int(f.shape[0]) if getattr(f, "ndim", 0) else 1 for f in firsts)
+    report.reconstruction = {"calibration": dict(config.calibration_info), "samples": samples, **out.info,
                              "biases_changed": sorted(out.biases)}
     report.options["reconstruct"] = True
 

@@ -96,8 +96,8 @@ class Capture:
                  overrides: dict | None = None):
         self.names = list(dict.fromkeys(names))
         graph_inputs = {i.name for i in model.graph.input}
-        self.direct = [n for n in self.names if n in graph_inputs and not any(n == o for node in model.graph.node
-                                                                                 for o in node.output)]
+        # a graph input no node produces (checks refuse a value produced twice)
+        self.direct = [n for n in self.names if n in graph_inputs]
         self.computed = [n for n in self.names if n not in self.direct]
         self.session = None
         self.inputs = []

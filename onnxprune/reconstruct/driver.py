@@ -213,10 +213,6 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
     graph = Graph(model)
     changed = False
     records = []
-    samples = 0
-    for feed in calibration:
-        first = next(iter(feed.values()), None)
-        samples += int(first.shape[0]) if first is not None and getattr(first, "ndim", 0) else 1
     underdetermined = []
     # Captures chain: inputs already captured (dense model, and partly reconstructed model, whose values depend
     # only on layers already final in graph order) are where later prefixes start, so each layer's captures run
@@ -282,7 +278,6 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
             m = mom.rows
             solved = _solve(layer, w, sites, mom, R, n_prune, plain_pruned, options)
             del mom, R, Wt
-            _trim_heap()
             rec["time_capture_s"] = t_gram - t
             out, bias, fields = solved
             res.values[i] = out
@@ -314,7 +309,7 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
                f"them solvable, more calibration samples help")
         res.warnings.append(msg)
         log.warning(msg)
-    res.info = {"samples": samples, "batches": len(calibration), "damping": float(options.damping),
+    res.info = {"batches": len(calibration), "damping": float(options.damping),
                 "correction": options.correction, "mask": options.mask, "max_rows": options.max_rows,
                 "time_s": time.perf_counter() - t0,
                 "layers": records}

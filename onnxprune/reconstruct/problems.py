@@ -212,13 +212,12 @@ def build_sites(graph: Graph, layer, shape: tuple) -> list:
     """One Site per consumer of ``layer``; raises Unsupported with the reason when the layer cannot be solved."""
     if layer.graph:
         raise Unsupported("weight lives in a subgraph (If/Loop/Scan body)")
-    nodes = {id(n): n for n in graph.graph.node}
     sites = []
     size = int(np.prod(shape)) if shape else 1
     base = np.arange(size, dtype=np.int64).reshape(shape)
     for cons in layer.consumers:
         node = graph.graph.node[cons.index] if 0 <= cons.index < len(graph.graph.node) else None
-        if node is None or node.op_type != cons.op or id(node) not in nodes:
+        if node is None or node.op_type != cons.op:
             raise Unsupported("consumer node not found in the main graph")
         slot = cons.slot
         perms = _chain(graph, node.input[slot], layer.name)
