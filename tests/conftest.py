@@ -89,3 +89,14 @@ def invoke(*args):
     from click.testing import CliRunner
     from onnxprune.cli import main
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def fail_rename_to(monkeypatch, dest):
+    """Make every os.replace onto ``dest`` fail with EIO (a disk error at the moment of publishing)."""
+    real = os.replace
+
+    def boom(src, dst):
+        if str(dst) == str(dest):
+            raise OSError(5, "Input/output error")
+        return real(src, dst)
+    monkeypatch.setattr(os, "replace", boom)

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper
 
 
-from conftest import invoke, make_model, two_layer_mlp, vi, weights
+from conftest import fail_rename_to, invoke, make_model, two_layer_mlp, vi, weights
 
 
 
@@ -150,13 +150,7 @@ def test_disk_full_keeps_previous_output_and_leaves_no_litter(cnn, tmp_path, mon
 def test_failed_rename_keeps_previous_output(cnn, tmp_path, monkeypatch):
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous output")
-    real = os.replace
-
-    def boom(src, dst):
-        if str(dst) == str(out):
-            raise OSError(5, "Input/output error")
-        return real(src, dst)
-    monkeypatch.setattr(os, "replace", boom)
+    fail_rename_to(monkeypatch, out)
     r = invoke(cnn, "-s", "0.5", "-o", out, "--no-validate")
     assert r.exit_code == 5 and out.read_bytes() == b"previous output"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".onnxprune")]

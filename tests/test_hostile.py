@@ -20,7 +20,7 @@ from onnxprune import checks
 from onnxprune import io as pio
 from onnxprune.errors import InputError, Interrupted, OutputError
 
-from conftest import init, invoke, make_model, sample, two_layer_mlp, vi
+from conftest import fail_rename_to, init, invoke, make_model, sample, two_layer_mlp, vi
 
 
 def _read(path):
@@ -231,19 +231,24 @@ def test_unknown_external_data_key_is_exit_3(tmp_path):
     assert r.exit_code == 3 and "unknown external data key" in r.stderr and "Warning" not in r.output
 
 
-def test_training_info_external_data_gets_the_same_path_checks(tmp_path):
-    d = tmp_path / "mdl"
-    d.mkdir()
-    (tmp_path / "secret.bin").write_bytes(b"\1" * 64)
+def _with_external_training_state(location: str):
+    """The sample MLP with a 16-float training_info tensor stored externally at ``location``."""
     m = two_layer_mlp()
     t = numpy_helper.from_array(np.zeros(16, np.float32), "state")
     t.ClearField("raw_data")
     t.data_location = TensorProto.EXTERNAL
-    for k, v in (("location", "../secret.bin"), ("offset", "0"), ("length", "64")):
+    for k, v in (("location", location), ("offset", "0"), ("length", "64")):
         e = t.external_data.add()
         e.key, e.value = k, v
-    ti = m.training_info.add()
-    ti.initialization.CopyFrom(helper.make_graph([], "init", [], [], [t]))
+    m.training_info.add().initialization.CopyFrom(helper.make_graph([], "init", [], [], [t]))
+    return m
+
+
+def test_training_info_external_data_gets_the_same_path_checks(tmp_path):
+    d = tmp_path / "mdl"
+    d.mkdir()
+    (tmp_path / "secret.bin").write_bytes(b"\1" * 64)
+    m = _with_external_training_state("../secret.bin")
     path = str(d / "m.onnx")
     onnx.save(m, path)
     out = tmp_path / "o.onnx"
@@ -255,14 +260,7 @@ def test_training_info_external_data_inside_the_directory_is_loaded(tmp_path):
     d = tmp_path / "mdl"
     d.mkdir()
     (d / "state.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
-    m = two_layer_mlp()
-    t = numpy_helper.from_array(np.zeros(16, np.float32), "state")
-    t.ClearField("raw_data")
-    t.data_location = TensorProto.EXTERNAL
-    for k, v in (("location", "state.bin"), ("offset", "0"), ("length", "64")):
-        e = t.external_data.add()
-        e.key, e.value = k, v
-    m.training_info.add().initialization.CopyFrom(helper.make_graph([], "init", [], [], [t]))
+    m = _with_external_training_state("state.bin")
     path = str(d / "m.onnx")
     onnx.save(m, path)
     loaded = pio.load_model(path)
@@ -395,16 +393,10 @@ def test_crash_between_the_two_renames_keeps_old_model_with_its_old_data(tmp_pat
     out = tmp_path / "o.onnx"
     _prune_to(path, out, 0.5)
     old_model = out.read_bytes()
-    real = os.replace
-
-    def boom(src, dst):
-        if str(dst) == str(out):
-            raise OSError(5, "Input/output error")
-        return real(src, dst)
-    monkeypatch.setattr(os, "replace", boom)
+    fail_rename_to(monkeypatch, out)
     with pytest.raises(OutputError):
         _prune_to(path, out, 0.9)
-    monkeypatch.setattr(os, "replace", real)
+    monkeypatch.undo()
     assert out.read_bytes() == old_model
     # the old model still loads with its own data, and nothing new is left beside it
     pio.load_model(str(out))
