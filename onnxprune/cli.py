@@ -210,6 +210,7 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
       onnxprune model.onnx -s 0.9 --data test.npz --max-drop 0.01      # CI gate: exit 1 if accuracy drops > 1 pt
       onnxprune yolo.onnx -s 0.5 --input-shape images:1,3,640,640 --synthetic uniform:0,1 --max-rel-error 0.1
       onnxprune encoder.onnx -s 0.5 --input-shape input_ids:8,128 --metric cosine --min-cosine 0.99
+      onnxprune vad.onnx -s 0.8 --data chunks.npz --gate-output output --metric snr --min-snr 20 --table none
       onnxprune model.onnx -s 0.95 --data test.npz --reconstruct    # first 128 samples calibrate, rest evaluate
       onnxprune model.onnx -s 0.9 --calibration calib.npz --data test.npz --max-drop 0.01
       onnxprune model.onnx -s auto --data test.npz --max-drop 0.01 --plot curve.png
