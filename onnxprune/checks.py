@@ -88,8 +88,9 @@ def tensor_elements(tensor: TensorProto, what: str, error=InputError) -> int:
     return n
 
 
-def check_tensor(tensor: TensorProto, what: str, error=InputError, external_ok: bool = False) -> None:
-    """Refuse a tensor whose stored data cannot be what its dims and dtype declare."""
+def check_tensor(tensor: TensorProto, what: str, error=InputError, external_ok: bool = False) -> bytes | None:
+    """Refuse a tensor whose stored data cannot be what its dims and dtype declare. Returns the ``raw_data`` bytes
+    it read (None for other storage)."""
     dt = tensor.data_type
     if dt not in KNOWN_TYPES:
         raise error(f"{what}: unknown data_type {dt}")
@@ -122,11 +123,11 @@ def check_tensor(tensor: TensorProto, what: str, error=InputError, external_ok: 
         if bits is None:
             raise error(f"{what}: STRING tensors cannot use raw_data")
         want = -(-n * bits // 8)
-        got = len(tensor.raw_data)
-        if got != want:
-            raise error(f"{what}: raw_data holds {got} bytes, but dims {list(tensor.dims)} of "
+        raw = tensor.raw_data
+        if len(raw) != want:
+            raise error(f"{what}: raw_data holds {len(raw)} bytes, but dims {list(tensor.dims)} of "
                         f"{TensorProto.DataType.Name(dt)} need {want}")
-        return
+        return raw
     expected_field = _typed_field(dt)
     if field != expected_field:
         raise error(f"{what}: {TensorProto.DataType.Name(dt)} data stored in {field} (expected {expected_field})")
@@ -134,6 +135,18 @@ def check_tensor(tensor: TensorProto, what: str, error=InputError, external_ok: 
     got = len(getattr(tensor, field))
     if want is not None and got != want:
         raise error(f"{what}: {field} holds {got} value(s), but dims {list(tensor.dims)} need {want}")
+
+
+def _check_pending(tensor: TensorProto, arr, what: str, error) -> None:
+    """A tensor whose data is held aside: an empty raw_data placeholder, no other data, an array that fits."""
+    n = tensor_elements(tensor, what, error)
+    others = [f for f in _TYPED_FIELDS if len(getattr(tensor, f))]
+    if others or not tensor.HasField("raw_data") or len(tensor.external_data) or tensor.HasField("segment") \
+            or len(tensor.raw_data) or tensor.data_type not in _FLOATS:
+        raise error(f"{what}: pending data but the tensor is not an empty raw_data placeholder")
+    want = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    if arr.dtype != want or arr.size != n or not arr.flags.c_contiguous:
+        raise error(f"{what}: pending array {arr.dtype} x {arr.size} does not fit {want} dims {list(tensor.dims)}")
 
 
 def check_header(model: onnx.ModelProto, where: str = "model", error=InputError) -> None:
@@ -168,11 +181,12 @@ def iter_graphs(model: onnx.ModelProto, where: str = "model", error=InputError):
                     stack.append((sub, f"{label}[{k}]", depth + 1))
 
 
-def all_tensors(model: onnx.ModelProto):
+def all_tensors(model: onnx.ModelProto, main_initializers: bool = True):
     """(tensor, description) for every TensorProto in the model (initializers and attribute tensors of every
-    graph, function and training_info graph); sparse tensors are not included (they are refused)."""
+    graph, function and training_info graph); sparse tensors are not included (they are refused).
+    ``main_initializers=False`` leaves out the main graph's initializers."""
     for graph, path, _ in iter_graphs(model):
-        if isinstance(graph, onnx.GraphProto):
+        if isinstance(graph, onnx.GraphProto) and (main_initializers or path != "graph"):
             for t in graph.initializer:
                 yield t, f"initializer '{t.name}' ({path})"
         for idx, node in enumerate(graph.node):
@@ -242,19 +256,35 @@ def check_strings(model: onnx.ModelProto, where: str = "model", error=InputError
                     stack.append((getattr(msg, fd.name), f"{path}.{fd.name}"))
 
 
-def check_model(model: onnx.ModelProto, where: str = "model", error=InputError) -> None:
-    """Every check in this module, in order; the first problem found is raised as ``error``."""
+def check_model(model: onnx.ModelProto, where: str = "model", error=InputError, keep: dict | None = None,
+                pending: dict | None = None) -> None:
+    """Every check in this module, in order; the first problem found is raised as ``error``.
+
+    ``keep``: a dict that receives, for every main-graph initializer stored in ``raw_data``, name -> the bytes the
+    check read (protobuf copies ``raw_data`` on every access: a caller that reads the weights next uses these).
+    ``pending``: main-graph initializer name -> the array that replaces its (empty) raw_data when it is saved
+    (``io.LoadedModel.pending``); checked against the tensor's dims and type instead."""
     check_header(model, where, error)
     check_strings(model, where, error)
     try:
-        _check_model(model, where, error)
+        _check_model(model, where, error, keep, pending or {})
     except UnicodeDecodeError as exc:  # check_strings covers every field; this is a second net
         raise error(f"{where}: invalid UTF-8 in a string field ({exc.reason})") from None
 
 
-def _check_model(model, where, error) -> None:
+def _check_model(model, where, error, keep, pending) -> None:
     check_sparse(model, where, error)
-    for tensor, what in all_tensors(model):
+    own = keep is not None or pending
+    if own:
+        for tensor in model.graph.initializer:
+            what = f"{where}: initializer '{tensor.name}' (graph)"
+            if tensor.name in pending:
+                _check_pending(tensor, pending[tensor.name], what, error)
+                continue
+            raw = check_tensor(tensor, what, error)
+            if keep is not None and raw is not None:
+                keep[tensor.name] = raw
+    for tensor, what in all_tensors(model, main_initializers=not own):
         check_tensor(tensor, f"{where}: {what}", error)
     convs = _check_graphs(model, where, error)
     shapes = run_onnx_checker(model, where, error)

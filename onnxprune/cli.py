@@ -400,7 +400,7 @@ class Run:
                                         f"{_num(curve[0]['value'])}); nothing written")
             config.sparsity = best
         with fb.stage("pruning"):
-            report = prune_loaded(loaded, config)
+            report = prune_loaded(loaded, config, defer_writes=True)  # saving writes the weights
         report.timings["load"] = t_load
         report.validation = self.report.validation  # a skip decided before pruning
         report.warnings[:0] = [w for w in self.report.warnings if w not in report.warnings]

@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import secrets
@@ -25,6 +26,7 @@ import shutil
 import signal
 import socket
 import stat
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,8 +34,10 @@ import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
 
-from . import checks
+from . import checks, wire
 from .errors import InputError, OutputError
+
+log = logging.getLogger("onnxprune")
 
 FLOAT_TYPES = {
     TensorProto.FLOAT: "float32",
@@ -62,6 +66,29 @@ class LoadedModel:
     # (protobuf wrapper ids are not stable, positions are: pruning never adds or removes tensors)
     external: dict = field(default_factory=dict)
     external_files: list = field(default_factory=list)
+    # main-graph initializer name -> its raw_data bytes as read by the load checks: the first prune reads the
+    # weights from here instead of copying them out of the protobuf again; cleared there (stale after any write)
+    raw: dict = field(default_factory=dict, repr=False)
+    # main-graph initializer name -> its new values, not copied into the protobuf (whose raw_data is left empty):
+    # saving splices them into the file (``wire``); ``materialize`` writes them into the protobuf
+    pending: dict = field(default_factory=dict, repr=False)
+
+    def defer(self, tensor: TensorProto, values: np.ndarray, owned: bool = False) -> bool:
+        """Hold ``values`` as the new data of ``tensor`` (a main-graph initializer) in ``pending`` instead of
+        writing them into the protobuf, where ``hold`` allows it and the model has no external data; else False
+        and nothing changes."""
+        return not self.external and hold(self.pending, tensor, values, owned)
+
+    def materialize(self) -> None:
+        """Write every pending array into its tensor (after this the protobuf alone holds the model)."""
+        if not self.pending:
+            return
+        for t in self.model.graph.initializer:
+            arr = self.pending.pop(t.name, None)
+            if arr is not None:
+                write_tensor(t, arr)
+        if self.pending:
+            raise RuntimeError(f"pending values for tensors the graph no longer has: {sorted(self.pending)[:5]}")
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -128,14 +155,14 @@ def load_model(path: str) -> LoadedModel:
                 raise InputError(f"{path}: external data of {what} rejected ({_first_line(exc)})") from exc
             files.add(location)
     loaded.external_files = sorted(os.path.realpath(os.path.join(base_dir, f)) for f in files)
-    check_structure(model, path)
+    check_structure(model, path, keep=loaded.raw)
     return loaded
 
 
-def check_structure(model: onnx.ModelProto, where: str = "model") -> None:
+def check_structure(model: onnx.ModelProto, where: str = "model", keep: dict | None = None) -> None:
     """Every input check (``checks.check_model``, the ONNX checker included) on an in-memory model; InputError.
-    Tensors must hold their data (external data must have been loaded)."""
-    checks.check_model(model, where, InputError)
+    Tensors must hold their data (external data must have been loaded). ``keep``: see ``checks.check_model``."""
+    checks.check_model(model, where, InputError, keep)
 
 
 def _first_line(exc) -> str:
@@ -145,8 +172,15 @@ def _first_line(exc) -> str:
 
 # --- tensors ---------------------------------------------------------------------------------------------------
 
-def read_tensor(tensor: TensorProto) -> np.ndarray:
-    """The tensor's values as a NumPy array in its own dtype (bf16 via ml_dtypes)."""
+_PLAIN = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+def read_tensor(tensor: TensorProto, raw: bytes | None = None) -> np.ndarray:
+    """The tensor's values as a NumPy array in its own dtype (bf16 via ml_dtypes), read-only. ``raw``: the
+    tensor's ``raw_data`` bytes when the caller already holds them (saves a copy)."""
+    if raw is not None and tensor.data_type in _PLAIN and sys.byteorder == "little":
+        dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
     return numpy_helper.to_array(tensor)
 
 
@@ -168,6 +202,26 @@ def write_tensor(tensor: TensorProto, values: np.ndarray) -> None:
         tensor.int32_data.extend(values.view(np.uint16).ravel().astype(np.int32).tolist())
     else:  # pragma: no cover - only float weights are ever pruned
         raise TypeError(f"cannot write tensor of type {tensor.data_type}")
+
+
+def hold(pending: dict, tensor: TensorProto, values: np.ndarray, owned: bool = False) -> bool:
+    """Put ``values`` in ``pending`` under the tensor's name and leave the tensor an empty raw_data placeholder
+    (any read of it then fails loudly instead of seeing the old data), for a large float tensor stored in
+    raw_data; else False and nothing changes. ``owned``: the caller hands the array over (no copy)."""
+    if not tensor.name or tensor.data_type not in _PLAIN or not tensor.HasField("raw_data") \
+            or not checks._big_float(tensor):
+        return False
+    dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    dims = tuple(int(d) for d in tensor.dims)
+    if values.size != checks.tensor_elements(tensor, tensor.name):
+        raise ValueError(f"{tensor.name}: {values.size} values for dims {list(dims)}")
+    if owned and values.dtype == dtype and values.flags.c_contiguous:
+        arr = values.reshape(dims)
+    else:
+        arr = np.array(values, dtype=dtype, order="C").reshape(dims)
+    pending[tensor.name] = arr
+    tensor.raw_data = b""
+    return True
 
 
 # --- signals and staging names ---------------------------------------------------------------------------------
@@ -597,9 +651,11 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
     """
     check_output_path(out_path, loaded)
     model = loaded.model
+    if loaded.pending and loaded.external:
+        loaded.materialize()  # externally stored tensors go through _externalize, which reads the protobuf
     if check:
         try:
-            checks.check_model(model, "pruned model", OutputError)
+            checks.check_model(model, "pruned model", OutputError, pending=loaded.pending)
         except OutputError as exc:
             raise OutputError(f"{out_path}: not written: {exc} (a bug in onnxprune: please report it)") from None
     out_dir = os.path.dirname(os.path.abspath(out_path))
@@ -639,12 +695,20 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
                 os.chmod(data_tmp, mode)
         tmp_model = os.path.join(tmp, base)
         trim_heap()  # the prune's freed arrays go back to the OS before the payload doubles the model
-        payload = model.SerializeToString(deterministic=True)
-        _write_synced(tmp_model, payload)
+        parts = None
+        if loaded.pending:
+            try:
+                parts = wire.chunks(model, loaded.pending)
+            except ValueError as exc:
+                log.info("writing pending weights into the protobuf: %s", exc)
+                loaded.materialize()
+        if parts is None:
+            parts = [model.SerializeToString(deterministic=True)]
+        sha = _write_synced(tmp_model, parts, digest)
+        del parts
         if mode is not None:
             os.chmod(tmp_model, mode)
-        written[os.path.abspath(out_path)] = hashlib.sha256(payload).hexdigest() if digest else None
-        del payload
+        written[os.path.abspath(out_path)] = sha
         _restore(stashed)  # before the hand-over: nothing slow may run after ``tmp`` changes owner
         stashed = []
         reads = [loaded.path] + list(loaded.external_files) if loaded.path else list(loaded.external_files)
@@ -712,11 +776,17 @@ def _externalize(model, external: dict, data_path: str):
     return stashed, h.hexdigest()
 
 
-def _write_synced(path: str, payload: bytes) -> None:
+def _write_synced(path: str, parts: list, digest: bool = False) -> str | None:
+    """Write ``parts`` (bytes-like) to ``path`` and fsync it; their sha256 when ``digest``."""
+    h = hashlib.sha256() if digest else None
     with open(path, "wb") as fh:
-        fh.write(payload)
+        for part in parts:
+            fh.write(part)
+            if h is not None:
+                h.update(part)
         fh.flush()
         os.fsync(fh.fileno())
+    return h.hexdigest() if h is not None else None
 
 
 
@@ -732,7 +802,6 @@ def trim_heap() -> None:
         try:
             import ctypes
             import ctypes.util
-            import sys
             if sys.platform.startswith("linux"):
                 libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
                 _MALLOC_TRIM = libc.malloc_trim

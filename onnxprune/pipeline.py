@@ -127,10 +127,15 @@ def prune(model_or_path, sparsity: float, method: str = "lamp", **options):
     return loaded.model, report
 
 
-def prune_loaded(loaded: LoadedModel, config: PruneConfig) -> Report:
-    """Prune ``loaded.model`` in place according to ``config`` and describe what was done."""
+def prune_loaded(loaded: LoadedModel, config: PruneConfig, defer_writes: bool = False) -> Report:
+    """Prune ``loaded.model`` in place according to ``config`` and describe what was done.
+
+    ``defer_writes``: large pruned weights stay in ``loaded.pending`` (``io.stage_model`` writes them straight
+    into the file) instead of being copied into the protobuf; ``loaded.materialize()`` puts them there."""
     report, layers = _prune(loaded, config)
     _compact(loaded, layers, config, report)  # after _prune's arrays are freed: it reads the written tensors
+    if not defer_writes:
+        loaded.materialize()
     return report
 
 
@@ -156,10 +161,12 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
         raise RequestError(f"nothing to prune: {what}")
 
     values, rows = [], []
+    raw, loaded.raw = loaded.raw, {}  # the bytes the load checks read: stale once anything is written
     for layer in layers:
-        w = read_tensor(layer.tensor)
-        bad = int(w.size - np.count_nonzero(np.isfinite(w)))
-        if bad:
+        main = layer.kind == "initializer" and not layer.graph
+        w = read_tensor(layer.tensor, raw.pop(layer.tensor.name, None) if main else None)
+        if not _all_finite(w):
+            bad = int(w.size - np.count_nonzero(np.isfinite(w)))
             raise InputError(f"tensor '{layer.name}' holds {bad} NaN/Inf value(s); refusing to prune it")
         zeros = int(w.size - np.count_nonzero(w))
         values.append(w)
@@ -209,19 +216,35 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
     weights = _Weights(layers, values, kept, sel.buffer)
     written = set()
 
+    def store(layer, w, owned=False):
+        """A layer's new values: held in ``loaded.pending`` where possible, else written into the protobuf."""
+        if not (layer.kind == "initializer" and not layer.graph and loaded.defer(layer.tensor, w, owned)):
+            write_tensor(layer.tensor, w)
+
     def flush():
-        """Write every pruned layer not written yet (the constant probe must run the pruned model)."""
+        """Store every pruned layer not stored yet."""
         for i in kept:
             if i not in written and not config.dry_run:
-                write_tensor(layers[i].tensor, weights.masked(i))
+                store(layers[i], weights.masked(i, fresh=True), owned=True)
                 written.add(i)
-    rewritten = _connectivity(model, layers, rows, weights, config, report, sel.shapes, flush)
+
+    rewritten = _connectivity(model, layers, rows, weights, config, report, sel.shapes, flush,
+                              lambda layer, w: store(layer, w), loaded.pending)
     t4 = time.perf_counter()
     written.update(i for i, l in enumerate(layers) if l.name in rewritten)
     flush()
     report.timings["connectivity"] = t4 - t3
     report.timings["write"] = time.perf_counter() - t4
     return report, layers
+
+
+def _all_finite(w: np.ndarray) -> bool:
+    """No NaN/Inf in ``w``: one summing pass (NaN and Inf survive a sum); only a sum that overflows (or a real
+    NaN/Inf) pays for the element-wise test."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if w.size == 0 or np.isfinite(np.add.reduce(w.reshape(-1))):
+            return True
+    return bool(np.isfinite(w).all())
 
 
 def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report):
@@ -249,7 +272,7 @@ def _compact(loaded, layers, config, report):
         result = compact_loaded(loaded, layers, config.align)
         report.compaction = {"applied": True, **result.to_dict()}
     else:
-        result = compact(loaded.model, layers, config.align, apply_changes=False)
+        result = compact(loaded.model, layers, config.align, apply_changes=False, pending=loaded.pending)
         report.compaction = {"applied": False, **result.to_dict()}
     report.timings["compact"] = time.perf_counter() - t
 
@@ -408,13 +431,18 @@ class _Weights:
         w = self.values[i]
         return np.unpackbits(self.kept[i], count=w.size).view(bool).reshape(w.shape)
 
-    def masked(self, i):
+    def masked(self, i, fresh: bool = False):
+        """The layer's values after selection: in the reused scratch buffer, or a new array when ``fresh``."""
         w = self.values[i]
         if i not in self.kept:
             return w
-        out = self.buffer.like(w)
-        out.fill(0)
-        np.copyto(out, w, where=self._flags(i))
+        out = np.empty_like(w) if fresh else self.buffer.like(w)
+        if w.dtype in (np.float32, np.float64, np.float16):
+            np.multiply(w, self._flags(i), out=out)  # pruned entries become ±0.0 ...
+            np.add(out, 0.0, out=out)  # ... and +0.0 (x + 0.0 == x for every kept x)
+        else:
+            out.fill(0)
+            np.copyto(out, w, where=self._flags(i))
         return out
 
     def __getitem__(self, name):
@@ -426,7 +454,8 @@ class _Weights:
         return self._flags(i) if i in self.kept else (self.values[i] != 0)
 
 
-def _connectivity(model, layers, rows, weights, config, report, shapes=None, flush=None) -> dict:
+def _connectivity(model, layers, rows, weights, config, report, shapes=None, flush=None, write=None,
+                  pending=None) -> dict:
     """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run).
     Returns the layers removal wrote (name -> weights it zeroed)."""
     from .connectivity import effective_counts
@@ -447,7 +476,7 @@ def _connectivity(model, layers, rows, weights, config, report, shapes=None, flu
     for row in rows:
         row.effective_zeros = row.params - counts[row.name]
     if config.effective and not config.dry_run:
-        removal = remove_detached(model, res, layers, weights, before_probe=flush)
+        removal = remove_detached(model, res, layers, weights, before_probe=flush, write=write, pending=pending)
         for row, layer in zip(rows, layers):
             row.zeros_after_selection = row.zeros_after
             row.zeros_after += removal.rewritten.get(layer.name, 0)

@@ -75,11 +75,13 @@ def _bias(model, node, lop, scope, uses, consumers):
 PROBE_MAX_BYTES = 1 << 30  # the probe runs a copy of the model: above this, constants stay in place
 
 
-def _probe(model, names, shapes, seed=0):
-    """Values of the named tensors on two synthetic samples (None where shapes or types are unknown)."""
+def _probe(model, names, shapes, seed=0, pending=None):
+    """Values of the named tensors on two synthetic samples (None where shapes or types are unknown). ``pending``:
+    main-graph weights held outside the protobuf (``io.LoadedModel.pending``); the probe's copy gets them."""
     if not names:
         return {}
-    if model.ByteSize() > PROBE_MAX_BYTES:
+    pending = pending or {}
+    if model.ByteSize() + sum(a.nbytes for a in pending.values()) > PROBE_MAX_BYTES:
         log.info("constant probe skipped: model over %d bytes", PROBE_MAX_BYTES)
         return {}
     try:
@@ -88,6 +90,9 @@ def _probe(model, names, shapes, seed=0):
         from .validate import quiet_native_stderr
         m = onnx.ModelProto()
         m.CopyFrom(model)
+        for t in m.graph.initializer:
+            if t.name in pending:
+                write_tensor(t, pending[t.name])
         types = shapes.types
         for n in names:
             if n not in types:
@@ -106,9 +111,12 @@ def _probe(model, names, shapes, seed=0):
         return {}
 
 
-def remove_detached(model, res: Analysis, layers, weights, before_probe=None) -> Removal:
+def remove_detached(model, res: Analysis, layers, weights, before_probe=None, write=None,
+                    pending=None) -> Removal:
     """Apply removal in place on ``model``. ``weights[name]`` gives a layer's current (masked) values; only
-    layers with detached units are read again and rewritten."""
+    layers with detached units are read again and rewritten, by ``write(layer, values)`` when given (else into
+    the layer's tensor). ``before_probe`` stores every pruned weight (in the model or in ``pending``) before the
+    constant probe runs the pruned model."""
     out = Removal()
     nodes = list(model.graph.node)
     scope = _Scope(model.graph, "", None)
@@ -135,7 +143,7 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None) ->
             need_probe.append(node.input[lop.data_slot])
     if need_probe and before_probe is not None:
         before_probe()  # the model must hold the pruned weights when it is run
-    values = _probe(model, sorted(set(need_probe)), res.shapes) if need_probe else {}
+    values = _probe(model, sorted(set(need_probe)), res.shapes, pending=pending) if need_probe else {}
     for name, idx, node, lop, in_vec, out_vec, bias in plans:
         # counts come from the analysis' per-(group, in, out) non-zero blocks: no pass over the weight
         cnt, g = res.counts[idx], lop.groups
@@ -187,7 +195,10 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None) ->
                 changed = True
                 out.folded_const_in += alive
                 zeroed += alive
-        write_tensor(lop.layer.tensor, w)
+        if write is not None:
+            write(lop.layer, w)
+        else:
+            write_tensor(lop.layer.tensor, w)
         out.rewritten[name] = zeroed
         if changed:
             tensor = bias[0]

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import contextlib
 
-from rich import box
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
 ASCII = False  # set by the CLI when stdout/stderr cannot encode the symbols below
 COMPACT_ABOVE = 25  # layers; above this the table shows the largest ones and the totals
@@ -74,8 +70,22 @@ def _size(n) -> str:
         n /= 1024
 
 
-def _console(stderr: bool = False) -> Console:
+# rich is imported on first use: a quiet run (-q, --json) never pays for it
+
+def _console(stderr: bool = False):
+    from rich.console import Console
     return Console(stderr=stderr, highlight=False)
+
+
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape
+    return rich_escape(text)
+
+
+def _new_table(title: str, **kw):
+    from rich import box
+    from rich.table import Table
+    return Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, **kw)
 
 
 def print_report(report, mode: str = "auto") -> None:
@@ -115,7 +125,7 @@ def print_report(report, mode: str = "auto") -> None:
 def _layer_table(console, report, full: bool) -> None:
     title = f"onnxprune {report.method}" + (f" (allocation {report.allocation})" if report.method == "random" else "")
     title += f" → {report.target_sparsity:.2%}" + ("  (dry run: nothing written)" if report.dry_run else "")
-    table = Table(title=escape(_t(title)), box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    table = _new_table(escape(_t(title)))
     show_before = any(l.zeros_before for l in report.layers)
     cols = [("layer", "left"), ("op", "left"), ("shape", "left"), ("params", "right")]
     cols += [("before", "right")] if show_before else []
@@ -160,9 +170,8 @@ def _fmt(x, digits=4) -> str:
 
 
 def _print_validation(console, v: dict, compacted: bool = False) -> None:
-    t = Table(title=escape(_t(f"validation on {', '.join(v['providers'])} — {v['samples']} samples, "
-                              f"{v['batches']} batches")), box=box.SIMPLE_HEAD, collapse_padding=True,
-              pad_edge=False)
+    t = _new_table(escape(_t(f"validation on {', '.join(v['providers'])} — {v['samples']} samples, "
+                             f"{v['batches']} batches")))
     for col, j in (("output", "left"), ("kind", "left"), ("metric", "left"), ("dense", "right"),
                    ("pruned", "right"), ("cosine", "right"), ("rel err", "right"), ("gate", "left")):
         # numbers and the verdict never shrink; only the name may
@@ -221,7 +230,7 @@ def _print_compaction(console, c: dict) -> None:
 
 def _print_figures(console, f: dict) -> None:
     b, a = f["before"], f["after"]
-    t = Table(title="payoff (before → after)", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    t = _new_table("payoff (before → after)")
     for col, j in (("", "left"), ("dense", "right"), ("pruned", "right"), ("ratio", "right")):
         t.add_column(col, justify=j, no_wrap=True)
     rows = [("file size", _size(b.get("file_bytes")), _size(a.get("file_bytes")), "file_bytes"),
@@ -256,7 +265,7 @@ def _print_reconstruction(console, r: dict) -> None:
 
 
 def _print_search(console, s: dict) -> None:
-    t = Table(title="sparsity search", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    t = _new_table("sparsity search")
     for col in ("sparsity", "metric", "output", "value", "passes"):
         t.add_column(col, justify="right", no_wrap=True, overflow="ellipsis")
     for c in s["curve"]:
@@ -267,8 +276,7 @@ def _print_search(console, s: dict) -> None:
 
 
 def _print_sensitivity(console, report) -> None:
-    t = Table(title=f"per-layer sensitivity (one layer at {report.target_sparsity:.2%})", box=box.SIMPLE_HEAD,
-              collapse_padding=True, pad_edge=False)
+    t = _new_table(f"per-layer sensitivity (one layer at {report.target_sparsity:.2%})")
     for col, j in (("layer", "left"), ("metric", "left"), ("value", "right"), ("drop", "right")):
         t.add_column(col, justify=j, no_wrap=True, overflow="ellipsis")
     for r in report.sensitivity:
@@ -317,7 +325,7 @@ class Feedback:
     """Progress for stages that can take more than a second: spinners and bars on a TTY, nothing on a pipe."""
 
     def __init__(self, enabled: bool = True):
-        self.console = _console(stderr=True)
+        self.console = _console(stderr=True) if enabled else None
         self.enabled = enabled and self.console.is_terminal
         self._progress = None
 

@@ -136,9 +136,9 @@ def test_disk_full_keeps_previous_output_and_leaves_no_litter(cnn, tmp_path, mon
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous output")
 
-    def full(path, payload):
+    def full(path, parts, digest=False):
         with open(path, "wb") as fh:
-            fh.write(payload[: len(payload) // 2])
+            fh.write(parts[0][: len(parts[0]) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(io, "_write_synced", full)
     r = invoke(cnn, "-s", "0.5", "-o", out, "--no-validate")

@@ -48,7 +48,7 @@ class CompactResult:
 
 
 def compact(model: onnx.ModelProto, layers=None, align: int = 1, inplace: bool = False,
-            apply_changes: bool = True) -> CompactResult:
+            apply_changes: bool = True, pending: dict | None = None) -> CompactResult:
     """Remove the dead output channels/neurons of every prunable layer, and everything that only they feed.
 
     A channel goes when every layer that reads it reads it with all-zero weights (after the removals decided
@@ -58,17 +58,20 @@ def compact(model: onnx.ModelProto, layers=None, align: int = 1, inplace: bool =
     go only together; channels that reach a graph output or an op this module does not understand stay.
     ``align`` > 1 keeps each layer's output channel count a multiple of ``align`` (or unchanged) by keeping its
     highest-norm dead channels; no tensor loses all its channels. ``apply_changes=False`` reports what would
-    go without touching the model. The model is copied unless ``inplace``.
+    go without touching the model. The model is copied unless ``inplace``. ``pending``: weights held outside the
+    protobuf (``io.LoadedModel.pending``), read and rewritten there (in place only).
     """
     if align < 1:
         raise ValueError(f"align must be a positive integer, got {align!r}")
+    if pending and apply_changes and not inplace:
+        raise ValueError("pending weights are compacted in place only")
     if not inplace and apply_changes:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
         model, layers = copy, None
     if layers is None:
         layers, _ = find_layers(model)
-    g = build(model, layers)
+    g = build(model, layers, pending)
     gone = decide(g, align)
     before = {l.name: (l.size, _channels(l)) for l in layers}
     res = CompactResult(model=model, applied=apply_changes, align=align, kept_by=dict(g.kept_why))
@@ -103,7 +106,7 @@ def compact_loaded(loaded, layers=None, align: int = 1) -> CompactResult:
     from onnx.external_data_helper import _get_all_tensors
     model = loaded.model
     before = [t.name for t in _get_all_tensors(model)] if loaded.external else None
-    res = compact(model, layers=layers, align=align, inplace=True)
+    res = compact(model, layers=layers, align=align, inplace=True, pending=loaded.pending)
     if before is not None:
         by_name = {before[i]: info for i, info in loaded.external.items() if i < len(before) and before[i]}
         loaded.external = {i: by_name[t.name] for i, t in enumerate(_get_all_tensors(model)) if t.name in by_name}

@@ -8,12 +8,12 @@ from .labels import Graph
 
 def reader_matrix(g, r) -> np.ndarray:
     """Non-zero flags per (input channel, output unit) of a reader's weight."""
-    w = g.index.weight(r.layer) != 0
+    b = g.index.blocks(r.layer)
     if r.kind == "conv":
-        return w.reshape(w.shape[0], w.shape[1], -1).any(axis=2).T
+        return b.T
     if r.kind == "convT":
-        return w.reshape(w.shape[0], w.shape[1], -1).any(axis=2)
-    return w if r.w_axis == 0 else w.T
+        return b
+    return b if r.w_axis == 0 else b.T
 
 
 def label_norms(g: Graph) -> np.ndarray:

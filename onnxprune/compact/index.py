@@ -6,14 +6,18 @@ import onnx
 from onnx import numpy_helper
 
 from ..connectivity import _implicit_inputs
+from ..io import hold
 from ..layout import node_attr
 
 
 class Index:
     """Where each main-graph name comes from and who reads it; reads and rewrites constant inputs."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, pending: dict | None = None):
         self.model = model
+        # main-graph initializer name -> values held outside the protobuf (io.LoadedModel.pending): read and
+        # written here instead of the tensor's (empty) raw_data
+        self.pending = pending if pending is not None else {}
         g = model.graph
         self.nodes = list(g.node)
         self.inputs = {i.name for i in g.input}
@@ -39,6 +43,7 @@ class Index:
         self._names = set(self.producer) | set(self.inits) | self.inputs
         self._cache = {}
         self._weights = {}
+        self._blocks = {}
         self.orphans = []  # names whose readers this rewrite took away
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 17)
 
@@ -53,7 +58,7 @@ class Index:
         if src is not None and self.nodes[src].op_type == "Identity" and self.nodes[src].input:
             val = self.const(self.nodes[src].input[0])  # Identity chains in front of constants
         elif name in self.inits and name not in self.inputs:
-            val = numpy_helper.to_array(self.inits[name])
+            val = self._stored(self.inits[name])
         elif name in self.const_nodes:
             n = self.const_nodes[name]
             for a in n.attribute:
@@ -72,8 +77,33 @@ class Index:
         """A layer's weight values, read once."""
         key = id(layer.tensor)
         if key not in self._weights:
-            self._weights[key] = numpy_helper.to_array(layer.tensor)
+            main = layer.kind == "initializer" and not layer.graph
+            self._weights[key] = self._stored(layer.tensor) if main else numpy_helper.to_array(layer.tensor)
         return self._weights[key]
+
+    def _stored(self, tensor) -> np.ndarray:
+        """A main-graph initializer's values (pending or in the protobuf)."""
+        arr = self.pending.get(tensor.name)
+        return arr if arr is not None else numpy_helper.to_array(tensor)
+
+    def store(self, tensor, values: np.ndarray) -> None:
+        """Replace a weight's values (and dims): held aside again when they were pending, else written."""
+        arr = np.ascontiguousarray(values)
+        if self.pending.pop(tensor.name, None) is not None:
+            del tensor.dims[:]
+            tensor.dims.extend(arr.shape)
+            if hold(self.pending, tensor, arr, owned=True):
+                return
+        tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
+
+    def blocks(self, layer) -> np.ndarray:
+        """Non-zero flags of a layer's weight per (axis 0, axis 1) pair, any over the kernel: one pass over the
+        weight serves both its output rows and its (input channel, output unit) reader matrix."""
+        key = id(layer.tensor)
+        if key not in self._blocks:
+            nz = self.weight(layer) != 0
+            self._blocks[key] = nz.reshape(nz.shape[0], nz.shape[1], -1).any(axis=2) if nz.ndim > 2 else nz
+        return self._blocks[key]
 
     def unique(self, base: str) -> str:
         name, k = f"{base}_compact", 1
@@ -93,6 +123,7 @@ class Index:
             dtype = prev.dtype if prev is not None else value.dtype
         arr = np.ascontiguousarray(np.asarray(value).astype(dtype, copy=False))
         if old and old in self.inits and old not in self.inputs and self.uses.get(old, 0) == 1:
+            self.pending.pop(old, None)
             self.inits[old].CopyFrom(numpy_helper.from_array(arr, old))
             self._cache[old] = arr
             return
@@ -136,6 +167,8 @@ def drop_orphans(ix: Index) -> None:
     for k in sorted(dead_nodes, reverse=True):
         del graph.node[k]
     if dead_inits:
+        for name in dead_inits:
+            ix.pending.pop(name, None)
         for k in range(len(graph.initializer) - 1, -1, -1):
             if graph.initializer[k].name in dead_inits:
                 del graph.initializer[k]

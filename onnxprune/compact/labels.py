@@ -107,10 +107,10 @@ class Graph:
         return out
 
 
-def build(model, layers) -> Graph:
-    """Propagate channel labels over the main graph in node order."""
+def build(model, layers, pending: dict | None = None) -> Graph:
+    """Propagate channel labels over the main graph in node order (``pending``: see ``Index``)."""
     from .ops import propagate
-    ix = Index(model)
+    ix = Index(model, pending)
     g = Graph(index=ix, shapes=infer_shapes(model))
     by_node = {}
     for layer in layers:
@@ -250,7 +250,7 @@ def _matmul_fold(g, node):
 
 
 def _any_rows(g, layer, axis):
-    w = g.index.weight(layer)
-    return np.moveaxis(w != 0, axis, 0).reshape(w.shape[axis], -1).any(axis=1)
+    """Whether each index along weight axis 0 or 1 has a non-zero weight."""
+    return g.index.blocks(layer).any(axis=1 - axis)
 
 

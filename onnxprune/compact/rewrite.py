@@ -28,9 +28,7 @@ class _Weights:
 
     def write(self):
         for layer, arr in self.arrays.values():
-            t = layer.tensor
-            new = numpy_helper.from_array(np.ascontiguousarray(arr), t.name)
-            t.CopyFrom(new)
+            self.index.store(layer.tensor, arr)
 
 
 def apply(g: Graph, gone: np.ndarray) -> dict:
