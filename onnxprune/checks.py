@@ -88,9 +88,10 @@ def tensor_elements(tensor: TensorProto, what: str, error=InputError) -> int:
     return n
 
 
-def check_tensor(tensor: TensorProto, what: str, error=InputError, external_ok: bool = False) -> bytes | None:
+def check_tensor(tensor: TensorProto, what: str, error=InputError, external_ok: bool = False, raw=None):
     """Refuse a tensor whose stored data cannot be what its dims and dtype declare. Returns the ``raw_data`` bytes
-    it read (None for other storage)."""
+    it read (None for other storage). ``raw``: the tensor's raw_data as the caller already holds it (protobuf
+    copies it on every access)."""
     dt = tensor.data_type
     if dt not in KNOWN_TYPES:
         raise error(f"{what}: unknown data_type {dt}")
@@ -123,7 +124,8 @@ def check_tensor(tensor: TensorProto, what: str, error=InputError, external_ok: 
         if bits is None:
             raise error(f"{what}: STRING tensors cannot use raw_data")
         want = -(-n * bits // 8)
-        raw = tensor.raw_data
+        if raw is None:
+            raw = tensor.raw_data
         if len(raw) != want:
             raise error(f"{what}: raw_data holds {len(raw)} bytes, but dims {list(tensor.dims)} of "
                         f"{TensorProto.DataType.Name(dt)} need {want}")
@@ -261,7 +263,8 @@ def check_model(model: onnx.ModelProto, where: str = "model", error=InputError, 
     """Every check in this module, in order; the first problem found is raised as ``error``.
 
     ``keep``: a dict that receives, for every main-graph initializer stored in ``raw_data``, name -> the bytes the
-    check read (protobuf copies ``raw_data`` on every access: a caller that reads the weights next uses these).
+    check read (protobuf copies ``raw_data`` on every access: a caller that reads the weights next uses these);
+    entries it already holds are taken as those tensors' raw_data (``wire.initializer_data`` of the file read).
     ``pending``: main-graph initializer name -> the array that replaces its (empty) raw_data when it is saved
     (``io.LoadedModel.pending``); checked against the tensor's dims and type instead."""
     check_header(model, where, error)
@@ -281,9 +284,12 @@ def _check_model(model, where, error, keep, pending) -> None:
             if tensor.name in pending:
                 _check_pending(tensor, pending[tensor.name], what, error)
                 continue
-            raw = check_tensor(tensor, what, error)
-            if keep is not None and raw is not None:
-                keep[tensor.name] = raw
+            raw = check_tensor(tensor, what, error, raw=keep.get(tensor.name) if keep is not None else None)
+            if keep is not None:
+                if raw is not None:
+                    keep[tensor.name] = raw
+                else:
+                    keep.pop(tensor.name, None)
     for tensor, what in all_tensors(model, main_initializers=not own):
         check_tensor(tensor, f"{where}: {what}", error)
     convs = _check_graphs(model, where, error)

@@ -132,12 +132,14 @@ def load_model(path: str) -> LoadedModel:
         model = onnx.load_model_from_string(payload)
     except Exception as exc:  # DecodeError and friends: protobuf raises several types
         raise InputError(f"{path}: not a valid ONNX protobuf ({type(exc).__name__}: {_first_line(exc)})") from exc
+    # the weights as views of the file's bytes (protobuf would copy each on access): these keep the payload
+    views = wire.initializer_data(payload)
     del payload
     checks.check_header(model, path)
     checks.check_strings(model, path)
     checks.check_sparse(model, path)
     checks.check_external_entries(model, path)
-    loaded = LoadedModel(model=model, path=path)
+    loaded = LoadedModel(model=model, path=path, raw=views)
     base_dir = os.path.dirname(os.path.abspath(path))
     for index, tensor in enumerate(_get_all_tensors(model)):
         if uses_external_data(tensor):
@@ -148,6 +150,7 @@ def load_model(path: str) -> LoadedModel:
     # training_info tensors (which onnx's own traversal skips) go through the same reader
     for tensor, what in checks.all_tensors(model):
         if uses_external_data(tensor):
+            views.pop(tensor.name, None)  # its data comes from the data file
             location = next((e.value for e in tensor.external_data if e.key == "location"), "")
             try:
                 load_external_data_for_tensor(tensor, base_dir)

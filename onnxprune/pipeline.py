@@ -161,6 +161,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
         raise RequestError(f"nothing to prune: {what}")
 
     values, rows = [], []
+    scratch = MagnitudeBuffer()  # reused buffers for every pass over a layer (no fresh pages per layer)
     raw, loaded.raw = loaded.raw, {}  # the bytes the load checks read: stale once anything is written
     for layer in layers:
         main = layer.kind == "initializer" and not layer.graph
@@ -168,7 +169,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
         if not _all_finite(w):
             bad = int(w.size - np.count_nonzero(np.isfinite(w)))
             raise InputError(f"tensor '{layer.name}' holds {bad} NaN/Inf value(s); refusing to prune it")
-        zeros = int(w.size - np.count_nonzero(w))
+        zeros = int(np.count_nonzero(np.equal(w, 0, out=scratch.bools(w.size).reshape(w.shape))))
         values.append(w)
         rows.append(LayerReport(name=layer.name, op=layer.op, shape=list(layer.shape), dtype=layer.dtype,
                                 kind=layer.kind, graph=layer.graph, consumers=[c.node for c in layer.consumers],
@@ -184,7 +185,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
     infos = [LayerInfo(size=rows[i].params, zeros=rows[i].zeros_before, shape=tuple(layers[i].shape),
                        is_conv=any(c.op in ("Conv", "ConvTranspose") for c in layers[i].consumers),
                        values=values[i]) for i in idx]
-    sel = _Selector(model, layers, values, idx, infos, alloc_name, score_name, config, report)
+    sel = _Selector(model, layers, values, idx, infos, alloc_name, score_name, config, report, scratch)
     target = int(round(config.sparsity * total))
     if config.target == "effective" and idx:
         target = sel.effective_target(target, zeros)
@@ -205,8 +206,12 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
         t2 = time.perf_counter()
         for k, i, pruned in sel.masks(counts, hints):
             rows[i].zeros_after = int(counts[k])
-            nz = np.not_equal(values[i], 0).reshape(-1)
-            kept[i] = np.packbits(np.logical_and(nz, np.logical_not(pruned, out=pruned), out=nz))
+            keep = np.logical_not(pruned, out=pruned)
+            if not (score_name == "magnitude" and counts[k] >= rows[i].zeros_before):
+                # zeros score lowest under magnitude, so pruning at least as many covers them all; other scores
+                # may tie a zero with a live weight: keep only the non-zeros
+                np.logical_and(keep, np.not_equal(values[i], 0).reshape(-1), out=keep)
+            kept[i] = np.packbits(keep)
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
     if config.reconstruct and idx:
@@ -325,10 +330,10 @@ def _label_balance(labels) -> str | None:
 class _Selector:
     """Allocation + selection for a given direct count: the one path every run and every probe takes."""
 
-    def __init__(self, model, layers, values, idx, infos, alloc_name, score_name, config, report):
+    def __init__(self, model, layers, values, idx, infos, alloc_name, score_name, config, report, buffer=None):
         self.model, self.layers, self.values, self.idx, self.infos = model, layers, values, idx, infos
         self.alloc_name, self.score_name, self.config, self.report = alloc_name, score_name, config, report
-        self.buffer = MagnitudeBuffer()
+        self.buffer = buffer or MagnitudeBuffer()
         self.zeros = np.array([i.zeros for i in infos], dtype=np.int64)
         self.shapes = None
         self._lap = None

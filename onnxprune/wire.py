@@ -13,6 +13,7 @@ import numpy as np
 _GRAPH = 7  # ModelProto.graph
 _INITIALIZER = 5  # GraphProto.initializer
 _RAW_DATA = 9  # TensorProto.raw_data
+_NAME = 8  # TensorProto.name
 _LEN = 2  # wire type of length-delimited fields
 
 
@@ -117,3 +118,34 @@ def chunks(model, pending: dict) -> list:
     pieces.append(tail)
     length += len(tail)
     return [view[:g_start], _tag(_GRAPH) + varint(length), *pieces, view[g_end:]]
+
+
+def initializer_data(payload: bytes) -> dict:
+    """Main-graph initializer name -> a zero-copy view of its raw_data in a serialised model, for the plain
+    layout (one graph field, each initializer with one name and at most one raw_data field, names unique); {}
+    for anything else (the caller then reads the parsed protobuf)."""
+    view = memoryview(payload)
+    try:
+        graphs = [f for f in fields(view, 0, len(view)) if f[0] == _GRAPH]
+        if len(graphs) != 1 or graphs[0][1] != _LEN:
+            return {}
+        out = {}
+        for number, wt, _, value, end in fields(view, graphs[0][3], graphs[0][4]):
+            if number != _INITIALIZER:
+                continue
+            names, raws = [], []
+            for n2, wt2, _, v2, e2 in fields(view, value, end):
+                if n2 == _NAME and wt2 == _LEN:
+                    names.append(bytes(view[v2:e2]))
+                elif n2 == _RAW_DATA:
+                    raws.append((wt2, v2, e2))
+            if len(names) != 1 or len(raws) > 1 or (raws and raws[0][0] != _LEN):
+                return {}
+            name = names[0].decode("utf-8")
+            if name in out:
+                return {}
+            if raws:
+                out[name] = view[raws[0][1]:raws[0][2]]
+        return out
+    except (ValueError, UnicodeDecodeError):
+        return {}

@@ -196,3 +196,63 @@ def test_external_data_models_write_into_the_protobuf(tmp_path):
     held = pio.load_model(str(ext))
     prune_loaded(held, PruneConfig(sparsity=0.9), defer_writes=True)
     assert held.pending == {}  # external tensors go through _externalize, which reads the protobuf
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn_torch", "mlp_gemm", "detector", "encoder", "vad"])
+def test_initializer_views_are_the_parsed_raw_data(name):
+    payload = open(_path(name), "rb").read()
+    views = wire.initializer_data(payload)
+    model = onnx.load_model_from_string(payload)
+    raw = {t.name: t.raw_data for t in model.graph.initializer if t.HasField("raw_data")}
+    assert views and {k: bytes(v) for k, v in views.items()} == raw
+
+
+def _with_field(payload: bytes, number: int, value: bytes) -> bytes:
+    return payload + wire.varint(number << 3 | 2) + wire.varint(len(value)) + value
+
+
+def test_initializer_views_give_up_on_unusual_layouts():
+    m = _model_with_everything()
+    payload = m.SerializeToString()
+    assert set(wire.initializer_data(payload)) == {"a", "small", "shape", "h", "bf", "small_b", "d"}
+    # a second graph field (protobuf merges the two): not the plain layout
+    extra = onnx.GraphProto(initializer=[init("z", np.zeros(300, np.float32))]).SerializeToString()
+    assert wire.initializer_data(_with_field(payload, 7, extra)) == {}
+    # an initializer with its raw_data field twice (the last one wins in protobuf)
+    t = init("dup", np.zeros(300, np.float32)).SerializeToString()
+    t = _with_field(t, 9, np.ones(300, np.float32).tobytes())
+    g = _with_field(m.graph.SerializeToString(), 5, t)
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(m)
+    m2.ClearField("graph")
+    assert wire.initializer_data(_with_field(m2.SerializeToString(), 7, g)) == {}
+    # a nameless initializer, a truncated file
+    g = _with_field(m.graph.SerializeToString(), 5, onnx.TensorProto(dims=[1]).SerializeToString())
+    assert wire.initializer_data(_with_field(m2.SerializeToString(), 7, g)) == {}
+    assert wire.initializer_data(payload[:-3]) == {}
+
+
+def test_load_with_odd_layout_still_reads_every_weight(tmp_path):
+    """A file wire.initializer_data gives up on loads through the protobuf and prunes the same."""
+    m = onnx.load(_path("cnn"))
+    good = tmp_path / "good.onnx"
+    onnx.save(m, str(good))
+    payload = good.read_bytes()
+    # the same model with its graph split over two fields (protobuf merges them): nodes first, the rest after
+    g1 = onnx.GraphProto()
+    g1.node.extend(m.graph.node)
+    g2 = onnx.GraphProto()
+    g2.CopyFrom(m.graph)
+    g2.ClearField("node")
+    m2 = onnx.ModelProto()
+    m2.CopyFrom(m)
+    m2.ClearField("graph")
+    odd = tmp_path / "odd.onnx"
+    odd.write_bytes(_with_field(_with_field(m2.SerializeToString(), 7, g1.SerializeToString()), 7,
+                                g2.SerializeToString()))
+    assert wire.initializer_data(odd.read_bytes()) == {} and wire.initializer_data(payload)
+    a, b = pio.load_model(str(good)), pio.load_model(str(odd))
+    assert b.raw  # the checks read them from the protobuf instead
+    prune_loaded(a, PruneConfig(sparsity=0.9))
+    prune_loaded(b, PruneConfig(sparsity=0.9))
+    assert a.model.SerializeToString(deterministic=True) == b.model.SerializeToString(deterministic=True)
