@@ -186,18 +186,26 @@ def iter_graphs(model: onnx.ModelProto, where: str = "model", error=InputError):
 def all_tensors(model: onnx.ModelProto, main_initializers: bool = True):
     """(tensor, description) for every TensorProto in the model (initializers and attribute tensors of every
     graph, function and training_info graph); sparse tensors are not included (they are refused).
-    ``main_initializers=False`` leaves out the main graph's initializers."""
+    ``main_initializers=False`` leaves out the main graph's initializers. The order is fixed by the model's
+    structure: positions in it name tensors (``io.LoadedModel.external``)."""
+    for tensor, what, _ in tensor_places(model, main_initializers):
+        yield tensor, what
+
+
+def tensor_places(model: onnx.ModelProto, main_initializers: bool = True):
+    """``all_tensors`` with a third value: whether the tensor is an initializer of the main graph."""
     for graph, path, _ in iter_graphs(model):
-        if isinstance(graph, onnx.GraphProto) and (main_initializers or path != "graph"):
+        main = path == "graph"
+        if isinstance(graph, onnx.GraphProto) and (main_initializers or not main):
             for t in graph.initializer:
-                yield t, f"initializer '{t.name}' ({path})"
+                yield t, f"initializer '{t.name}' ({path})", main
         for idx, node in enumerate(graph.node):
             for attr in node.attribute:
                 who = f"attribute '{attr.name}' of {node.op_type} '{node.name or '#' + str(idx)}' ({path})"
                 if attr.HasField("t"):
-                    yield attr.t, who
+                    yield attr.t, who, False
                 for t in attr.tensors:
-                    yield t, who
+                    yield t, who, False
 
 
 def check_sparse(model: onnx.ModelProto, where: str = "model", error=InputError) -> None:

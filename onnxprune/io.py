@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
-from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
 from . import checks, wire
 from .errors import InputError, OutputError
@@ -62,8 +62,8 @@ class ExternalInfo:
 class LoadedModel:
     model: onnx.ModelProto
     path: str | None = None
-    # position in onnx's tensor traversal order -> ExternalInfo, for every tensor whose data lived outside the file
-    # (protobuf wrapper ids are not stable, positions are: pruning never adds or removes tensors)
+    # position in ``checks.all_tensors`` order -> ExternalInfo, for every tensor whose data lived outside the file
+    # (protobuf wrapper ids are not stable, positions are; compaction, which adds and removes tensors, re-keys it)
     external: dict = field(default_factory=dict)
     external_files: list = field(default_factory=list)
     # main-graph initializer name -> its raw_data bytes as read by the load checks: the first prune reads the
@@ -75,9 +75,8 @@ class LoadedModel:
 
     def defer(self, tensor: TensorProto, values: np.ndarray, owned: bool = False) -> bool:
         """Hold ``values`` as the new data of ``tensor`` (a main-graph initializer) in ``pending`` instead of
-        writing them into the protobuf, where ``hold`` allows it and the model has no external data; else False
-        and nothing changes."""
-        return not self.external and hold(self.pending, tensor, values, owned)
+        writing them into the protobuf, where ``hold`` allows it; else False and nothing changes."""
+        return hold(self.pending, tensor, values, owned)
 
     def materialize(self) -> None:
         """Write every pending array into its tensor (after this the protobuf alone holds the model)."""
@@ -141,17 +140,15 @@ def load_model(path: str) -> LoadedModel:
     checks.check_external_entries(model, path)
     loaded = LoadedModel(model=model, path=path, raw=views)
     base_dir = os.path.dirname(os.path.abspath(path))
-    for index, tensor in enumerate(_get_all_tensors(model)):
-        if uses_external_data(tensor):
-            info = {e.key: e.value for e in tensor.external_data}
-            loaded.external[index] = ExternalInfo(info.get("location", ""), [e.key for e in tensor.external_data])
     files = set()
     # onnx validates every location (relative, no '..', no symlink or hardlink, inside base_dir, in bounds);
-    # training_info tensors (which onnx's own traversal skips) go through the same reader
-    for tensor, what in checks.all_tensors(model):
+    # training_info tensors (which onnx's own traversal skips) go through the same reader and stay external
+    for index, (tensor, what) in enumerate(checks.all_tensors(model)):
         if uses_external_data(tensor):
             views.pop(tensor.name, None)  # its data comes from the data file
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            info = {e.key: e.value for e in tensor.external_data}
+            loaded.external[index] = ExternalInfo(info.get("location", ""), [e.key for e in tensor.external_data])
+            location = info.get("location", "")
             try:
                 load_external_data_for_tensor(tensor, base_dir)
             except Exception as exc:
@@ -654,8 +651,6 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
     """
     check_output_path(out_path, loaded)
     model = loaded.model
-    if loaded.pending and loaded.external:
-        loaded.materialize()  # externally stored tensors go through _externalize, which reads the protobuf
     if check:
         try:
             checks.check_model(model, "pruned model", OutputError, pending=loaded.pending)
@@ -681,9 +676,12 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
             raise OSError(errno.EEXIST, "no free staging name")
         written = {}
         data_tmp = data_dest = None
+        inline = loaded.pending
         if loaded.external:
             data_tmp = os.path.join(tmp, base + DATA_SUFFIX)
-            stashed, data_sha = _externalize(model, loaded.external, data_tmp)
+            stashed, data_sha = _externalize(model, loaded.external, data_tmp, loaded.pending)
+            moved = {t.name for t, raw in stashed if raw is None}
+            inline = {k: v for k, v in loaded.pending.items() if k not in moved}
             data_name = f"{base}.{data_sha[:_HEX]}{DATA_SUFFIX}"
             for tensor, _ in stashed:
                 for e in tensor.external_data:
@@ -699,12 +697,14 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
         tmp_model = os.path.join(tmp, base)
         trim_heap()  # the prune's freed arrays go back to the OS before the payload doubles the model
         parts = None
-        if loaded.pending:
+        if inline:
             try:
-                parts = wire.chunks(model, loaded.pending)
+                parts = wire.chunks(model, inline)
             except ValueError as exc:
                 log.info("writing pending weights into the protobuf: %s", exc)
-                loaded.materialize()
+                for t in model.graph.initializer:  # the ones the data file took stay pending
+                    if t.name in inline:
+                        write_tensor(t, loaded.pending.pop(t.name))
         if parts is None:
             parts = [model.SerializeToString(deterministic=True)]
         sha = _write_synced(tmp_model, parts, digest)
@@ -731,9 +731,10 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
 
 
 def _restore(stashed) -> None:
-    """Give the in-memory model its external tensors' data back after staging."""
+    """Give the in-memory model its external tensors' data back after staging (a pending tensor, stashed with
+    None, gets its empty placeholder back: its data stays in ``pending``)."""
     for tensor, raw in stashed:
-        tensor.raw_data = raw
+        tensor.raw_data = raw if raw is not None else b""
         tensor.data_location = TensorProto.DEFAULT
         del tensor.external_data[:]
 
@@ -747,18 +748,20 @@ def save_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: b
         return staged.commit()
 
 
-def _externalize(model, external: dict, data_path: str):
+def _externalize(model, external: dict, data_path: str, pending: dict | None = None):
     """Move the tensors that were external into one data file (64-byte aligned); returns the stashed
-    (tensor, raw bytes) to restore and the file's sha256. Locations are set by the caller once the name (its
-    hash) is known."""
+    (tensor, raw bytes, or None for a pending tensor whose array was written) to restore and the file's sha256.
+    Locations are set by the caller once the name (its hash) is known."""
     stashed = []
     offset = 0
     h = hashlib.sha256()
+    pending = pending or {}
     with open(data_path, "wb") as fh:
-        for index, tensor in enumerate(_get_all_tensors(model)):
+        for index, (tensor, _, main) in enumerate(checks.tensor_places(model)):
             if index not in external:
                 continue
-            raw = tensor.raw_data
+            held = pending.get(tensor.name) if main else None
+            raw = wire.payload(held) if held is not None else tensor.raw_data
             pad = (-offset) % 64
             if pad:
                 fh.write(b"\0" * pad)
@@ -766,7 +769,7 @@ def _externalize(model, external: dict, data_path: str):
                 offset += pad
             fh.write(raw)
             h.update(raw)
-            stashed.append((tensor, raw))
+            stashed.append((tensor, None if held is not None else raw))
             tensor.ClearField("raw_data")
             del tensor.external_data[:]
             for key, value in (("location", ""), ("offset", str(offset)), ("length", str(len(raw)))):

@@ -70,7 +70,7 @@ def _tag(number: int) -> bytes:
     return varint(number << 3 | _LEN)
 
 
-def _payload(arr: np.ndarray) -> memoryview:
+def payload(arr: np.ndarray) -> memoryview:
     """The array's bytes, little-endian, without a copy when it is already C-contiguous little-endian."""
     a = np.ascontiguousarray(arr)
     if a.dtype.byteorder == ">":
@@ -104,7 +104,7 @@ def chunks(model, pending: dict) -> list:
         if name in used:
             raise ValueError(f"initializer '{name}' appears twice")
         used.add(name)
-        data = _payload(arr)
+        data = payload(arr)
         _, _, r_start, _, r_end = raw[0]
         head = _tag(_RAW_DATA) + varint(data.nbytes)
         tensor_len = (end - value) - (r_end - r_start) + len(head) + data.nbytes

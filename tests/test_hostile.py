@@ -269,6 +269,27 @@ def test_training_info_external_data_inside_the_directory_is_loaded(tmp_path):
     assert os.path.realpath(str(d / "state.bin")) in loaded.external_files
 
 
+@pytest.mark.parametrize("compact", [False, True])
+def test_training_info_external_data_stays_external_in_the_output(tmp_path, compact):
+    """The training state is written to the output's data file, not inlined (it used to be: onnx's own tensor
+    traversal, which recorded what was external, skips training_info)."""
+    d = tmp_path / "mdl"
+    d.mkdir()
+    (d / "state.bin").write_bytes(np.arange(16, dtype=np.float32).tobytes())
+    path = str(d / "m.onnx")
+    onnx.save(_with_external_training_state("state.bin"), path)
+    out = tmp_path / "o.onnx"
+    r = invoke(path, "-s", "0.5", "--no-validate", "-o", out, *(["--compact"] if compact else []))
+    assert r.exit_code == 0, r.output
+    raw = onnx.load(str(out), load_external_data=False)
+    state = raw.training_info[0].initialization.initializer[0]
+    assert state.data_location == TensorProto.EXTERNAL and not state.HasField("raw_data")
+    # onnx.load skips training_info's external data: read it from the output's directory
+    assert (numpy_helper.to_array(state, base_dir=str(tmp_path)) == np.arange(16)).all()
+    assert (numpy_helper.to_array(pio.load_model(str(out)).model.training_info[0].initialization.initializer[0])
+            == np.arange(16)).all()
+
+
 # --- input paths that are not regular files ---------------------------------------------------------------------
 
 def test_input_fifo_and_directory_are_exit_3_without_hanging(tmp_path):

@@ -188,14 +188,32 @@ def test_splice_failure_falls_back_to_writing_into_the_protobuf(tmp_path, monkey
     assert out.read_bytes() == direct.model.SerializeToString(deterministic=True)
 
 
-def test_external_data_models_write_into_the_protobuf(tmp_path):
+@pytest.mark.parametrize("options", [dict(sparsity=0.9), dict(sparsity=0.9, compact=True),
+                                     dict(sparsity=0.5, granularity="channel", align=8)])
+def test_external_data_models_write_held_weights_into_the_data_file(tmp_path, options):
+    """Held weights that were external go into the output's data file; the result equals the path that writes
+    them into the protobuf first, byte for byte (model and data file)."""
     src = onnx.load(_path("cnn"))
     ext = tmp_path / "in.onnx"
     onnx.save_model(src, str(ext), save_as_external_data=True, all_tensors_to_one_file=True, location="in.data",
                     size_threshold=0)
-    held = pio.load_model(str(ext))
-    prune_loaded(held, PruneConfig(sparsity=0.9), defer_writes=True)
-    assert held.pending == {}  # external tensors go through _externalize, which reads the protobuf
+    outs = []
+    for k, defer in enumerate((False, True)):
+        loaded = pio.load_model(str(ext))
+        prune_loaded(loaded, PruneConfig(**options), defer_writes=defer)
+        assert bool(loaded.pending) == defer
+        d = tmp_path / f"out{k}"
+        d.mkdir()
+        written = pio.save_model(loaded, str(d / "m.onnx"))
+        outs.append(sorted((os.path.basename(p), open(p, "rb").read()) for p in written))
+        if defer:  # after saving, the held tensors are placeholders again and still held
+            assert loaded.pending and all(len(t.raw_data) == 0 for t in loaded.model.graph.initializer
+                                          if t.name in loaded.pending)
+            loaded.materialize()
+            assert not loaded.pending
+    assert outs[0] == outs[1]
+    raw = onnx.load(str(tmp_path / "out1" / "m.onnx"), load_external_data=False)
+    assert all(t.data_location == TensorProto.EXTERNAL for t in raw.graph.initializer)
 
 
 @pytest.mark.parametrize("name", ["cnn", "cnn_torch", "mlp_gemm", "detector", "encoder", "vad"])

@@ -99,17 +99,17 @@ def compact(model: onnx.ModelProto, layers=None, align: int = 1, inplace: bool =
 def compact_loaded(loaded, layers=None, align: int = 1) -> CompactResult:
     """``compact`` in place on an ``io.LoadedModel``, keeping its record of externally stored tensors right.
 
-    ``loaded.external`` is keyed by position in onnx's tensor traversal, and compaction adds (new biases) and
+    ``loaded.external`` is keyed by position in ``checks.all_tensors`` order, and compaction adds (new biases) and
     removes (constants it replaced) tensors: the record is re-keyed by tensor name, so the tensors that were
     external stay external when the model is saved.
     """
-    from onnx.external_data_helper import _get_all_tensors
+    from ..checks import all_tensors
     model = loaded.model
-    before = [t.name for t in _get_all_tensors(model)] if loaded.external else None
+    before = [t.name for t, _ in all_tensors(model)] if loaded.external else None
     res = compact(model, layers=layers, align=align, inplace=True, pending=loaded.pending)
     if before is not None:
         by_name = {before[i]: info for i, info in loaded.external.items() if i < len(before) and before[i]}
-        loaded.external = {i: by_name[t.name] for i, t in enumerate(_get_all_tensors(model)) if t.name in by_name}
+        loaded.external = {i: by_name[t.name] for i, (t, _) in enumerate(all_tensors(model)) if t.name in by_name}
     return res
 
 
