@@ -234,7 +234,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
                 written.add(i)
 
     rewritten = _connectivity(model, layers, rows, weights, config, report, sel.shapes, flush,
-                              lambda layer, w: store(layer, w), loaded.pending)
+                              lambda layer, w: store(layer, w, owned=True), loaded.pending)
     t4 = time.perf_counter()
     written.update(i for i, l in enumerate(layers) if l.name in rewritten)
     flush()
@@ -452,6 +452,11 @@ class _Weights:
 
     def __getitem__(self, name):
         return self.masked(self.index[name])
+
+    def own(self, name):
+        """A new, writable array of the layer's values after selection (the caller may keep it)."""
+        i = self.index[name]
+        return self.masked(i, fresh=True) if i in self.kept else np.array(self.values[i])
 
     def nonzero(self, name):
         """Boolean non-zero flags after selection (what the unit graph needs), without rebuilding the values."""

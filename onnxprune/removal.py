@@ -113,9 +113,9 @@ def _probe(model, names, shapes, seed=0, pending=None):
 
 def remove_detached(model, res: Analysis, layers, weights, before_probe=None, write=None,
                     pending=None) -> Removal:
-    """Apply removal in place on ``model``. ``weights[name]`` gives a layer's current (masked) values; only
-    layers with detached units are read again and rewritten, by ``write(layer, values)`` when given (else into
-    the layer's tensor). ``before_probe`` stores every pruned weight (in the model or in ``pending``) before the
+    """Apply removal in place on ``model``. ``weights.own(name)`` gives a new array of a layer's current (masked)
+    values; only layers with detached units are read again and rewritten, by ``write(layer, values)`` (which
+    keeps the array) when given, else into the layer's tensor. ``before_probe`` stores every pruned weight (in the model or in ``pending``) before the
     constant probe runs the pruned model."""
     out = Removal()
     nodes = list(model.graph.node)
@@ -152,9 +152,7 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
         for k in range(g):
             dead_out += int(per_out_counts(cnt, k)[~outs[k]].sum())
             alive_const_in += int(per_out_counts(cnt, k, unreached_in[k])[outs[k]].sum())
-        w = weights[name]  # a scratch buffer we may modify, or the read-only original (then copy it)
-        if not w.flags.writeable:
-            w = np.array(w)
+        w = weights.own(name)  # a new array of the current values: modified here, then handed to ``write``
         b_arr = read_tensor(bias[0]).astype(np.float64).reshape(-1) if bias is not None else None
         changed = False
         dead = np.flatnonzero(~out_vec)

@@ -7,7 +7,7 @@ import pytest
 from onnx import helper
 
 
-from conftest import fail_rename_to, invoke, make_model, two_layer_mlp, vi, weights
+from conftest import fail_rename_to, invoke, make_model, sample, two_layer_mlp, vi, weights
 
 
 
@@ -224,3 +224,17 @@ def test_cli_import_is_light():
     code = "import sys, onnxprune.cli; print(sorted(m for m in ('onnx', 'onnxruntime', 'rich') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_quiet_run_without_validation_never_imports_rich_or_onnxruntime(tmp_path):
+    """-q --no-validate shows nothing and runs nothing: neither rich nor ONNX Runtime is imported."""
+    import subprocess
+    import sys
+    model, _ = sample("cnn")
+    code = ("import sys, atexit\n"
+            "atexit.register(lambda: print(sorted(m for m in ('onnxruntime', 'rich') if m in sys.modules)))\n"
+            "from onnxprune.cli import main\n"
+            f"main([{model!r}, '-s', '0.5', '-q', '--no-validate', '-o', {str(tmp_path / 'o.onnx')!r}])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

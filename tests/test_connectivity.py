@@ -410,3 +410,16 @@ def test_unnamed_nodes_are_analysed():
     assert rep.totals()["effective_zeros"] == 15
     _, rep = prune(model, sparsity=0.0, dry_run=True, effective_mode="exact")
     assert rep.connectivity["mode"] == "exact" and rep.totals()["effective_zeros"] == 15
+
+
+@pytest.mark.parametrize("layout", ["c", "f", "strided"])
+def test_coo_pairs_are_nonzero_in_row_major_order(layout):
+    from onnxprune.connectivity import Coo
+    rng = np.random.default_rng(3)
+    for shape in [(5, 7), (300, 40), (1, 9), (9, 1)]:
+        f = rng.random((shape[0], shape[1] * 2)) < 0.1
+        x = {"c": np.ascontiguousarray(f[:, : shape[1]]), "f": np.asfortranarray(f[:, : shape[1]]),
+             "strided": f[:, ::2]}[layout]
+        c, (rows, cols) = Coo(x), np.nonzero(x)
+        assert c.rows.tolist() == rows.tolist() and c.cols.tolist() == cols.tolist()
+        assert (c.c_in, c.c_out) == x.shape
