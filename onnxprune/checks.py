@@ -29,7 +29,7 @@ import logging
 import onnx
 from onnx import AttributeProto, TensorProto
 
-from .errors import InputError
+from .errors import InputError, first_line
 
 log = logging.getLogger("onnxprune")
 
@@ -612,11 +612,11 @@ def run_onnx_checker(model: onnx.ModelProto, where: str = "model", error=InputEr
     try:
         onnx.checker.check_model(sk.SerializeToString() if shapeless else full)
     except Exception as exc:
-        raise error(f"{where}: fails the ONNX checker: {_first_line(exc)}") from exc
+        raise error(f"{where}: fails the ONNX checker: {_one_line(exc)}") from exc
     try:
         inferred = onnx.shape_inference.infer_shapes(full, check_type=True, strict_mode=True)
     except Exception as exc:
-        raise error(f"{where}: fails the ONNX checker (strict shape inference): {_first_line(exc)}") from exc
+        raise error(f"{where}: fails the ONNX checker (strict shape inference): {_one_line(exc)}") from exc
     shapes = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
@@ -627,6 +627,5 @@ def run_onnx_checker(model: onnx.ModelProto, where: str = "model", error=InputEr
     return shapes
 
 
-def _first_line(exc) -> str:
-    text = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return " ".join(text)[:500] if text else type(exc).__name__
+def _one_line(exc) -> str:
+    return first_line(exc, join=True, limit=500)  # the checker spreads one error over several lines

@@ -185,7 +185,7 @@ def load_data(path: str, specs, batch_size: int) -> Dataset:
 def take(dataset: Dataset, start: int, stop: int | None, source: str) -> Dataset:
     """The samples [start, stop) of a dataset as a new one (rebatched views; used to split calibration data
     from evaluation data)."""
-    feeds, labels, sizes, seen = [], [], [], 0
+    feeds, sizes, seen = [], [], 0
     for feed, size in zip(dataset.batches, dataset.batch_sizes):
         lo, hi = max(start - seen, 0), size if stop is None else min(stop - seen, size)
         if hi > lo:

@@ -36,3 +36,12 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(f"interrupted by signal {signum}")
         self.signum = signum
+
+
+def first_line(exc: BaseException, join: bool = False, limit: int = 300) -> str:
+    """An exception's message on one line (at most ``limit`` characters): its first line, or with ``join`` all
+    its non-empty lines joined (native libraries spread one error over several); the type's name when empty."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return (" ".join(lines) if join else lines[0])[:limit]

@@ -132,7 +132,7 @@ def test_help_and_version():
 
 def test_disk_full_keeps_previous_output_and_leaves_no_litter(cnn, tmp_path, monkeypatch):
     import errno
-    import onnxprune.io as io
+    from onnxprune.io import save
     out = tmp_path / "out.onnx"
     out.write_bytes(b"previous output")
 
@@ -140,7 +140,7 @@ def test_disk_full_keeps_previous_output_and_leaves_no_litter(cnn, tmp_path, mon
         with open(path, "wb") as fh:
             fh.write(parts[0][: len(parts[0]) // 2])
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(io, "_write_synced", full)
+    monkeypatch.setattr(save, "_write_synced", full)
     r = invoke(cnn, "-s", "0.5", "-o", out, "--no-validate")
     assert r.exit_code == 5 and "No space left" in r.stderr
     assert out.read_bytes() == b"previous output"

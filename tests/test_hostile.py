@@ -442,7 +442,7 @@ def test_interrupt_anywhere_in_staging_or_commit_leaves_nothing(tmp_path, monkey
     else:
         def hit(*a, **k):
             raise exc
-        monkeypatch.setattr(pio, where, hit)
+        monkeypatch.setattr(pio.save, where, hit)
     with pytest.raises(type(exc)):
         _prune_to(path, out)
     assert out.read_bytes() == b"previous"
@@ -455,7 +455,7 @@ def test_stale_staging_of_dead_runs_is_removed_and_nothing_else(tmp_path, cnn):
     p = subprocess.Popen([sys.executable, "-c", "pass"])
     p.wait()
     dead = p.pid
-    tag = pio._host_tag()
+    tag = pio.staging._host_tag()
     stale_dir = tmp_path / f".onnxprune-staging-{dead}-{tag}-abc123de"
     stale_dir.mkdir()
     (stale_dir / "model.onnx").write_bytes(b"x" * 100)
@@ -596,17 +596,16 @@ def test_interrupt_right_after_the_staging_dir_is_made_leaves_nothing(tmp_path, 
     def mkdir_then_interrupt(p):
         os.mkdir(p, 0o700)
         raise Interrupted(1)
-    monkeypatch.setattr(pio, "_make_staging_dir", mkdir_then_interrupt)
+    monkeypatch.setattr(pio.staging, "_make_staging_dir", mkdir_then_interrupt)
     with pytest.raises(Interrupted):
         _prune_to(path, out)
     assert sorted(os.listdir(tmp_path)) == ["mdl"]
 
 
 def test_live_staging_registry_removes_what_an_interrupt_orphaned(tmp_path):
-    p, fd = pio._create_staging_file(str(tmp_path))
+    p, fd = pio.staging._create_staging_file(str(tmp_path))
     os.close(fd)
-    d = pio._staging_dir_name(str(tmp_path))
-    pio._make_staging_dir(d)
+    d = pio.staging.make_staging_dir(str(tmp_path))
     (tmp_path / os.path.basename(d) / "x").write_bytes(b"x")
     assert set(pio.remove_live_staging()) >= {p, d}
     assert os.listdir(tmp_path) == []

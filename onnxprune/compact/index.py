@@ -7,7 +7,6 @@ from onnx import numpy_helper
 
 from ..connectivity import _implicit_inputs
 from ..io import hold
-from ..layout import node_attr
 
 
 class Index:

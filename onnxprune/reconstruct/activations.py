@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
-from ..errors import InputError, RequestError
+from ..errors import InputError, RequestError, first_line
 from ..validate import quiet_native_stderr
 
 
@@ -83,11 +83,6 @@ def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, o
     return out.SerializeToString(), [i.name for i in feeds] + cut_used
 
 
-def _first_line(exc) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
-
-
 class Capture:
     """A prefix of ``model`` in ONNX Runtime: ``run(feed, j)`` gives {name: array} for calibration batch ``j``
     (graph inputs asked for are passed through; ``cut`` values stand in for the nodes that computed them)."""
@@ -110,7 +105,7 @@ class Capture:
                                                     cut.examples() if cut is not None else None, overrides)
             except ValueError as exc:  # protobuf refuses to serialise more than 2 GiB
                 raise RequestError(f"reconstruction cannot hand this model's prefix to ONNX Runtime "
-                                   f"({_first_line(exc)}); models over 2 GiB are not reconstructed yet") from exc
+                                   f"({first_line(exc)}); models over 2 GiB are not reconstructed yet") from exc
             so = ort.SessionOptions()
             so.log_severity_level = 3
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -121,7 +116,7 @@ class Capture:
                     self.session = ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
             except Exception as exc:
                 raise InputError(f"reconstruction: ONNX Runtime cannot run the model's prefix up to "
-                                 f"{', '.join(self.computed[:3])}: {_first_line(exc)}") from exc
+                                 f"{', '.join(self.computed[:3])}: {first_line(exc)}") from exc
 
     def run(self, feed: dict, j: int = -1) -> dict:
         cut = self.cut.batch(j) if self.cut is not None else {}
@@ -134,7 +129,7 @@ class Capture:
                 res = self.session.run(self.computed, {k: cut[k] if k in cut else feed[k] for k in self.inputs})
             except Exception as exc:
                 raise InputError(f"reconstruction: ONNX Runtime failed on a calibration batch: "
-                                 f"{_first_line(exc)}") from exc
+                                 f"{first_line(exc)}") from exc
             out.update(zip(self.computed, res))
         return out
 

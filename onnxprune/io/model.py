@@ -1,0 +1,190 @@
+"""The model in memory: loading with every check first, tensor reads and writes, weights held outside protobuf."""
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+from .. import checks, wire
+from ..errors import InputError, first_line
+
+FLOAT_TYPES = {
+    TensorProto.FLOAT: "float32",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.BFLOAT16: "bfloat16",
+    TensorProto.DOUBLE: "float64",
+}
+
+
+@dataclass
+class ExternalInfo:
+    """Where an externally stored tensor's bytes came from, kept so the output stays external."""
+    location: str
+    keys: list = field(default_factory=list)
+
+
+@dataclass
+class LoadedModel:
+    model: onnx.ModelProto
+    path: str | None = None
+    # position in ``checks.all_tensors`` order -> ExternalInfo, for every tensor whose data lived outside the file
+    # (protobuf wrapper ids are not stable, positions are; compaction, which adds and removes tensors, re-keys it)
+    external: dict = field(default_factory=dict)
+    external_files: list = field(default_factory=list)
+    # main-graph initializer name -> its raw_data bytes as read by the load checks: the first prune reads the
+    # weights from here instead of copying them out of the protobuf again; cleared there (stale after any write)
+    raw: dict = field(default_factory=dict, repr=False)
+    # main-graph initializer name -> its new values, not copied into the protobuf (whose raw_data is left empty):
+    # saving splices them into the file (``wire``); ``materialize`` writes them into the protobuf
+    pending: dict = field(default_factory=dict, repr=False)
+
+    def defer(self, tensor: TensorProto, values: np.ndarray, owned: bool = False) -> bool:
+        """Hold ``values`` as the new data of ``tensor`` (a main-graph initializer) in ``pending`` instead of
+        writing them into the protobuf, where ``hold`` allows it; else False and nothing changes."""
+        return hold(self.pending, tensor, values, owned)
+
+    def materialize(self) -> None:
+        """Write every pending array into its tensor (after this the protobuf alone holds the model)."""
+        if not self.pending:
+            return
+        for t in self.model.graph.initializer:
+            arr = self.pending.pop(t.name, None)
+            if arr is not None:
+                write_tensor(t, arr)
+        if self.pending:
+            raise RuntimeError(f"pending values for tensors the graph no longer has: {sorted(self.pending)[:5]}")
+
+
+# --- loading ---------------------------------------------------------------------------------------------------
+
+def _read_regular(path: str) -> bytes:
+    """The bytes of ``path``, which must be a regular file (a FIFO, device, socket or directory is refused
+    without ever blocking on it)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise InputError(f"{path}: is a directory, not an ONNX file")
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(f"{path}: not a regular file (a FIFO, device or socket is never read)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped between stat and open
+            raise InputError(f"{path}: not a regular file")
+        if st.st_size == 0:
+            raise InputError(f"{path}: empty file, not an ONNX model")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    finally:
+        os.close(fd)
+
+
+def load_model(path: str) -> LoadedModel:
+    """Load ``path`` and every external tensor, refusing anything unsafe or malformed (InputError), before any
+    work: see ``checks.check_model`` for what is refused."""
+    payload = _read_regular(path)
+    try:
+        model = onnx.load_model_from_string(payload)
+    except Exception as exc:  # DecodeError and friends: protobuf raises several types
+        raise InputError(f"{path}: not a valid ONNX protobuf ({type(exc).__name__}: {first_line(exc)})") from exc
+    # the weights as views of the file's bytes (protobuf would copy each on access): these keep the payload
+    views = wire.initializer_data(payload)
+    del payload
+    checks.check_header(model, path)
+    checks.check_strings(model, path)
+    checks.check_sparse(model, path)
+    checks.check_external_entries(model, path)
+    loaded = LoadedModel(model=model, path=path, raw=views)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    files = set()
+    # onnx validates every location (relative, no '..', no symlink or hardlink, inside base_dir, in bounds);
+    # training_info tensors (which onnx's own traversal skips) go through the same reader and stay external
+    for index, (tensor, what) in enumerate(checks.all_tensors(model)):
+        if uses_external_data(tensor):
+            views.pop(tensor.name, None)  # its data comes from the data file
+            info = {e.key: e.value for e in tensor.external_data}
+            loaded.external[index] = ExternalInfo(info.get("location", ""), [e.key for e in tensor.external_data])
+            location = info.get("location", "")
+            try:
+                load_external_data_for_tensor(tensor, base_dir)
+            except Exception as exc:
+                raise InputError(f"{path}: external data of {what} rejected ({first_line(exc)})") from exc
+            files.add(location)
+    loaded.external_files = sorted(os.path.realpath(os.path.join(base_dir, f)) for f in files)
+    check_structure(model, path, keep=loaded.raw)
+    return loaded
+
+
+def check_structure(model: onnx.ModelProto, where: str = "model", keep: dict | None = None) -> None:
+    """Every input check (``checks.check_model``, the ONNX checker included) on an in-memory model; InputError.
+    Tensors must hold their data (external data must have been loaded). ``keep``: see ``checks.check_model``."""
+    checks.check_model(model, where, InputError, keep)
+
+
+# --- tensors ---------------------------------------------------------------------------------------------------
+
+_PLAIN = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16)
+
+
+def read_tensor(tensor: TensorProto, raw: bytes | None = None) -> np.ndarray:
+    """The tensor's values as a NumPy array in its own dtype (bf16 via ml_dtypes), read-only. ``raw``: the
+    tensor's ``raw_data`` bytes when the caller already holds them (saves a copy)."""
+    if raw is not None and tensor.data_type in _PLAIN and sys.byteorder == "little":
+        dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+        return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+    return numpy_helper.to_array(tensor)
+
+
+def write_tensor(tensor: TensorProto, values: np.ndarray) -> None:
+    """Replace the tensor's values in place, keeping its storage field, name, dims and every other field."""
+    dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 -> float16 of a huge bias saturates to inf
+        values = np.ascontiguousarray(values, dtype=dtype)
+    if tensor.HasField("raw_data") or tensor.data_location == TensorProto.EXTERNAL:
+        tensor.raw_data = values.astype(values.dtype.newbyteorder("<"), copy=False).tobytes()
+    elif tensor.data_type == TensorProto.FLOAT:
+        del tensor.float_data[:]
+        tensor.float_data.extend(values.ravel().tolist())
+    elif tensor.data_type == TensorProto.DOUBLE:
+        del tensor.double_data[:]
+        tensor.double_data.extend(values.ravel().tolist())
+    elif tensor.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16):
+        del tensor.int32_data[:]
+        tensor.int32_data.extend(values.view(np.uint16).ravel().astype(np.int32).tolist())
+    else:  # pragma: no cover - only float weights are ever pruned
+        raise TypeError(f"cannot write tensor of type {tensor.data_type}")
+
+
+def hold(pending: dict, tensor: TensorProto, values: np.ndarray, owned: bool = False) -> bool:
+    """Put ``values`` in ``pending`` under the tensor's name and leave the tensor an empty raw_data placeholder
+    (any read of it then fails loudly instead of seeing the old data), for a large float tensor stored in
+    raw_data; else False and nothing changes. ``owned``: the caller hands the array over (no copy)."""
+    if not tensor.name or tensor.data_type not in _PLAIN or not tensor.HasField("raw_data") \
+            or not checks._big_float(tensor):
+        return False
+    dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    dims = tuple(int(d) for d in tensor.dims)
+    if values.size != checks.tensor_elements(tensor, tensor.name):
+        raise ValueError(f"{tensor.name}: {values.size} values for dims {list(dims)}")
+    if owned and values.dtype == dtype and values.flags.c_contiguous:
+        arr = values.reshape(dims)
+    else:
+        arr = np.array(values, dtype=dtype, order="C").reshape(dims)
+    pending[tensor.name] = arr
+    tensor.raw_data = b""
+    return True
