@@ -175,7 +175,7 @@ def hold(pending: dict, tensor: TensorProto, values: np.ndarray, owned: bool = F
     (any read of it then fails loudly instead of seeing the old data), for a large float tensor stored in
     raw_data; else False and nothing changes. ``owned``: the caller hands the array over (no copy)."""
     if not tensor.name or tensor.data_type not in _PLAIN or not tensor.HasField("raw_data") \
-            or not checks._big_float(tensor):
+            or not checks.big_float(tensor):
         return False
     dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(tensor.data_type)
     dims = tuple(int(d) for d in tensor.dims)
