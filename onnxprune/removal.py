@@ -153,7 +153,8 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
             dead_out += int(per_out_counts(cnt, k)[~outs[k]].sum())
             alive_const_in += int(per_out_counts(cnt, k, unreached_in[k])[outs[k]].sum())
         w = weights.own(name)  # a new array of the current values: modified here, then handed to ``write``
-        b_arr = read_tensor(bias[0]).astype(np.float64).reshape(-1) if bias is not None else None
+        b_stored = read_tensor(bias[0]) if bias is not None else None  # decoded once: values and dtype
+        b_arr = b_stored.astype(np.float64).reshape(-1) if bias is not None else None
         changed = False
         dead = np.flatnonzero(~out_vec)
         where = lop.out_broadcast(~out_vec) if dead.size else None
@@ -182,7 +183,7 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
                         contrib[targets] += consts[i] * part.reshape(len(targets), -1).sum(axis=1)
                     folded = b_arr + contrib / bias[1]
                     # the new bias must be representable in the bias' own dtype (fp16 saturates at 65504)
-                    if not np.isfinite(folded.astype(read_tensor(bias[0]).dtype)).all():
+                    if not np.isfinite(folded.astype(b_stored.dtype)).all():
                         folded = None
             if folded is None:
                 out.left_in_place += alive
@@ -200,7 +201,7 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
         out.rewritten[name] = zeroed
         if changed:
             tensor = bias[0]
-            write_tensor(tensor, b_arr.astype(read_tensor(tensor).dtype).reshape([int(d) for d in tensor.dims]))
+            write_tensor(tensor, b_arr.astype(b_stored.dtype).reshape([int(d) for d in tensor.dims]))
             out.biases_changed.append(tensor.name or node.name)
     return out
 
