@@ -87,7 +87,7 @@ def _probe(model, names, shapes, seed=0, pending=None):
     try:
         import onnxruntime as ort
         from .data import input_specs, synthesize
-        from .validate import quiet_native_stderr
+        from .validate import quiet_native_stderr, session_options
         m = onnx.ModelProto()
         m.CopyFrom(model)
         for t in m.graph.initializer:
@@ -99,11 +99,11 @@ def _probe(model, names, shapes, seed=0, pending=None):
                 return {}
             m.graph.output.append(onnx.helper.make_tensor_value_info(n, types[n], None))
         ds = synthesize(input_specs(model), 2, 1, seed, {})
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
         # ONNX Runtime's native log lines reach stderr only with -v (as in validate.make_session)
-        with quiet_native_stderr(not log.isEnabledFor(logging.DEBUG)):
-            sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        quiet = not log.isEnabledFor(logging.DEBUG)
+        with quiet_native_stderr(quiet):
+            sess = ort.InferenceSession(m.SerializeToString(), session_options(quiet, spin=False),
+                                        providers=["CPUExecutionProvider"])
             vals = sess.run(list(names), ds.batches[0])
         return dict(zip(names, vals))
     except Exception as exc:  # no probe, no folding: everything stays in place

@@ -96,18 +96,27 @@ def ort_cause(exc) -> str:
     return text[:1000] or type(exc).__name__
 
 
+def session_options(quiet: bool = True, threads: int = 0, spin: bool = True):
+    """SessionOptions for every session onnxprune opens: ONNX Runtime's own log lines only when not ``quiet``
+    (our errors say it all), ``threads`` intra-op threads (0: its default), ``spin=False`` for idle worker threads
+    that sleep (where NumPy work or a second session shares the cores)."""
+    ort = import_ort()
+    so = ort.SessionOptions()
+    so.log_severity_level = 4 if quiet else 2
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
 def make_session(path: str, device: str = "auto", quiet: bool = True, threads: int = 0, spin: bool = True):
     """An InferenceSession opened by path (so external data resolves next to the model). ``spin=False`` stops
     idle worker threads from spinning (used where two sessions are timed side by side)."""
     ort = import_ort()
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}")
-    so = ort.SessionOptions()
-    so.log_severity_level = 4 if quiet else 2  # ONNX Runtime's own error lines only with -v (ours say it all)
-    if not spin:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        so.intra_op_num_threads = threads
+    so = session_options(quiet, threads, spin)
     providers = _provider_list(device, ort.get_available_providers())
     try:
         with quiet_native_stderr(quiet):

@@ -6,7 +6,7 @@ import onnx
 from onnx import helper
 
 from ..errors import InputError, RequestError, first_line
-from ..validate import quiet_native_stderr
+from ..validate import quiet_native_stderr, session_options
 
 
 def _deps(node):
@@ -106,14 +106,10 @@ class Capture:
             except ValueError as exc:  # protobuf refuses to serialise more than 2 GiB
                 raise RequestError(f"reconstruction cannot hand this model's prefix to ONNX Runtime "
                                    f"({first_line(exc)}); models over 2 GiB are not reconstructed yet") from exc
-            so = ort.SessionOptions()
-            so.log_severity_level = 3
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            if threads:
-                so.intra_op_num_threads = threads
             try:
                 with quiet_native_stderr():
-                    self.session = ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
+                    self.session = ort.InferenceSession(payload, session_options(threads=threads, spin=False),
+                                                        providers=["CPUExecutionProvider"])
             except Exception as exc:
                 raise InputError(f"reconstruction: ONNX Runtime cannot run the model's prefix up to "
                                  f"{', '.join(self.computed[:3])}: {first_line(exc)}") from exc
