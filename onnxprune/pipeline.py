@@ -291,10 +291,10 @@ def _reconstruct(model, layers, values, idx, counts, kept, config, report):
         values[i] = new
         kept[i] = np.packbits(np.not_equal(new, 0).reshape(-1))
     if not config.dry_run:
-        from .reconstruct.driver import _tensors
-        tensors = _tensors(model)
+        from .reconstruct.problems import Graph
+        graph = Graph(model)
         for name, stored in out.biases.items():
-            write_tensor(tensors[name], stored)
+            write_tensor(graph.stored(name), stored)
     report.warnings.extend(out.warnings)
     balance = _label_balance(config.calibration_labels)
     if balance:

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
 
 from ..select import layout_perm, prune_mask
 from .activations import Capture, CutStore
@@ -60,16 +59,6 @@ def _trim_heap() -> None:
     """Hand freed heap back to the OS after each layer (its temporaries would otherwise add up)."""
     from ..io import trim_heap
     trim_heap()
-
-
-def _tensors(model: onnx.ModelProto) -> dict:
-    out = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant" and len(node.output) == 1:
-            for a in node.attribute:
-                if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                    out[node.output[0]] = a.t
-    return out
 
 
 @dataclass
@@ -208,7 +197,6 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
     res = Outcome()
     # The partly reconstructed model is ``model`` with these tensors replaced (values in the storage dtype): the
     # prefixes handed to ONNX Runtime substitute them, so no second copy of the model is ever made.
-    work_tensors = _tensors(model)
     overrides = {}
     graph = Graph(model)
     changed = False
@@ -297,7 +285,7 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
             log.warning(msg)
             if gains:  # the next layers must see this layer pruned
                 masked = np.where(plain_pruned.reshape(w.shape), np.zeros((), w.dtype), w)
-                if layer.name in work_tensors:
+                if graph.stored(layer.name) is not None:
                     overrides[layer.name] = masked
                 changed = True
         _trim_heap()

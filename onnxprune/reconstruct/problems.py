@@ -104,6 +104,10 @@ class Graph:
         self.outputs = {o.name for o in g.output}
         self.inputs = {i.name for i in g.input}
 
+    def stored(self, name: str):
+        """The initializer or Constant-node TensorProto named ``name`` itself (no Identity), or None."""
+        return self.inits.get(name, self.consts.get(name))
+
     def constant(self, name: str):
         """The TensorProto holding ``name`` (through Identity), or None."""
         for _ in range(8):
