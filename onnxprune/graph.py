@@ -38,6 +38,7 @@ class Consumer:
     graph: str
     layout: Layout
     index: int = -1  # the node's position in its graph: the identity the analyses use
+    perms: tuple = ()  # the Transposes between the node and the stored tensor, node side first (perm or None)
 
 
 @dataclass
@@ -209,7 +210,7 @@ def find_layers(model: onnx.ModelProto, exclude=(), only=None) -> tuple[list, li
                 view = Layout(out_axis=None if view.out_axis is None else axes[view.out_axis % len(axes)],
                               in_axis=None if view.in_axis is None else axes[view.in_axis % len(axes)],
                               group=view.group)
-            layer.consumers.append(Consumer(node.name, node.op_type, slot, scope.path, view, idx))
+            layer.consumers.append(Consumer(node.name, node.op_type, slot, scope.path, view, idx, tuple(perms)))
     result = sorted(layers.values(), key=lambda l: (l.order, l.graph, l.name))
     matched = set()
     for layer in result:

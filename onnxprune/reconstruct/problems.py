@@ -144,21 +144,6 @@ def _all_inputs(node):
     return [n for n in names if n]
 
 
-def _chain(graph: Graph, name: str, target: str):
-    """Transposes between a node's weight input ``name`` and the stored tensor ``target`` (consumer side first)."""
-    perms = []
-    for _ in range(16):
-        if name == target:
-            return perms
-        node = graph.producer.get(name)
-        if node is None or node.op_type not in ("Identity", "Cast", "Transpose") or not node.input:
-            break
-        if node.op_type == "Transpose":
-            perms.append(node_attr(node, "perm"))
-        name = node.input[0]
-    raise Unsupported("weight reaches the node through ops other than Identity/Cast/Transpose")
-
-
 def _view(index: np.ndarray, perms: list) -> np.ndarray:
     """The storage index array as the node sees it (apply the Transposes from the tensor towards the node)."""
     for p in reversed(perms):
@@ -224,8 +209,7 @@ def build_sites(graph: Graph, layer, shape: tuple) -> list:
         if node is None or node.op_type != cons.op:
             raise Unsupported("consumer node not found in the main graph")
         slot = cons.slot
-        perms = _chain(graph, node.input[slot], layer.name)
-        view = _view(base, perms)
+        view = _view(base, cons.perms)  # the Transposes find_layers passed on its way to the tensor
         op = node.op_type
         if op == "Conv":
             if view.ndim < 3:
