@@ -423,3 +423,29 @@ def test_blocked_spd_inverse_matches_lapack():
     H[np.arange(45), np.arange(45)] += 0.03  # damped weights, undamped bias entry: positive definite
     for block in (7, 16, 46, 64):
         np.testing.assert_allclose(spd_inverse(H, block), np.linalg.inv(H), rtol=1e-9, atol=1e-10)
+
+
+def test_weight_behind_a_transpose_is_reconstructed_like_a_gemm():
+    """MatMul(x, Transpose(W)) (PyTorch dynamo exports) is the Gemm(x, W, transB=1) problem: same masks, values."""
+    rng = np.random.default_rng(6)
+    w1 = rng.standard_normal((16, 8)).astype(np.float32)
+    w2 = rng.standard_normal((4, 16)).astype(np.float32)
+    x = rng.standard_normal((64, 8)).astype(np.float32)
+    dyn = make_model([helper.make_node("Transpose", ["w1"], ["w1t"], perm=[1, 0]),
+                      helper.make_node("MatMul", ["x", "w1t"], ["h"], name="mm1"),
+                      helper.make_node("Relu", ["h"], ["r"]),
+                      helper.make_node("Transpose", ["w2"], ["w2t"]),
+                      helper.make_node("MatMul", ["r", "w2t"], ["y"], name="mm2")],
+                     [vi("x", [64, 8])], [vi("y", [64, 4])], [init("w1", w1), init("w2", w2)])
+    gemm = make_model([helper.make_node("Gemm", ["x", "w1"], ["h"], name="mm1", transB=1),
+                       helper.make_node("Relu", ["h"], ["r"]),
+                       helper.make_node("Gemm", ["r", "w2"], ["y"], name="mm2", transB=1)],
+                      [vi("x", [64, 8])], [vi("y", [64, 4])], [init("w1", w1), init("w2", w2)])
+    feeds = [{"x": x}]
+    a, ra = prune(dyn, 0.7, effective=False, reconstruct=True, calibration=feeds)
+    b, rb = prune(gemm, 0.7, effective=False, reconstruct=True, calibration=feeds)
+    assert all(l["method"] != "plain" for l in ra.reconstruction["layers"])
+    wa, wb = weights(a), weights(b)
+    for name in ("w1", "w2"):
+        assert np.array_equal(wa[name] != 0, wb[name] != 0)
+        np.testing.assert_allclose(wa[name], wb[name], rtol=1e-3, atol=1e-5)
