@@ -244,6 +244,14 @@ def test_gemm_alpha_beta_transa_fold():
     np.testing.assert_allclose(0.5 * a1["b1"], a2["b1"], rtol=1e-3, atol=1e-5)
 
 
+def _gemm_mlp(w1, w2):
+    """x [64, 8] -> Gemm(w1 [16, 8], transB) -> Relu -> Gemm(w2 [4, 16], transB): the reference layout."""
+    return make_model([helper.make_node("Gemm", ["x", "w1"], ["h"], name="mm1", transB=1),
+                       helper.make_node("Relu", ["h"], ["r"]),
+                       helper.make_node("Gemm", ["r", "w2"], ["y"], name="mm2", transB=1)],
+                      [vi("x", [64, 8])], [vi("y", [64, 4])], [init("w1", w1), init("w2", w2)])
+
+
 def test_weight_on_the_left_of_matmul():
     """W @ x^T is the transposed problem of x @ W^T: the same masks and values."""
     rng = np.random.default_rng(5)
@@ -256,10 +264,7 @@ def test_weight_on_the_left_of_matmul():
                        helper.make_node("MatMul", ["w2", "r"], ["yt"], name="mm2"),
                        helper.make_node("Transpose", ["yt"], ["y"])],
                       [vi("x", [64, 8])], [vi("y", [64, 4])], [init("w1", w1), init("w2", w2)])
-    right = make_model([helper.make_node("Gemm", ["x", "w1"], ["h"], name="mm1", transB=1),
-                        helper.make_node("Relu", ["h"], ["r"]),
-                        helper.make_node("Gemm", ["r", "w2"], ["y"], name="mm2", transB=1)],
-                       [vi("x", [64, 8])], [vi("y", [64, 4])], [init("w1", w1), init("w2", w2)])
+    right = _gemm_mlp(w1, w2)
     feeds = [{"x": x}]
     a, ra = prune(left, 0.7, effective=False, reconstruct=True, calibration=feeds)
     b, rb = prune(right, 0.7, effective=False, reconstruct=True, calibration=feeds)
@@ -437,10 +442,7 @@ def test_weight_behind_a_transpose_is_reconstructed_like_a_gemm():
                       helper.make_node("Transpose", ["w2"], ["w2t"]),
                       helper.make_node("MatMul", ["r", "w2t"], ["y"], name="mm2")],
                      [vi("x", [64, 8])], [vi("y", [64, 4])], [init("w1", w1), init("w2", w2)])
-    gemm = make_model([helper.make_node("Gemm", ["x", "w1"], ["h"], name="mm1", transB=1),
-                       helper.make_node("Relu", ["h"], ["r"]),
-                       helper.make_node("Gemm", ["r", "w2"], ["y"], name="mm2", transB=1)],
-                      [vi("x", [64, 8])], [vi("y", [64, 4])], [init("w1", w1), init("w2", w2)])
+    gemm = _gemm_mlp(w1, w2)
     feeds = [{"x": x}]
     a, ra = prune(dyn, 0.7, effective=False, reconstruct=True, calibration=feeds)
     b, rb = prune(gemm, 0.7, effective=False, reconstruct=True, calibration=feeds)
