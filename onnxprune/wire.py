@@ -8,6 +8,8 @@ from the arrays' memory.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 _GRAPH = 7  # ModelProto.graph
@@ -71,9 +73,10 @@ def _tag(number: int) -> bytes:
 
 
 def payload(arr: np.ndarray) -> memoryview:
-    """The array's bytes, little-endian, without a copy when it is already C-contiguous little-endian."""
+    """The array's bytes, little-endian (ONNX's order), without a copy when it is already C-contiguous
+    little-endian."""
     a = np.ascontiguousarray(arr)
-    if a.dtype.byteorder == ">":
+    if a.dtype.byteorder == ">" or (a.dtype.byteorder == "=" and sys.byteorder == "big"):
         a = a.astype(a.dtype.newbyteorder("<"))
     return memoryview(a.reshape(-1).view(np.uint8))
 
@@ -133,6 +136,8 @@ def initializer_data(payload: bytes) -> dict:
         for number, wt, _, value, end in fields(view, graphs[0][3], graphs[0][4]):
             if number != _INITIALIZER:
                 continue
+            if wt != _LEN:
+                return {}
             names, raws = [], []
             for n2, wt2, _, v2, e2 in fields(view, value, end):
                 if n2 == _NAME and wt2 == _LEN:

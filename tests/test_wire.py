@@ -274,3 +274,89 @@ def test_load_with_odd_layout_still_reads_every_weight(tmp_path):
     prune_loaded(a, PruneConfig(sparsity=0.9))
     prune_loaded(b, PruneConfig(sparsity=0.9))
     assert a.model.SerializeToString(deterministic=True) == b.model.SerializeToString(deterministic=True)
+
+
+def _collide_model():
+    """x @ W1 -> Relu -> @ Constant whose value tensor is also named 'W1' (names of Constant tensors are free)."""
+    rng = np.random.default_rng(0)
+    c = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W1")
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"], name="mm1"), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Constant", [], ["C"], name="const", value=c),
+             helper.make_node("MatMul", ["r", "C"], ["y"], name="mm2")]
+    return make_model(nodes, [vi("x", ["N", 64])], [vi("y", ["N", 32])],
+                      [init("W1", rng.standard_normal((64, 64)).astype(np.float32))])
+
+
+@pytest.mark.parametrize("options", [dict(sparsity=0.5, granularity="channel"), dict(sparsity=0.9, compact=True)])
+def test_a_constant_tensor_named_like_a_held_initializer_is_not_confused_with_it(tmp_path, options):
+    """Held weights are keyed by initializer name; compaction rewriting a Constant's tensor of the same name
+    must not take (or replace) the initializer's held array."""
+    path = tmp_path / "m.onnx"
+    onnx.save(_collide_model(), str(path))
+    direct = pio.load_model(str(path))
+    prune_loaded(direct, PruneConfig(**options))
+    onnx.checker.check_model(direct.model, full_check=True)
+    held = pio.load_model(str(path))
+    prune_loaded(held, PruneConfig(**options), defer_writes=True)
+    out = tmp_path / "o.onnx"
+    pio.save_model(held, str(out))
+    assert out.read_bytes() == direct.model.SerializeToString(deterministic=True)
+
+
+def test_a_bias_a_subgraph_also_reads_is_not_folded_into(tmp_path):
+    """A Gemm bias that an If branch reads too (here as a prunable MatMul weight) is not the Gemm's alone: removal
+    leaves it (it used to decode it while held, and before that wrote the folded bias over the branch's weight)."""
+    rng = np.random.default_rng(0)
+    then_g = helper.make_graph([helper.make_node("Constant", [], ["one"], value=init("one_v", np.ones((1, 1), np.float32))),
+                                helper.make_node("MatMul", ["one", "B"], ["t_out"])], "then", [],
+                               [vi("t_out", [1, 600])])
+    else_g = helper.make_graph([helper.make_node("Constant", [], ["e_out"],
+                                                 value=init("zero_v", np.zeros((1, 600), np.float32)))],
+                               "else", [], [vi("e_out", [1, 600])])
+    nodes = [helper.make_node("Gemm", ["x", "W0"], ["h0"], name="g0"), helper.make_node("Relu", ["h0"], ["h1"]),
+             helper.make_node("Gemm", ["h1", "W1", "B"], ["y1"], name="g1"),
+             helper.make_node("If", ["cond"], ["y2"], name="if", then_branch=then_g, else_branch=else_g)]
+    m = make_model(nodes, [vi("x", [4, 8]), vi("cond", [], TensorProto.BOOL)], [vi("y1", [4, 600]), vi("y2", [1, 600])],
+                   [init("W0", rng.standard_normal((8, 64)).astype(np.float32)),
+                    init("W1", rng.standard_normal((64, 600)).astype(np.float32)),
+                    init("B", rng.standard_normal((1, 600)).astype(np.float32))])
+    path = tmp_path / "m.onnx"
+    onnx.save(m, str(path))
+    direct = pio.load_model(str(path))
+    r = prune_loaded(direct, PruneConfig(sparsity=0.5, method="uniform"))
+    assert "B" not in r.connectivity.get("removal", {}).get("biases_changed", [])
+    held = pio.load_model(str(path))
+    prune_loaded(held, PruneConfig(sparsity=0.5, method="uniform"), defer_writes=True)
+    out = tmp_path / "o.onnx"
+    pio.save_model(held, str(out))
+    assert out.read_bytes() == direct.model.SerializeToString(deterministic=True)
+    b = {t.name: numpy_helper.to_array(t) for t in direct.model.graph.initializer}["B"]
+    assert np.count_nonzero(b) == 300  # pruned as the branch's weight (uniform 50 %), nothing folded into it
+
+
+def test_a_failure_half_way_through_the_data_file_leaves_the_model_whole(tmp_path, monkeypatch):
+    """Saving fails after some external tensors were moved into the data file: every one gets its data back."""
+    src = onnx.load(_path("cnn"))
+    ext = tmp_path / "in.onnx"
+    onnx.save_model(src, str(ext), save_as_external_data=True, all_tensors_to_one_file=True, location="in.data",
+                    size_threshold=0)
+    loaded = pio.load_model(str(ext))
+    prune_loaded(loaded, PruneConfig(sparsity=0.9), defer_writes=True)
+    before = {t.name: bytes(t.raw_data) for t in loaded.model.graph.initializer}
+    held = dict(loaded.pending)
+    calls = []
+    real = wire.payload
+
+    def payload_then_full(arr):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real(arr)
+    monkeypatch.setattr(wire, "payload", payload_then_full)
+    with pytest.raises(OutputError, match="No space left"):
+        pio.save_model(loaded, str(tmp_path / "o.onnx"))
+    assert len(calls) == 2 and loaded.pending.keys() == held.keys()
+    assert {t.name: bytes(t.raw_data) for t in loaded.model.graph.initializer} == before
+    assert all(t.data_location == TensorProto.DEFAULT and not len(t.external_data) for t in loaded.model.graph.initializer)
+    monkeypatch.setattr(wire, "payload", real)
+    pio.save_model(loaded, str(tmp_path / "o.onnx"))  # and it still saves

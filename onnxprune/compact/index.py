@@ -85,10 +85,13 @@ class Index:
         arr = self.pending.get(tensor.name)
         return arr if arr is not None else numpy_helper.to_array(tensor)
 
-    def store(self, tensor, values: np.ndarray) -> None:
-        """Replace a weight's values (and dims): held aside again when they were pending, else written."""
+    def store(self, layer, values: np.ndarray) -> None:
+        """Replace a weight's values (and dims): held aside again when they were pending (only a main-graph
+        initializer can be: pending is keyed by their names, which a Constant's tensor may share), else written."""
+        tensor = layer.tensor
         arr = np.ascontiguousarray(values)
-        if self.pending.pop(tensor.name, None) is not None:
+        main = layer.kind == "initializer" and not layer.graph
+        if main and self.pending.pop(tensor.name, None) is not None:
             del tensor.dims[:]
             tensor.dims.extend(arr.shape)
             if hold(self.pending, tensor, arr, owned=True):

@@ -28,7 +28,7 @@ class _Weights:
 
     def write(self):
         for layer, arr in self.arrays.values():
-            self.index.store(layer.tensor, arr)
+            self.index.store(layer, arr)
 
 
 def apply(g: Graph, gone: np.ndarray) -> dict:

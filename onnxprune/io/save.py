@@ -150,7 +150,7 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
         inline = loaded.pending
         if loaded.external:
             data_tmp = os.path.join(tmp, base + DATA_SUFFIX)
-            stashed, data_sha = _externalize(model, loaded.external, data_tmp, loaded.pending)
+            data_sha = _externalize(model, loaded.external, data_tmp, loaded.pending, stashed)
             moved = {t.name for t, raw in stashed if raw is None}
             inline = {k: v for k, v in loaded.pending.items() if k not in moved}
             data_name = f"{base}.{data_sha[:_HEX]}{DATA_SUFFIX}"
@@ -176,6 +176,9 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
                 for t in model.graph.initializer:  # the ones the data file took stay pending
                     if t.name in inline:
                         write_tensor(t, loaded.pending.pop(t.name))
+                lost = sorted(set(inline) & set(loaded.pending))
+                if lost:
+                    raise RuntimeError(f"held weights for tensors the graph does not have: {lost[:5]}")
         if parts is None:
             parts = [model.SerializeToString(deterministic=True)]
         sha = _write_synced(tmp_model, parts, digest)
@@ -219,14 +222,13 @@ def save_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: b
         return staged.commit()
 
 
-def _externalize(model, external: dict, data_path: str, pending: dict | None = None):
-    """Move the tensors that were external into one data file (64-byte aligned); returns the stashed
-    (tensor, raw bytes, or None for a pending tensor whose array was written) to restore and the file's sha256.
-    Locations are set by the caller once the name (its hash) is known."""
-    stashed = []
+def _externalize(model, external: dict, data_path: str, pending: dict, stashed: list) -> str:
+    """Move the tensors that were external into one data file (64-byte aligned); returns the file's sha256.
+    Each tensor moved is appended to ``stashed`` as it goes, (tensor, raw bytes, or None for a pending tensor whose
+    array was written), so that the caller can restore every one even when this fails part-way. Locations are
+    set by the caller once the name (its hash) is known."""
     offset = 0
     h = hashlib.sha256()
-    pending = pending or {}
     with open(data_path, "wb") as fh:
         for index, (tensor, _, main) in enumerate(checks.tensor_places(model)):
             if index not in external:
@@ -250,7 +252,7 @@ def _externalize(model, external: dict, data_path: str, pending: dict | None = N
             offset += len(raw)
         fh.flush()
         os.fsync(fh.fileno())
-    return stashed, h.hexdigest()
+    return h.hexdigest()
 
 
 def _write_synced(path: str, parts: list, digest: bool = False) -> str | None:
