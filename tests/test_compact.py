@@ -459,3 +459,26 @@ def test_constant_into_a_matmul_without_bias_gets_an_add():
     assert ops == ["MatMul", "Add", "Tanh", "MatMul", "Add"] and res.model.graph.node[-1].output[0] == "y"
     assert res.folded_into == ["mm2"]
     _same(m, res.model, {"x": RNG.standard_normal((4, 6)).astype(np.float32)})
+
+
+def test_constant_into_a_matmul_that_also_loses_outputs_gets_an_add_of_the_kept_width():
+    """The MatMul takes a removed channel's constant (a new Add) and loses one of its own output units: the new
+    bias has the kept width (it had the original one, and the model failed shape inference)."""
+    w1 = RNG.standard_normal((6, 8))
+    w1[:, [1, 4]] = 0
+    b1 = RNG.standard_normal(8)  # units 1 and 4 carry tanh(b1) constants into mm2
+    w2 = RNG.standard_normal((8, 5))
+    w2[:, 3] = 0  # mm2's output unit 3 is always 0 ...
+    w3 = RNG.standard_normal((5, 2))  # ... and read by mm3 only: it goes
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"]), helper.make_node("Add", ["h0", "b1"], ["h"]),
+             helper.make_node("Tanh", ["h"], ["t"]), helper.make_node("MatMul", ["t", "w2"], ["z"], name="mm2"),
+             helper.make_node("Relu", ["z"], ["r"]), helper.make_node("MatMul", ["r", "w3"], ["y"], name="mm3")]
+    m = make_model(nodes, [vi("x", ["N", 6])], [vi("y", ["N", 2])],
+                   [init("w1", w1.astype(np.float32)), init("b1", b1.astype(np.float32)),
+                    init("w2", w2.astype(np.float32)), init("w3", w3.astype(np.float32))])
+    res = compact(m)
+    _check(res.model)
+    assert _w(res.model, "w2").shape == (6, 4) and _w(res.model, "w3").shape == (4, 2)
+    added = next(n for n in res.model.graph.node if n.op_type == "Add" and n.output[0] == "z")
+    assert _w(res.model, added.input[1]).shape == (4,)
+    _same(m, res.model, {"x": RNG.standard_normal((4, 6)).astype(np.float32)})

@@ -112,8 +112,9 @@ def _fold(g, keep, ws, inserts) -> list:
                 new = (np.broadcast_to(c.astype(np.float64).reshape(-1), contrib.shape) + alpha * contrib / beta)
                 new, dtype = new.reshape(shape), c.dtype
             ix.set_input(r.idx, 2, new, dtype=dtype)
-        elif r.fold == "insert":
-            inserts.append((node, contrib.astype(w.dtype)))
+        elif r.fold == "insert":  # added after the MatMul's own output units are removed: only the kept ones
+            keep_out = k_out if k_out is not None and k_out.size == contrib.size else slice(None)
+            inserts.append((node, contrib[keep_out].astype(w.dtype)))
         elif r.fold == "add":
             o = node.output[0]
             add_idx = ix.readers[o][0]
