@@ -482,3 +482,22 @@ def test_constant_into_a_matmul_that_also_loses_outputs_gets_an_add_of_the_kept_
     added = next(n for n in res.model.graph.node if n.op_type == "Add" and n.output[0] == "z")
     assert _w(res.model, added.input[1]).shape == (4,)
     _same(m, res.model, {"x": RNG.standard_normal((4, 6)).astype(np.float32)})
+
+
+def test_rewritten_tensors_keep_their_name_doc_string_and_metadata():
+    w1 = RNG.standard_normal((6, 8))
+    w1[:, [1, 4]] = 0
+    w2 = RNG.standard_normal((8, 3))
+    t1, t2 = init("w1", w1.astype(np.float32)), init("w2", w2.astype(np.float32))
+    for t in (t1, t2):
+        t.doc_string = f"doc of {t.name}"
+        e = t.metadata_props.add()
+        e.key, e.value = "origin", t.name
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    m = make_model(nodes, [vi("x", ["N", 6])], [vi("y", ["N", 3])], [t1, t2])
+    res = compact(m)
+    assert _w(res.model, "w1").shape == (6, 6) and _w(res.model, "w2").shape == (6, 3)
+    for t in res.model.graph.initializer:
+        assert t.doc_string == f"doc of {t.name}" and [(e.key, e.value) for e in t.metadata_props] == [("origin", t.name)]
+    _same(m, res.model, {"x": RNG.standard_normal((4, 6)).astype(np.float32)})

@@ -6,7 +6,7 @@ import onnx
 from onnx import numpy_helper
 
 from ..connectivity import _implicit_inputs
-from ..io import hold
+from ..io import hold, write_tensor
 
 
 class Index:
@@ -91,12 +91,11 @@ class Index:
         tensor = layer.tensor
         arr = np.ascontiguousarray(values)
         main = layer.kind == "initializer" and not layer.graph
-        if main and self.pending.pop(tensor.name, None) is not None:
-            del tensor.dims[:]
-            tensor.dims.extend(arr.shape)
-            if hold(self.pending, tensor, arr, owned=True):
-                return
-        tensor.CopyFrom(numpy_helper.from_array(arr, tensor.name))
+        del tensor.dims[:]
+        tensor.dims.extend(arr.shape)
+        if main and self.pending.pop(tensor.name, None) is not None and hold(self.pending, tensor, arr, owned=True):
+            return
+        write_tensor(tensor, arr)  # in its own storage field; name, doc_string and metadata stay
 
     def blocks(self, layer) -> np.ndarray:
         """Non-zero flags of a layer's weight per (axis 0, axis 1) pair, any over the kernel: one pass over the
@@ -126,7 +125,10 @@ class Index:
         arr = np.ascontiguousarray(np.asarray(value).astype(dtype, copy=False))
         if old and old in self.inits and old not in self.inputs and self.uses.get(old, 0) == 1:
             self.pending.pop(old, None)
-            self.inits[old].CopyFrom(numpy_helper.from_array(arr, old))
+            t = self.inits[old]
+            del t.dims[:]
+            t.dims.extend(arr.shape)
+            write_tensor(t, arr)
             self._cache[old] = arr
             return
         name = self.unique(old or f"{node.name or node.op_type}_in{slot}")
