@@ -81,10 +81,14 @@ def payload(arr: np.ndarray) -> memoryview:
     return memoryview(a.reshape(-1).view(np.uint8))
 
 
-def chunks(model, pending: dict) -> list:
+MAX_BYTES = 2**31 - 1  # protobuf (and so onnx and ONNX Runtime) cannot parse a larger message
+
+
+def chunks(model, pending: dict, limit: int = MAX_BYTES) -> list:
     """The serialised model as a list of byte chunks (bytes and memoryviews of the arrays): the main graph's
     initializers named in ``pending`` (whose ``raw_data`` must be empty) take those arrays as their data.
-    ValueError when the model cannot be spliced (the caller then writes the data into the protobuf)."""
+    ValueError when the model cannot be spliced (the caller then writes the data into the protobuf, whose own
+    serialiser refuses a model over ``limit`` bytes, as this does: nothing could read it back)."""
     skeleton = model.SerializeToString(deterministic=True)
     view = memoryview(skeleton)
     graphs = [f for f in fields(view, 0, len(view)) if f[0] == _GRAPH]
@@ -120,7 +124,10 @@ def chunks(model, pending: dict) -> list:
     tail = view[copied:g_end]
     pieces.append(tail)
     length += len(tail)
-    return [view[:g_start], _tag(_GRAPH) + varint(length), *pieces, view[g_end:]]
+    out = [view[:g_start], _tag(_GRAPH) + varint(length), *pieces, view[g_end:]]
+    if sum(len(p) for p in out) > limit:
+        raise ValueError(f"the model would be over {limit} bytes, more than protobuf can read")
+    return out
 
 
 def initializer_data(payload: bytes) -> dict:

@@ -360,3 +360,13 @@ def test_a_failure_half_way_through_the_data_file_leaves_the_model_whole(tmp_pat
     assert all(t.data_location == TensorProto.DEFAULT and not len(t.external_data) for t in loaded.model.graph.initializer)
     monkeypatch.setattr(wire, "payload", real)
     pio.save_model(loaded, str(tmp_path / "o.onnx"))  # and it still saves
+
+
+def test_splice_refuses_a_model_protobuf_could_not_read_back():
+    m = _model_with_everything()
+    pending = {}
+    assert pio.hold(pending, m.graph.initializer[0], np.zeros((32, 16), np.float32))
+    total = sum(len(c) for c in wire.chunks(m, pending))
+    assert sum(len(c) for c in wire.chunks(m, pending, limit=total)) == total
+    with pytest.raises(ValueError, match="more than protobuf can read"):
+        wire.chunks(m, pending, limit=total - 1)
