@@ -45,7 +45,7 @@ def figures(model_or_path, input_shapes: dict | None = None, files: list | None 
             size = model.ByteSize()
             file_bytes, gz = size, gzip_size(model.SerializeToString()) if size <= GZIP_MAX_BYTES else None
         else:
-            file_bytes, gz = _file_figures(list(dict.fromkeys(files)))
+            file_bytes, gz = _file_figures(files)
     else:
         path = str(model_or_path)
         model = onnx.load(path, load_external_data=False)
@@ -74,13 +74,19 @@ def ratios(dense: dict, pruned: dict) -> dict:
     return out
 
 
+def _unique(files) -> list:
+    """Each file once, however it is named (relative, absolute, through a symlink)."""
+    return list(dict.fromkeys(os.path.realpath(f) for f in files))
+
+
 def disk_bytes(files) -> int:
     """Bytes on disk of a model file and its external data files (each counted once)."""
-    return sum(os.path.getsize(f) for f in dict.fromkeys(os.path.abspath(f) for f in files))
+    return sum(os.path.getsize(f) for f in _unique(files))
 
 
 def _file_figures(files: list) -> tuple:
-    """(bytes on disk of a model file and its external data files, their gzip size or None)."""
+    """(bytes on disk of a model file and its external data files, their gzip size or None; each file once)."""
+    files = _unique(files)
     file_bytes = disk_bytes(files)
     if file_bytes > GZIP_MAX_BYTES:
         return file_bytes, None

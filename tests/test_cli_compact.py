@@ -56,3 +56,17 @@ def test_without_compact_the_report_says_what_it_would_remove(tmp_path):
 def test_channel_options_that_cannot_combine_are_usage_errors(cnn, tmp_path, args):
     r = invoke(cnn, "-s", "0.5", "-o", tmp_path / "o.onnx", *args)
     assert r.exit_code == 2 and not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("relative", [True, False])
+def test_file_and_gzip_sizes_count_the_output_once_however_it_is_named(cnn, tmp_path, monkeypatch, relative):
+    """-o given relative (the report also lists it absolute): the gzip size was counted twice."""
+    monkeypatch.chdir(tmp_path)
+    out = "rel.onnx" if relative else str(tmp_path / "abs.onnx")
+    r = invoke(cnn, "-s", "0.5", "-o", out, "--no-validate", "--json", "-q")
+    assert r.exit_code == 0
+    after = json.loads(r.stdout)["figures"]["after"]
+    data = (tmp_path / out).read_bytes()
+    assert after["file_bytes"] == len(data)
+    from onnxprune.figures import gzip_size
+    assert after["gzip_bytes"] == gzip_size(data)
