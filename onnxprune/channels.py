@@ -20,8 +20,22 @@ class ChannelPlan:
     total: int = 0  # prunable weights (active layers)
     target_zeros: int = 0  # round(sparsity * total)
     zeros: int = 0  # zeros after the masks (existing zeros count, as in unstructured pruning)
+    zeros_before: int = 0  # zeros the weights already had
+    candidates: int = 0  # channel groups that could be removed at all (not tied to a graph output, ...)
+    kept_by: dict = field(default_factory=dict)  # what keeps the other channels: op type / "graph output" -> count
     allocation: str = "lamp"
     align: int = 1
+
+    def why_short(self) -> str:
+        """Why fewer channels went than the target asked for (for messages)."""
+        kept = ", ".join(f"{k} ({v})" for k, v in sorted(self.kept_by.items(), key=lambda kv: -kv[1])[:4])
+        if not self.candidates:
+            why = ("no layer's output channels can be removed: compaction keeps channels that reach a graph "
+                   "output and those of layers whose use it does not follow (e.g. a bias computed at run time)")
+        else:
+            why = (f"only {self.candidates} channel group(s) can be removed, and no layer may lose every channel"
+                   + (f" or leave a count that is not a multiple of --align {self.align}" if self.align > 1 else ""))
+        return why + (f"; channels kept by: {kept}" if kept else "")
 
     @property
     def sparsity(self) -> float:
@@ -29,6 +43,7 @@ class ChannelPlan:
 
     def to_dict(self) -> dict:
         return {"allocation": self.allocation, "align": self.align, "groups_removed": self.groups_removed,
+                "candidate_groups": self.candidates, "kept_by": dict(sorted(self.kept_by.items())),
                 "target_zeros": self.target_zeros, "zeros": self.zeros, "total": self.total,
                 "achieved_sparsity": self.sparsity,
                 "channels": {k: {"before": v[0], "removed": v[1]} for k, v in self.channels.items()}}
@@ -70,7 +85,8 @@ def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp
     plan.total = sum(int(values[l.name].size) for l in active)
     plan.target_zeros = int(round(sparsity * plan.total))
     nonzero = {l.name: values[l.name] != 0 for l in active}
-    plan.zeros = base_zeros = plan.total - sum(int(np.count_nonzero(v)) for v in nonzero.values())
+    plan.zeros = plan.zeros_before = base_zeros = plan.total - sum(int(np.count_nonzero(v)) for v in nonzero.values())
+    plan.kept_by = dict(g.kept_why)
     excluded = {l.name for l in layers if l.excluded}
     # every place a label's channel lives in a weight: (layer name, weight axis, index)
     touches = {}
@@ -100,6 +116,7 @@ def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp
             continue
         cand.append((max(scores[m] for m in own), int(members[0]), root, own))
     cand.sort(key=lambda c: (c[0], c[1]))
+    plan.candidates = len(cand)
     kept = dict(width)
     floor = max(1, align)
     masks = {}

@@ -252,6 +252,9 @@ def _all_finite(w: np.ndarray) -> bool:
     return bool(np.isfinite(w).all())
 
 
+CHANNEL_TOLERANCE = 0.02  # channel pruning lands within this of the asked sparsity, else it says so
+
+
 def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report):
     """Whole output channels, scored by their norms and removed with every weight that reads them."""
     from .channels import channel_plan
@@ -260,6 +263,19 @@ def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, r
     active = [layers[i] for i in idx]
     plan = channel_plan(model, active, [values[i] for i in idx], config.sparsity, alloc_name, config.align)
     report.options["channel_plan"] = plan.to_dict()
+    if plan.target_zeros > plan.zeros_before and not plan.groups_removed:
+        raise RequestError(f"--granularity channel cannot remove any channel of this model: {plan.why_short()}; "
+                           f"--granularity weight prunes these layers weight by weight")
+    if abs(plan.sparsity - config.sparsity) > CHANNEL_TOLERANCE:
+        if plan.sparsity < config.sparsity:
+            msg = (f"--granularity channel reached {plan.sparsity:.2%} sparsity, short of the {config.sparsity:.2%} "
+                   f"asked for: {plan.why_short()}")
+        else:
+            msg = (f"--granularity channel reached {plan.sparsity:.2%} sparsity, above the {config.sparsity:.2%} "
+                   f"asked for: channels go whole" + (f", in aligned blocks of {config.align}" if config.align > 1
+                                                        else "") + ", and the last removed overshoots")
+        report.warnings.append(msg)
+        log.warning(msg)
     for i in idx:
         m = plan.masks.get(layers[i].name)
         if m is not None:

@@ -70,3 +70,49 @@ def test_file_and_gzip_sizes_count_the_output_once_however_it_is_named(cnn, tmp_
     assert after["file_bytes"] == len(data)
     from onnxprune.figures import gzip_size
     assert after["gzip_bytes"] == gzip_size(data)
+
+
+
+def _mlp_file(tmp_path, layers, outputs=()):
+    """A model of Gemm layers (name, input, weight [out, in], output) and other nodes, in order, saved to m.onnx."""
+    from onnx import helper
+    from conftest import init, make_model, vi
+    nodes = [helper.make_node("Gemm", [l[1], l[0]], [l[3]], name=l[0], transB=1) if isinstance(l, tuple) else l
+             for l in layers]
+    inits = [init(l[0], l[2].astype(np.float32)) for l in layers if isinstance(l, tuple)]
+    path = tmp_path / "m.onnx"
+    onnx.save(make_model(nodes, [vi("x", ["N", 8])], [vi(n, ["N", d]) for n, d in outputs], inits), str(path))
+    return path
+
+
+def test_channel_pruning_that_can_remove_nothing_is_refused(tmp_path):
+    """Every output channel reaches a graph output: exit 4 with the reason, nothing written (it used to write the
+    model unchanged with exit 0, reporting 0 % next to the 50 % asked for)."""
+    rng = np.random.default_rng(0)
+    path = _mlp_file(tmp_path, [("fc", "x", rng.standard_normal((6, 8)), "y")], outputs=[("y", 6)])
+    out = tmp_path / "o.onnx"
+    r = invoke(path, "-s", "0.5", "--granularity", "channel", "--no-validate", "-o", out)
+    assert r.exit_code == 4 and not out.exists()
+    assert "cannot remove any channel" in r.stderr and "graph output" in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_channel_pruning_short_of_or_above_the_target_says_so(tmp_path, cnn):
+    """Only a small branch has removable channels: the run finishes and the report says how far it got and why;
+    whole channels in aligned blocks overshoot on a small model: said too."""
+    from onnx import helper
+    rng = np.random.default_rng(0)
+    path = _mlp_file(tmp_path, [("fc1", "x", rng.standard_normal((4, 8)), "h"), helper.make_node("Relu", ["h"], ["r"]),
+                                ("fc2", "r", rng.standard_normal((3, 4)), "y"),
+                                ("big", "x", rng.standard_normal((64, 8)), "z")], outputs=[("y", 3), ("z", 64)])
+    r = invoke(path, "-s", "0.5", "--granularity", "channel", "--no-validate", "--json", "-q",
+               "-o", tmp_path / "o.onnx")
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0
+    plan = doc["options"]["channel_plan"]
+    assert plan["achieved_sparsity"] < 0.5 - 0.02 and plan["candidate_groups"] == 4
+    assert any("short of the 50.00%" in w and "graph output" in w for w in doc["warnings"])
+    r = invoke(cnn, "-s", "0.5", "--granularity", "channel", "--align", "8", "--no-validate", "--json", "-q",
+               "-o", tmp_path / "c.onnx")
+    doc = json.loads(r.stdout)
+    assert r.exit_code == 0 and doc["options"]["channel_plan"]["achieved_sparsity"] > 0.52
+    assert any("above the 50.00%" in w and "aligned blocks of 8" in w for w in doc["warnings"])
