@@ -81,6 +81,15 @@ def payload(arr: np.ndarray) -> memoryview:
     return memoryview(a.reshape(-1).view(np.uint8))
 
 
+def _graph(view) -> tuple:
+    """(field start, value start, end) of a serialised model's one graph field; ValueError when it has not
+    exactly one, length-delimited (protobuf would merge several)."""
+    graphs = [f for f in fields(view, 0, len(view)) if f[0] == _GRAPH]
+    if len(graphs) != 1 or graphs[0][1] != _LEN:
+        raise ValueError("no single graph field")
+    return graphs[0][2:]
+
+
 MAX_BYTES = 2**31 - 1  # protobuf (and so onnx and ONNX Runtime) cannot parse a larger message
 
 
@@ -89,14 +98,10 @@ def chunks(model, pending: dict, limit: int = MAX_BYTES) -> list:
     initializers named in ``pending`` (whose ``raw_data`` must be empty) take those arrays as their data.
     ValueError when the model cannot be spliced (the caller then writes the data into the protobuf, whose own
     serialiser refuses a model over ``limit`` bytes, as this does: nothing could read it back)."""
-    skeleton = model.SerializeToString(deterministic=True)
-    view = memoryview(skeleton)
-    graphs = [f for f in fields(view, 0, len(view)) if f[0] == _GRAPH]
-    if len(graphs) != 1 or graphs[0][1] != _LEN:
-        raise ValueError("no single graph field")
-    _, _, g_start, g_value, g_end = graphs[0]
+    view = memoryview(model.SerializeToString(deterministic=True))
+    g_start, g_value, g_end = _graph(view)
     names = [t.name for t in model.graph.initializer]
-    pieces, length, used, k, copied = [], 0, set(), 0, g_value
+    pieces, used, k, copied = [], set(), 0, g_value
     for number, wt, start, value, end in fields(view, g_value, g_end):
         if number != _INITIALIZER:
             continue
@@ -115,16 +120,12 @@ def chunks(model, pending: dict, limit: int = MAX_BYTES) -> list:
         _, _, r_start, _, r_end = raw[0]
         head = _tag(_RAW_DATA) + varint(data.nbytes)
         tensor_len = (end - value) - (r_end - r_start) + len(head) + data.nbytes
-        before = view[copied:start]
-        pieces += [before, _tag(_INITIALIZER) + varint(tensor_len), view[value:r_start], head, data]
-        length += len(before) + len(pieces[-4]) + (r_start - value) + len(head) + data.nbytes
+        pieces += [view[copied:start], _tag(_INITIALIZER) + varint(tensor_len), view[value:r_start], head, data]
         copied = r_end
     if k != len(names) or used != set(pending):
         raise ValueError("initializers and pending arrays do not match")
-    tail = view[copied:g_end]
-    pieces.append(tail)
-    length += len(tail)
-    out = [view[:g_start], _tag(_GRAPH) + varint(length), *pieces, view[g_end:]]
+    pieces.append(view[copied:g_end])
+    out = [view[:g_start], _tag(_GRAPH) + varint(sum(len(p) for p in pieces)), *pieces, view[g_end:]]
     if sum(len(p) for p in out) > limit:
         raise ValueError(f"the model would be over {limit} bytes, more than protobuf can read")
     return out
@@ -136,11 +137,9 @@ def initializer_data(payload: bytes) -> dict:
     for anything else (the caller then reads the parsed protobuf)."""
     view = memoryview(payload)
     try:
-        graphs = [f for f in fields(view, 0, len(view)) if f[0] == _GRAPH]
-        if len(graphs) != 1 or graphs[0][1] != _LEN:
-            return {}
+        _, g_value, g_end = _graph(view)
         out = {}
-        for number, wt, _, value, end in fields(view, graphs[0][3], graphs[0][4]):
+        for number, wt, _, value, end in fields(view, g_value, g_end):
             if number != _INITIALIZER:
                 continue
             if wt != _LEN:

@@ -33,30 +33,43 @@ from .tensors import (DEFAULT_DOMAINS, MAX_DEPTH, MAX_ELEMENTS, MAXIMUM_PROTOBUF
                       check_external_entries, check_header, check_pending, check_sparse, check_strings,
                       check_tensor, iter_graphs, tensor_elements, tensor_places)
 
-__all__ = ["check_model", "big_float", "run_onnx_checker", "skeleton", "all_tensors", "check_external_entries",
+__all__ = ["check_model", "check_fields", "check_data", "big_float", "run_onnx_checker", "skeleton", "all_tensors", "check_external_entries",
            "check_header", "check_sparse", "check_strings", "check_tensor", "iter_graphs", "tensor_elements",
            "tensor_places", "DEFAULT_DOMAINS", "MAX_DEPTH", "MAX_ELEMENTS", "MAXIMUM_PROTOBUF", "SKELETON_MIN_BYTES"]
 
 
 def check_model(model: onnx.ModelProto, where: str = "model", error=InputError, keep: dict | None = None,
                 pending: dict | None = None) -> None:
-    """Every check in this module, in order; the first problem found is raised as ``error``.
+    """Every check in this module, in order (``check_fields``, then ``check_data``); the first problem found is
+    raised as ``error``."""
+    check_fields(model, where, error)
+    check_data(model, where, error, keep, pending)
+
+
+def check_fields(model: onnx.ModelProto, where: str = "model", error=InputError) -> None:
+    """The checks that read no tensor data (a loader runs them before it loads external data): the header, UTF-8
+    in every string field, no sparse tensors."""
+    check_header(model, where, error)
+    check_strings(model, where, error)
+    check_sparse(model, where, error)
+
+
+def check_data(model: onnx.ModelProto, where: str = "model", error=InputError, keep: dict | None = None,
+               pending: dict | None = None) -> None:
+    """The checks after ``check_fields``: every tensor's data, the graphs, the ONNX checker.
 
     ``keep``: a dict that receives, for every main-graph initializer stored in ``raw_data``, name -> the bytes the
     check read (protobuf copies ``raw_data`` on every access: a caller that reads the weights next uses these);
     entries it already holds are taken as those tensors' raw_data (``wire.initializer_data`` of the file read).
     ``pending``: main-graph initializer name -> the array that replaces its (empty) raw_data when it is saved
     (``io.LoadedModel.pending``); checked against the tensor's dims and type instead."""
-    check_header(model, where, error)
-    check_strings(model, where, error)
     try:
-        _check_model(model, where, error, keep, pending or {})
+        _check_data(model, where, error, keep, pending or {})
     except UnicodeDecodeError as exc:  # check_strings covers every field; this is a second net
         raise error(f"{where}: invalid UTF-8 in a string field ({exc.reason})") from None
 
 
-def _check_model(model, where, error, keep, pending) -> None:
-    check_sparse(model, where, error)
+def _check_data(model, where, error, keep, pending) -> None:
     own = keep is not None or pending
     if own:
         for tensor in model.graph.initializer:

@@ -49,16 +49,18 @@ class LoadedModel:
         writing them into the protobuf, where ``hold`` allows it; else False and nothing changes."""
         return hold(self.pending, tensor, values, owned)
 
-    def materialize(self) -> None:
-        """Write every pending array into its tensor (after this the protobuf alone holds the model)."""
-        if not self.pending:
+    def materialize(self, only=None) -> None:
+        """Write the pending arrays (those named in ``only``; default: all, after which the protobuf alone holds the
+        model) into their tensors; the others stay held."""
+        names = set(self.pending) if only is None else set(only) & set(self.pending)
+        if not names:
             return
         for t in self.model.graph.initializer:
-            arr = self.pending.pop(t.name, None)
-            if arr is not None:
-                write_tensor(t, arr)
-        if self.pending:
-            raise RuntimeError(f"pending values for tensors the graph no longer has: {sorted(self.pending)[:5]}")
+            if t.name in names:
+                write_tensor(t, self.pending.pop(t.name))
+        lost = sorted(names & set(self.pending))
+        if lost:
+            raise RuntimeError(f"pending values for tensors the graph no longer has: {lost[:5]}")
 
 
 # --- loading ---------------------------------------------------------------------------------------------------
@@ -105,9 +107,7 @@ def load_model(path: str) -> LoadedModel:
     # the weights as views of the file's bytes (protobuf would copy each on access): these keep the payload
     views = wire.initializer_data(payload)
     del payload
-    checks.check_header(model, path)
-    checks.check_strings(model, path)
-    checks.check_sparse(model, path)
+    checks.check_fields(model, path)  # before external data is read; check_data follows once it is loaded
     checks.check_external_entries(model, path)
     loaded = LoadedModel(model=model, path=path, raw=views)
     base_dir = os.path.dirname(os.path.abspath(path))
@@ -126,14 +126,14 @@ def load_model(path: str) -> LoadedModel:
                 raise InputError(f"{path}: external data of {what} rejected ({first_line(exc)})") from exc
             files.add(location)
     loaded.external_files = sorted(os.path.realpath(os.path.join(base_dir, f)) for f in files)
-    check_structure(model, path, keep=loaded.raw)
+    checks.check_data(model, path, InputError, keep=loaded.raw)
     return loaded
 
 
-def check_structure(model: onnx.ModelProto, where: str = "model", keep: dict | None = None) -> None:
+def check_structure(model: onnx.ModelProto, where: str = "model") -> None:
     """Every input check (``checks.check_model``, the ONNX checker included) on an in-memory model; InputError.
-    Tensors must hold their data (external data must have been loaded). ``keep``: see ``checks.check_model``."""
-    checks.check_model(model, where, InputError, keep)
+    Tensors must hold their data (external data must have been loaded)."""
+    checks.check_model(model, where, InputError)
 
 
 # --- tensors ---------------------------------------------------------------------------------------------------

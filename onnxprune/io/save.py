@@ -15,7 +15,7 @@ from onnx.external_data_helper import uses_external_data
 from .. import checks, wire
 from ..errors import OutputError, first_line
 from . import staging
-from .model import LoadedModel, write_tensor
+from .model import LoadedModel
 from .staging import (DATA_SUFFIX, _HEX, _data_pattern, _existing_mode, _fsync_dir, _remove, _same_file,
                       check_output_path, check_write_target, clean_stale_staging, deferred_signals)
 
@@ -173,12 +173,7 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
                 parts = wire.chunks(model, inline)
             except ValueError as exc:
                 log.info("writing pending weights into the protobuf: %s", exc)
-                for t in model.graph.initializer:  # the ones the data file took stay pending
-                    if t.name in inline:
-                        write_tensor(t, loaded.pending.pop(t.name))
-                lost = sorted(set(inline) & set(loaded.pending))
-                if lost:
-                    raise RuntimeError(f"held weights for tensors the graph does not have: {lost[:5]}")
+                loaded.materialize(only=inline)  # the ones the data file took stay pending
         if parts is None:
             parts = [model.SerializeToString(deterministic=True)]
         sha = _write_synced(tmp_model, parts, digest)
