@@ -54,6 +54,11 @@ class Layer:
     excluded: bool = False
 
     @property
+    def main_initializer(self) -> bool:
+        """An initializer of the main graph: the only weights ``io.LoadedModel.pending`` may hold (by name)."""
+        return self.kind == "initializer" and not self.graph
+
+    @property
     def op(self) -> str:
         return "+".join(sorted({c.op for c in self.consumers}))
 

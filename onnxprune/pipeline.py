@@ -13,7 +13,7 @@ from . import __version__
 from .allocation import ALLOCATIONS, Context, LayerInfo
 from .errors import ConfigError, InputError, RequestError
 from .graph import find_layers, find_quantized_ops
-from .io import LoadedModel, load_model, read_tensor, write_tensor
+from .io import LoadedModel, hold, load_model, read_tensor, write_tensor
 from .report import LayerReport, Report
 from .scores import SCORES, MagnitudeBuffer
 from .select import apply_mask, layout_perm, prune_mask
@@ -133,7 +133,7 @@ def prune_loaded(loaded: LoadedModel, config: PruneConfig, defer_writes: bool = 
     ``defer_writes``: large pruned weights stay in ``loaded.pending`` (``io.stage_model`` writes them straight
     into the file) instead of being copied into the protobuf; ``loaded.materialize()`` puts them there."""
     report, layers = _prune(loaded, config)
-    _compact(loaded, layers, config, report)  # after _prune's arrays are freed: it reads the written tensors
+    _compact(loaded, layers, config, report)  # after _prune's arrays are freed: it reads the stored weights
     if not defer_writes:
         loaded.materialize()
     return report
@@ -164,8 +164,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
     scratch = MagnitudeBuffer()  # reused buffers for every pass over a layer (no fresh pages per layer)
     raw, loaded.raw = loaded.raw, {}  # the bytes the load checks read: stale once anything is written
     for layer in layers:
-        main = layer.kind == "initializer" and not layer.graph
-        w = read_tensor(layer.tensor, raw.pop(layer.tensor.name, None) if main else None)
+        w = read_tensor(layer.tensor, raw.pop(layer.tensor.name, None) if layer.main_initializer else None)
         if not _all_finite(w):
             bad = int(w.size - np.count_nonzero(np.isfinite(w)))
             raise InputError(f"tensor '{layer.name}' holds {bad} NaN/Inf value(s); refusing to prune it")
@@ -223,7 +222,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
 
     def store(layer, w, owned=False):
         """A layer's new values: held in ``loaded.pending`` where possible, else written into the protobuf."""
-        if not (layer.kind == "initializer" and not layer.graph and loaded.defer(layer.tensor, w, owned)):
+        if not (layer.main_initializer and hold(loaded.pending, layer.tensor, w, owned)):
             write_tensor(layer.tensor, w)
 
     def flush():

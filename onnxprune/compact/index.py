@@ -76,8 +76,8 @@ class Index:
         """A layer's weight values, read once."""
         key = id(layer.tensor)
         if key not in self._weights:
-            main = layer.kind == "initializer" and not layer.graph
-            self._weights[key] = self._stored(layer.tensor) if main else numpy_helper.to_array(layer.tensor)
+            self._weights[key] = self._stored(layer.tensor) if layer.main_initializer \
+                else numpy_helper.to_array(layer.tensor)
         return self._weights[key]
 
     def _stored(self, tensor) -> np.ndarray:
@@ -90,10 +90,10 @@ class Index:
         initializer can be: pending is keyed by their names, which a Constant's tensor may share), else written."""
         tensor = layer.tensor
         arr = np.ascontiguousarray(values)
-        main = layer.kind == "initializer" and not layer.graph
         del tensor.dims[:]
         tensor.dims.extend(arr.shape)
-        if main and self.pending.pop(tensor.name, None) is not None and hold(self.pending, tensor, arr, owned=True):
+        was_held = layer.main_initializer and self.pending.pop(tensor.name, None) is not None
+        if was_held and hold(self.pending, tensor, arr, owned=True):
             return
         write_tensor(tensor, arr)  # in its own storage field; name, doc_string and metadata stay
 

@@ -40,14 +40,9 @@ class LoadedModel:
     # main-graph initializer name -> its raw_data bytes as read by the load checks: the first prune reads the
     # weights from here instead of copying them out of the protobuf again; cleared there (stale after any write)
     raw: dict = field(default_factory=dict, repr=False)
-    # main-graph initializer name -> its new values, not copied into the protobuf (whose raw_data is left empty):
-    # saving splices them into the file (``wire``); ``materialize`` writes them into the protobuf
+    # main-graph initializer name -> its new values, not copied into the protobuf (whose raw_data is left empty;
+    # ``hold`` puts them here): saving splices them into the file (``wire``); ``materialize`` writes them into it
     pending: dict = field(default_factory=dict, repr=False)
-
-    def defer(self, tensor: TensorProto, values: np.ndarray, owned: bool = False) -> bool:
-        """Hold ``values`` as the new data of ``tensor`` (a main-graph initializer) in ``pending`` instead of
-        writing them into the protobuf, where ``hold`` allows it; else False and nothing changes."""
-        return hold(self.pending, tensor, values, owned)
 
     def materialize(self, only=None) -> None:
         """Write the pending arrays (those named in ``only``; default: all, after which the protobuf alone holds the
