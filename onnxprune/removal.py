@@ -116,8 +116,8 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
                     pending=None) -> Removal:
     """Apply removal in place on ``model``. ``weights.own(name)`` gives a new array of a layer's current (masked)
     values; only layers with detached units are read again and rewritten, by ``write(layer, values)`` (which
-    keeps the array) when given, else into the layer's tensor. ``before_probe`` stores every pruned weight (in the model or in ``pending``) before the
-    constant probe runs the pruned model."""
+    keeps the array) when given, else into the layer's tensor. ``before_probe`` stores every pruned weight (in the
+    model or in ``pending``) before the constant probe runs the pruned model."""
     out = Removal()
     nodes = list(model.graph.node)
     scope = _Scope(model.graph, "", None)

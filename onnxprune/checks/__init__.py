@@ -33,8 +33,8 @@ from .tensors import (DEFAULT_DOMAINS, MAX_DEPTH, MAX_ELEMENTS, MAXIMUM_PROTOBUF
                       check_external_entries, check_header, check_pending, check_sparse, check_strings,
                       check_tensor, iter_graphs, tensor_elements, tensor_places)
 
-__all__ = ["check_model", "check_fields", "check_data", "big_float", "run_onnx_checker", "skeleton", "all_tensors", "check_external_entries",
-           "check_header", "check_sparse", "check_strings", "check_tensor", "iter_graphs", "tensor_elements",
+__all__ = ["check_model", "check_fields", "check_data", "big_float", "run_onnx_checker", "skeleton", "all_tensors",
+           "check_external_entries", "check_header", "check_sparse", "check_strings", "check_tensor", "iter_graphs", "tensor_elements",
            "tensor_places", "DEFAULT_DOMAINS", "MAX_DEPTH", "MAX_ELEMENTS", "MAXIMUM_PROTOBUF", "SKELETON_MIN_BYTES"]
 
 
