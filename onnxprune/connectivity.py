@@ -300,10 +300,15 @@ def _implicit_inputs(node) -> list:
             for n in g.node:
                 defined.update(n.output)
             for n in g.node:
-                for i in list(n.input) + _implicit_inputs(n):
-                    if i and i not in defined and i not in names:
+                for i in node_reads(n):
+                    if i not in defined and i not in names:
                         names.append(i)
     return names
+
+
+def node_reads(node) -> list:
+    """Every outer-scope name a node reads: its inputs, then what its subgraphs read from outside them."""
+    return [i for i in list(node.input) + _implicit_inputs(node) if i]
 
 
 def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes | None = None,

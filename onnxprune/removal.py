@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .connectivity import Analysis, _implicit_inputs, _in_axis, per_out_counts, unit_flags
+from .connectivity import Analysis, _in_axis, node_reads, per_out_counts, unit_flags
 from .graph import _resolve, _Scope
 from .io import read_tensor, write_tensor
 from .layout import node_attr, unpadded
@@ -36,7 +36,7 @@ def _uses(model) -> dict:
     """Readers of each main-graph name: node inputs, names If/Loop/Scan bodies read from the outer graph, outputs."""
     uses = {}
     for n in model.graph.node:
-        for i in list(n.input) + _implicit_inputs(n):
+        for i in node_reads(n):
             uses[i] = uses.get(i, 0) + 1
     for o in model.graph.output:
         uses[o.name] = uses.get(o.name, 0) + 1

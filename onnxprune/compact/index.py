@@ -5,7 +5,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..connectivity import _implicit_inputs
+from ..connectivity import node_reads
 from ..io import hold, write_tensor
 
 
@@ -33,10 +33,9 @@ class Index:
         self.uses = {}
         self.readers = {}
         for idx, n in enumerate(self.nodes):
-            for i in list(n.input) + _implicit_inputs(n):
-                if i:
-                    self.uses[i] = self.uses.get(i, 0) + 1
-                    self.readers.setdefault(i, []).append(idx)
+            for i in node_reads(n):
+                self.uses[i] = self.uses.get(i, 0) + 1
+                self.readers.setdefault(i, []).append(idx)
         for o in g.output:
             self.uses[o.name] = self.uses.get(o.name, 0) + 1
         self._names = set(self.producer) | set(self.inits) | self.inputs

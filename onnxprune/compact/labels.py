@@ -7,7 +7,7 @@ import numpy as np
 
 from ..connectivity import infer_shapes
 from ..layout import node_attr
-from ..connectivity import _implicit_inputs
+from ..connectivity import node_reads
 from ..layout import unpadded
 from .index import Index, has_subgraph
 
@@ -123,7 +123,7 @@ def build(model, layers, pending: dict | None = None) -> Graph:
         if layer is not None and _prunable(g, idx, node, layer, ins):
             continue
         if has_subgraph(node):
-            for n in list(node.input) + _implicit_inputs(node):
+            for n in node_reads(node):
                 if n in g.chans:
                     g.fix(g.chans[n].lab, node.op_type)
             continue

@@ -5,14 +5,9 @@ from __future__ import annotations
 import onnx
 from onnx import helper
 
+from ..connectivity import node_reads
 from ..errors import InputError, RequestError, first_line
 from ..validate import quiet_native_stderr, session_options
-
-
-def _deps(node):
-    """Every name a node reads, its subgraphs' reads included."""
-    from .problems import _all_inputs
-    return _all_inputs(node)
 
 
 def _replaced(tensor, values):
@@ -50,7 +45,7 @@ def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, o
         if i is None or i in needed_nodes:
             continue
         needed_nodes.add(i)
-        stack.extend(_deps(g.node[i]))
+        stack.extend(node_reads(g.node[i]))
     used = set(seen)
     out = onnx.ModelProto()
     out.ir_version = model.ir_version

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..connectivity import node_reads
 from ..layout import node_attr
 from .im2col import conv_out, conv_pads, im2col
 
@@ -99,7 +100,7 @@ class Graph:
                 for a in node.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         self.consts[node.output[0]] = a.t
-            for name in _all_inputs(node):
+            for name in node_reads(node):
                 self.uses.setdefault(name, []).append(node)
         self.outputs = {o.name for o in g.output}
         self.inputs = {i.name for i in g.input}
@@ -132,16 +133,6 @@ class Graph:
                 return name
             name = self.producer[name].input[0]
         return name
-
-
-def _all_inputs(node):
-    names = list(node.input)
-    for a in node.attribute:
-        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for sub in subs:
-            for n in sub.node:
-                names.extend(_all_inputs(n))
-    return [n for n in names if n]
 
 
 def _view(index: np.ndarray, perms: list) -> np.ndarray:
