@@ -85,7 +85,7 @@ def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp
     plan.total = sum(int(values[l.name].size) for l in active)
     plan.target_zeros = int(round(sparsity * plan.total))
     nonzero = {l.name: values[l.name] != 0 for l in active}
-    plan.zeros = plan.zeros_before = base_zeros = plan.total - sum(int(np.count_nonzero(v)) for v in nonzero.values())
+    plan.zeros = plan.zeros_before = plan.total - sum(int(np.count_nonzero(v)) for v in nonzero.values())
     plan.kept_by = dict(g.kept_why)
     excluded = {l.name for l in layers if l.excluded}
     # every place a label's channel lives in a weight: (layer name, weight axis, index)
@@ -133,7 +133,7 @@ def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp
             plan.zeros += _mark(masks, nonzero, touches[root])
             removed.append((score, root, own, _hits(g, own)))
     if align > 1:
-        removed = _align(removed, kept, width, align, masks, nonzero, touches, plan, base_zeros)
+        removed = _align(removed, kept, width, align, masks, nonzero, touches, plan)
     plan.groups_removed = len(removed)
     plan.masks = {n: m for n, m in masks.items() if m.any()}
     plan.channels = {n: [width[n], width[n] - kept[n]] for n in width if kept[n] != width[n]}
@@ -182,7 +182,7 @@ def _mark(masks, nonzero, where) -> int:
     return new
 
 
-def _align(removed, kept, width, align, masks, nonzero, touches, plan, base_zeros):
+def _align(removed, kept, width, align, masks, nonzero, touches, plan):
     """Give back the highest-scoring removed groups of each layer until its channel count is aligned."""
     while True:
         bad = [n for n in sorted(kept) if kept[n] != width[n] and kept[n] % align]
@@ -195,7 +195,7 @@ def _align(removed, kept, width, align, masks, nonzero, touches, plan, base_zero
             kept[ln] += c
     # rebuild the masks from what stays removed
     masks.clear()
-    plan.zeros = base_zeros
+    plan.zeros = plan.zeros_before
     for _, root, _, _ in removed:
         plan.zeros += _mark(masks, nonzero, touches[root])
     return removed

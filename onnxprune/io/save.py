@@ -166,7 +166,7 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
             if mode is not None:
                 os.chmod(data_tmp, mode)
         tmp_model = os.path.join(tmp, base)
-        trim_heap()  # the prune's freed arrays go back to the OS before the payload doubles the model
+        trim_heap()  # the prune's freed arrays go back to the OS before serialising (a full copy unless spliced)
         parts = None
         if inline:
             try:
