@@ -399,7 +399,12 @@ class Run:
                                         f"{curve[0]['sparsity']:.3f}, fails: {curve[0]['metric']} "
                                         f"{_num(curve[0]['value'])}); nothing written")
             config.sparsity = best
-        with fb.stage("pruning"):
+        with fb.stage("pruning") as st:
+            if config.reconstruct:
+                def layer_progress(k, n, name, elapsed, eta):
+                    left = f", about {_duration(eta)} left" if eta is not None else ""
+                    st(f"reconstructing: layer {k} of {n} ({name}), {_duration(elapsed)} elapsed{left}")
+                config.progress = layer_progress
             report = prune_loaded(loaded, config, defer_writes=True)  # saving writes the weights
         report.timings["load"] = t_load
         report.validation = self.report.validation  # a skip decided before pruning
@@ -545,3 +550,8 @@ def _num(x) -> str:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+def _duration(seconds: float) -> str:
+    s = int(round(seconds))
+    return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"

@@ -50,6 +50,8 @@ class PruneConfig:
     correction: str = "meanvar"  # "meanvar" | "none"
     reconstruct_mask: str = "admm"  # "admm" | "obs" | "plain" (refit the allocation's own selection)
     reconstruct_max_rows: int = 32768  # cap on sample rows per layer (evenly strided; 0: all)
+    reconstruct_cache_bytes: int = 1 << 27  # captured values held in memory; the rest wait in temporary files
+    progress: object = None  # reconstruction: called with (layer position, layers, name, elapsed s, ETA s or None)
 
     def resolve(self) -> tuple:
         """(allocation, score) names, checking the combination."""
@@ -81,7 +83,7 @@ class PruneConfig:
     def reconstruct_options(self):
         from .reconstruct import ReconstructOptions
         return ReconstructOptions(damping=self.damping, correction=self.correction, mask=self.reconstruct_mask,
-                                  max_rows=self.reconstruct_max_rows)
+                                  max_rows=self.reconstruct_max_rows, cache_bytes=self.reconstruct_cache_bytes)
 
 
 def parse_min_keep(text, total: int) -> int:
@@ -111,7 +113,8 @@ def prune(model_or_path, sparsity: float, method: str = "lamp", **options):
     ``model_or_path`` is a path or an ``onnx.ModelProto`` (copied, never modified). Options: allocation, exclude,
     min_keep, seed, dry_run, and for calibrated reconstruction ``reconstruct=True`` with ``calibration`` (a list of
     feed dicts {input name: batched array}, disjoint from any evaluation data), optionally ``calibration_info``,
-    ``calibration_labels``, ``damping``, ``correction``, ``reconstruct_mask``, ``reconstruct_max_rows``.
+    ``calibration_labels``, ``damping``, ``correction``, ``reconstruct_mask``, ``reconstruct_max_rows``,
+    ``reconstruct_cache_bytes``, ``progress``.
     Returns ``(pruned ModelProto, Report)``.
     """
     config = PruneConfig(sparsity=sparsity, method=method, **options)
@@ -301,7 +304,8 @@ def _reconstruct(model, layers, values, idx, counts, kept, config, report):
     """Calibrated reconstruction of every active layer; replaces ``values`` / ``kept`` of the layers it refits and
     writes the biases it changed (unless a dry run)."""
     from .reconstruct import reconstruct
-    out = reconstruct(model, layers, values, idx, counts, kept, config.calibration, config.reconstruct_options())
+    out = reconstruct(model, layers, values, idx, counts, kept, config.calibration, config.reconstruct_options(),
+                      config.progress)
     for i, new in out.values.items():
         values[i] = new
         kept[i] = np.packbits(np.not_equal(new, 0).reshape(-1))

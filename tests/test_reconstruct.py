@@ -294,9 +294,9 @@ def test_unsupported_layer_falls_back_with_warning(caplog):
     rng = np.random.default_rng(7)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
     w2 = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
-    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["h"], name="ct"),
+    nodes = [helper.make_node("ConvTranspose", ["x", "w"], ["h"], name="ct", auto_pad="SAME_UPPER"),
              helper.make_node("Conv", ["h", "w2"], ["y"], name="c")]
-    m = make_model(nodes, [vi("x", ["N", 4, 5, 5])], [vi("y", ["N", 2, 5, 5])], [init("w", w), init("w2", w2)])
+    m = make_model(nodes, [vi("x", ["N", 4, 5, 5])], [vi("y", ["N", 2, 3, 3])], [init("w", w), init("w2", w2)])
     x = rng.standard_normal((8, 4, 5, 5)).astype(np.float32)
     plain, _ = prune(m, 0.6, effective=False)
     with caplog.at_level(logging.WARNING, logger="onnxprune"):

@@ -1,7 +1,13 @@
 """Capture layer inputs with ONNX Runtime: a prefix model per request (nodes the tensors depend on, extra graph
-outputs), streamed batch by batch over the calibration feeds."""
+outputs), streamed batch by batch over the calibration feeds, starting from a frontier of values already computed."""
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import tempfile
+
+import numpy as np
 import onnx
 from onnx import helper
 
@@ -18,12 +24,16 @@ def _replaced(tensor, values):
     return out
 
 
-def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, overrides: dict | None = None) -> tuple:
-    """(serialised model computing ``names``, the inputs it must be fed).
+def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, overrides: dict | None = None,
+                 carry=None) -> tuple:
+    """(serialised model computing ``names``, the inputs it must be fed, the node positions it runs, the extra
+    outputs it computes).
 
     The walk back from ``names`` stops at graph inputs and at the tensors in ``cut`` (name -> an example array),
     which become inputs of the prefix: values already captured need not be recomputed. ``overrides``: constant
-    tensor (initializer or Constant node output) name -> the values the prefix uses instead of the stored ones."""
+    tensor (initializer or Constant node output) name -> the values the prefix uses instead of the stored ones.
+    ``carry(name, nodes) -> bool``: which other values the prefix's nodes produce it also returns (those later
+    prefixes will start from)."""
     overrides = overrides or {}
     cut = cut or {}
     g = model.graph
@@ -46,14 +56,20 @@ def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, o
             continue
         needed_nodes.add(i)
         stack.extend(node_reads(g.node[i]))
+    # a cut value whose producer the prefix runs anyway (another output of a Split, say, is needed) is computed,
+    # not fed: a value is defined once
+    cut_used = sorted(n for n in cut_used if producer[n] not in needed_nodes)
     used = set(seen)
     out = onnx.ModelProto()
     out.ir_version = model.ir_version
     out.opset_import.extend(model.opset_import)
     out.functions.extend(model.functions)
     out.graph.name = g.name
+    extra = []
     for i in sorted(needed_nodes):
         node = g.node[i]
+        if carry is not None:
+            extra.extend(o for o in node.output if o and o not in names and carry(o, needed_nodes))
         if node.op_type == "Constant" and len(node.output) == 1 and node.output[0] in overrides:
             copy = onnx.NodeProto()
             copy.CopyFrom(node)
@@ -66,38 +82,45 @@ def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, o
                                  for t in g.initializer if t.name in used)
     feeds = [i for i in g.input if i.name in used and i.name not in inits]
     out.graph.input.extend(feeds)
-    cut_used.sort()
     for n in cut_used:
         arr = cut[n]
         out.graph.input.append(helper.make_tensor_value_info(
             n, helper.np_dtype_to_tensor_dtype(arr.dtype), [f"d{k}" for k in range(arr.ndim)]))
     out.graph.input.extend(i for i in g.input if i.name in used and i.name in inits)
     out.graph.value_info.extend(v for v in g.value_info if v.name in used and v.name not in cut_used)
-    for n in names:
+    for n in list(names) + extra:
         out.graph.output.append(onnx.ValueInfoProto(name=n))
-    return out.SerializeToString(), [i.name for i in feeds] + cut_used
+    return out.SerializeToString(), [i.name for i in feeds] + cut_used, needed_nodes, extra
 
 
 class Capture:
     """A prefix of ``model`` in ONNX Runtime: ``run(feed, j)`` gives {name: array} for calibration batch ``j``
-    (graph inputs asked for are passed through; ``cut`` values stand in for the nodes that computed them)."""
+    (graph inputs asked for are passed through; ``frontier`` values stand in for the nodes that computed them).
 
-    def __init__(self, model: onnx.ModelProto, names: list, feeds: list, threads: int = 0, cut=None,
-                 overrides: dict | None = None):
+    With ``advance``, every value the prefix computes that a node not yet run still reads goes to the frontier's
+    next state (``Frontier.commit`` makes it current once every batch has run)."""
+
+    def __init__(self, model: onnx.ModelProto, names: list, feeds: list, threads: int = 0,
+                 frontier: "Frontier | None" = None, overrides: dict | None = None, advance: bool = False):
         self.names = list(dict.fromkeys(names))
         graph_inputs = {i.name for i in model.graph.input}
         # a graph input no node produces (checks refuse a value produced twice)
         self.direct = [n for n in self.names if n in graph_inputs]
-        self.computed = [n for n in self.names if n not in self.direct]
+        # values the frontier holds already are read from it
+        self.stored = [n for n in self.names if n not in graph_inputs and frontier is not None and n in frontier]
+        self.computed = [n for n in self.names if n not in self.direct and n not in self.stored]
         self.session = None
         self.inputs = []
-        self.cut = None
+        self.frontier = frontier
+        self.carried = []
+        self.nodes = set()
+        self.advance = bool(advance and frontier is not None)
         if self.computed:
             import onnxruntime as ort
-            self.cut = cut
+            carry = frontier.wanted if self.advance else None
             try:
-                payload, self.inputs = prefix_model(model, self.computed,
-                                                    cut.examples() if cut is not None else None, overrides)
+                payload, self.inputs, self.nodes, self.carried = prefix_model(
+                    model, self.computed, frontier.examples() if frontier is not None else None, overrides, carry)
             except ValueError as exc:  # protobuf refuses to serialise more than 2 GiB
                 raise RequestError(f"reconstruction cannot hand this model's prefix to ONNX Runtime "
                                    f"({first_line(exc)}); models over 2 GiB are not reconstructed yet") from exc
@@ -108,49 +131,141 @@ class Capture:
             except Exception as exc:
                 raise InputError(f"reconstruction: ONNX Runtime cannot run the model's prefix up to "
                                  f"{', '.join(self.computed[:3])}: {first_line(exc)}") from exc
+            if self.advance:
+                frontier.begin(self.nodes)
+        else:
+            self.advance = False
 
     def run(self, feed: dict, j: int = -1) -> dict:
-        cut = self.cut.batch(j) if self.cut is not None else {}
+        cut = self.frontier.batch(j, self.inputs + self.stored) if self.frontier is not None else {}
         missing = [n for n in self.direct + self.inputs if n not in feed and n not in cut]
         if missing:
             raise InputError(f"calibration data has no array for input(s) {', '.join(missing)}")
         out = {n: feed[n] for n in self.direct}
+        out.update((n, cut[n]) for n in self.stored)
         if self.session is not None:
             try:
-                res = self.session.run(self.computed, {k: cut[k] if k in cut else feed[k] for k in self.inputs})
+                res = self.session.run(self.computed + self.carried,
+                                       {k: cut[k] if k in cut else feed[k] for k in self.inputs})
             except Exception as exc:
                 raise InputError(f"reconstruction: ONNX Runtime failed on a calibration batch: "
                                  f"{first_line(exc)}") from exc
-            out.update(zip(self.computed, res))
+            k = len(self.computed)
+            out.update(zip(self.computed, res[:k]))
+            if self.advance:
+                values = dict(zip(self.carried, res[k:]))
+                values.update((n, out[n]) for n in self.computed if self.frontier.wanted(n, self.nodes))
+                self.frontier.put(j, values)
         return out
 
     def close(self):
         self.session = None
 
 
-class CutStore:
-    """Captured activations of the partly reconstructed model that stay valid (they depend only on layers already
-    final), kept per batch within a byte budget; later prefixes start from them instead of the graph inputs."""
+class Frontier:
+    """The computed values of one model (dense, or partly reconstructed) that a node not yet run still reads, per
+    calibration batch: later prefixes start from them, so every node runs once per batch over the whole
+    reconstruction. Kept in memory up to ``budget`` bytes, the rest in files of a private temporary directory
+    (removed by ``close``), so memory stays bounded whatever the calibration set's size.
 
-    def __init__(self, budget: int):
+    ``readers``: value name -> positions of the main-graph nodes that read it (subgraph outer reads included)."""
+
+    def __init__(self, readers: dict, budget: int, outputs=()):
+        self.readers = readers
         self.budget = budget
         self.used = 0
-        self.values = {}  # name -> [array per batch]
+        self.done = set()  # node positions whose outputs are in the frontier (or no longer needed)
+        self.values = {}  # name -> [array, or path of its .npy file, per batch]
+        self.meta = {}  # name -> an array of its dtype and rank
+        self._next = None
+        self._nodes = None
+        self._dir = None
+        self._files = 0
 
-    def add(self, name: str, arrays: list) -> None:
-        size = sum(a.nbytes for a in arrays)
-        if name in self.values or self.used + size > self.budget:
-            return
-        self.values[name] = arrays
-        self.used += size
+    def wanted(self, name: str, nodes: set) -> bool:
+        """A value produced by ``nodes`` (a prefix about to run) that some node outside them and not yet run reads."""
+        return any(r not in self.done and r not in nodes for r in self.readers.get(name, ()))
 
-    def forget(self, keep) -> None:
-        """Drop the entries ``keep(name)`` rejects (prefixes then just start further back)."""
-        for name in [n for n in self.values if not keep(n)]:
-            self.used -= sum(a.nbytes for a in self.values.pop(name))
+    def __contains__(self, name: str) -> bool:
+        return name in self.values
 
     def examples(self) -> dict:
-        return {n: v[0] for n, v in self.values.items()}
+        return dict(self.meta)
 
-    def batch(self, j: int) -> dict:
-        return {n: v[j] for n, v in self.values.items()}
+    def batch(self, j: int, names) -> dict:
+        out = {}
+        for n in names:
+            v = self.values.get(n)
+            if v is not None:
+                a = v[j]
+                out[n] = np.load(a) if isinstance(a, str) else a
+        return out
+
+    def begin(self, nodes: set) -> None:
+        self._discard()
+        self._next, self._nodes = {}, set(nodes)
+
+    def _discard(self) -> None:
+        """Forget what an advancing prefix computed that was never committed (its layer fell back mid-way)."""
+        for per in (self._next or {}).values():
+            for a, _, _ in per.values():
+                self._free(a)
+        self._next = self._nodes = None
+
+    def put(self, j: int, values: dict) -> None:
+        for name, arr in values.items():
+            arr = np.asarray(arr)
+            if self.used + arr.nbytes <= self.budget:
+                self.used += arr.nbytes
+                keep = arr
+            else:
+                keep = self._spill(arr)
+            self._next.setdefault(name, {})[j] = (keep, arr.dtype, arr.ndim)
+
+    def commit(self, batches: int) -> None:
+        """Make what the last advancing prefix computed current, and drop what no node still to run reads."""
+        if self._next is None:
+            return
+        self.done |= self._nodes
+        for name, per in self._next.items():
+            if len(per) == batches:
+                self._drop(name)
+                self.values[name] = [per[j][0] for j in range(batches)]
+                _, dtype, ndim = per[0]
+                self.meta[name] = np.empty((0,) * ndim, dtype)  # what a prefix's input declaration needs
+            else:
+                for a, _, _ in per.values():
+                    self._free(a)
+        self._next = self._nodes = None
+        for name in [n for n in self.values
+                     if all(r in self.done for r in self.readers.get(n, ()))]:
+            self._drop(name)
+
+    def _spill(self, arr: np.ndarray) -> str:
+        if self._dir is None:
+            self._dir = tempfile.mkdtemp(prefix="onnxprune-reconstruct-")
+        path = os.path.join(self._dir, f"{self._files}.npy")
+        self._files += 1
+        np.save(path, arr, allow_pickle=False)
+        return path
+
+    def _free(self, a) -> None:
+        if isinstance(a, str):
+            with contextlib.suppress(OSError):
+                os.unlink(a)
+        else:
+            self.used -= a.nbytes
+
+    def _drop(self, name: str) -> None:
+        for a in self.values.pop(name, ()):
+            self._free(a)
+        self.meta.pop(name, None)
+
+    def close(self) -> None:
+        self._discard()
+        self.values.clear()
+        self.meta.clear()
+        self.used = 0
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None

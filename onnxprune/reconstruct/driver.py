@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..select import layout_perm, prune_mask
-from .activations import Capture, CutStore
+from ..connectivity import node_reads
+from .activations import Capture, Frontier
 from .problems import Graph, Unsupported, build_sites
 from .solver import Group, admm_support
 
@@ -19,6 +20,7 @@ CORRECTIONS = ("meanvar", "none")
 MASKS = ("admm", "obs", "plain")
 ACC_BYTES = 1 << 26  # bytes of buffered sample rows per accumulation step (per model: dense and pruned prefix)
 GRAM_BLOCK = 1024  # columns of H updated per product
+F32_ROWS = 8192  # float32 sample rows per product (its float32 sums then go into the float64 moments)
 
 
 @dataclass
@@ -35,7 +37,7 @@ class ReconstructOptions:
     #                            30 M benchmark model: 36 s with 8192 rows, 28-31 s with 4096, 20-24 s with 2048,
     #                            where the Woodbury route applies from 4096 inputs; damping keeps H solvable)
     threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
-    cache_bytes: int = 1 << 30  # captured layer inputs kept (each store: dense, reconstructed) to start later prefixes
+    cache_bytes: int = 1 << 27  # captured values held in memory (both frontiers together); the rest wait in files
 
     def check(self):
         from ..errors import ConfigError
@@ -90,16 +92,13 @@ def _add_gram(H: np.ndarray, x: np.ndarray) -> None:
         H[a:b, :a] = H[:a, a:b].T
 
 
-def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: int, Wt: np.ndarray,
-                keep: list | None = None, keep_dense: list | None = None) -> Moments:
+def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: int, Wt: np.ndarray) -> Moments:
     """Accumulate the layer's ``Moments`` over the calibration batches; ``Wt`` [g, og, p]: the dense rows [W | b].
 
     Only H is p x p: the cross terms with the dense inputs are taken through the dense outputs y_d (p x og), which
     is all the objective, the targets and the mean/variance correction need of G and Hdd. Sample rows are copied
     into preallocated buffers (ones column last) of up to ACC_BYTES (or all rows, when at most half the inputs)
-    and multiplied once full, so that small batches (batch-1 models) still give large matrix products.
-    ``keep`` / ``keep_dense``: lists that receive the (single) site's pruned-prefix / dense activation of every
-    batch."""
+    and multiplied once full, so that small batches (batch-1 models) still give large matrix products."""
     g, og, p = Wt.shape
     d = p - 1
     same = current is None
@@ -108,19 +107,19 @@ def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows:
     ysum = np.zeros((g, og))
     ysq = np.zeros((g, og))
     WtT = np.ascontiguousarray(Wt.transpose(0, 2, 1))
-    cap = max(256, ACC_BYTES // (8 * p * g))
     Bd = Bp = None
-    fill, rows, flushes = 0, 0, 0
+    fill, rows, flushes, cap = 0, 0, 0, 0
     stride = None
 
     def flush():
         nonlocal flushes
         xd = Bd[:, :fill]
         xp = xd if same else Bp[:, :fill]
-        yd = xd @ WtT  # [g, n, og]: the dense layer's outputs
+        yd = xd @ WtT.astype(xd.dtype, copy=False)  # [g, n, og]: the dense layer's outputs
         for gi in range(g):
             _add_gram(H[gi], xp[gi])
         GW[...] += xp.transpose(0, 2, 1) @ yd
+        yd = yd.astype(np.float64, copy=False)
         ysum[...] += yd.sum(axis=1)
         ysq[...] += np.einsum("gnr,gnr->gr", yd, yd)
         flushes += 1
@@ -128,10 +127,6 @@ def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows:
     for j, feed in enumerate(feeds):
         od = dense.run(feed, j)
         oc = od if same else current.run(feed, j)
-        if keep is not None:
-            keep.append(oc[sites[0].act])
-        if keep_dense is not None:
-            keep_dense.append(od[sites[0].act])
         for site in sites:
             if max_rows and stride is None:  # fixed from the first batch: deterministic, evenly spread rows
                 n0 = site.count(od[site.act])
@@ -146,14 +141,18 @@ def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows:
             if xd.shape[1] == 0:
                 continue
             if Bd is None:  # at most the rows all batches can give (as many as the first), at most ACC_BYTES
+                dt = xd.dtype
+                cap = max(256, ACC_BYTES // (dt.itemsize * p * g))
+                if dt == np.float32:  # float32 products summed over at most F32_ROWS rows, then in float64
+                    cap = min(cap, F32_ROWS)
                 total = xd.shape[1] * len(feeds) * len(sites)
                 if 2 * total <= d:  # few rows: keep them all in one buffer (smaller than H) for the low-rank path
                     cap = total
                 cap = max(1, min(cap, total))
-                Bd = np.empty((g, cap, p))
+                Bd = np.empty((g, cap, p), dtype=dt)
                 Bd[:, :, d] = 1.0
                 if not same:
-                    Bp = np.empty((g, cap, p))
+                    Bp = np.empty((g, cap, p), dtype=dt)
                     Bp[:, :, d] = 1.0
             a, n = 0, xd.shape[1]
             while a < n:
@@ -180,43 +179,75 @@ def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows:
     X = None
     if flushes == 1 and 2 * rows <= d:  # every row is still in the buffer: H = lambda*I + low rank, used
         B = Bd if same else Bp
-        X = [B[gi, :rows] for gi in range(g)]
+        X = [B[gi, :rows].astype(np.float64) for gi in range(g)]
     Bd = Bp = None
     return Moments(H, GW, ysum, ysq, rows, X)
 
 
-def reconstruct(model, layers, values, idx, counts, kept, calibration, options: ReconstructOptions) -> Outcome:
+def reconstruct(model, layers, values, idx, counts, kept, calibration, options: ReconstructOptions,
+                progress=None) -> Outcome:
     """Reconstruct the active layers ``idx`` (positions into ``layers``/``values``) of ``model``.
 
     ``counts[k]``: zeros layer ``idx[k]`` ends with (the allocation's count, existing zeros included); ``kept``:
     layer index -> packed non-zero flags of the plain selection (layers absent gained no zeros). ``model`` is
     only read: the partly reconstructed model is a private copy. Returns the refit weights and biases to write.
+    ``progress(k, n, name, elapsed_s, eta_s)``: called before each layer solved (ETA None until one is done).
     """
     options.check()
     t0 = time.perf_counter()
     res = Outcome()
     # The partly reconstructed model is ``model`` with these tensors replaced (values in the storage dtype): the
     # prefixes handed to ONNX Runtime substitute them, so no second copy of the model is ever made.
-    overrides = {}
     graph = Graph(model)
+    # Captures chain: each model (dense, partly reconstructed) keeps a frontier of the values its nodes already
+    # computed that nodes still to run read; each layer's prefix starts there and advances it, so over the whole
+    # reconstruction every node runs about once per calibration batch and no session ever holds the whole model.
+    readers = {}
+    for j, node in enumerate(model.graph.node):
+        for name in node_reads(node):
+            readers.setdefault(name, set()).add(j)
+    dense_front = Frontier(readers, options.cache_bytes // 2)
+    front = Frontier(readers, options.cache_bytes // 2)
+    try:
+        return _reconstruct(model, layers, values, idx, counts, kept, calibration, options, graph, dense_front,
+                            front, res, t0, progress)
+    finally:
+        dense_front.close()
+        front.close()
+
+
+def _work(layer) -> float:
+    """A layer's expected share of the time (outputs x inputs^2: its moments and its refit), for the ETA."""
+    shape = layer.shape
+    out = max(int(shape[layer.layout.out_axis]) if shape else 1, 1)
+    return float(layer.size) * (layer.size / out)
+
+
+def _reconstruct(model, layers, values, idx, counts, kept, calibration, options, graph, dense_front, front, res,
+                 t0, progress):
+    overrides = {}
     changed = False
     records = []
     underdetermined = []
-    # Captures chain: inputs already captured (dense model, and partly reconstructed model, whose values depend
-    # only on layers already final in graph order) are where later prefixes start, so each layer's captures run
-    # only the nodes since the previous layers, and no session ever holds the whole model.
-    dense_cuts = CutStore(options.cache_bytes)
-    cuts = CutStore(options.cache_bytes)
-    position = {id(node): j for j, node in enumerate(model.graph.node)}
+    zeros = [int(values[i].size - np.count_nonzero(values[i])) for i in idx]
+    first = next((k for k in range(len(idx)) if int(counts[k]) > zeros[k]), len(idx))
+    todo = list(range(first, len(idx)))  # from the first layer that gains zeros, every layer is solved
+    work = {k: _work(layers[idx[k]]) for k in todo}
+    total_work, done_work = sum(work.values()) or 1.0, 0.0
     for k, i in enumerate(idx):
         layer = layers[i]
         w = values[i]
         n_prune = int(counts[k])
-        zeros_before = int(w.size - np.count_nonzero(w))
+        zeros_before = zeros[k]
         gains = n_prune > zeros_before
         if not gains and not changed:
             continue
         t = time.perf_counter()
+        if progress is not None:
+            elapsed = t - t0
+            eta = elapsed * (total_work - done_work) / done_work if done_work else None
+            progress(todo.index(k) + 1, len(todo), layer.name, elapsed, eta)
+        done_work += work.get(k, 0.0)
         flat_w = w.reshape(-1)
         if i in kept:
             plain_pruned = ~np.unpackbits(kept[i], count=w.size).view(bool)
@@ -232,10 +263,10 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
             if d > options.max_inputs:
                 raise Unsupported(f"{d} inputs per output row > {options.max_inputs}: H would not fit")
             names = [s.act for s in sites]
-            dense = Capture(model, names, calibration, options.threads, dense_cuts)
-            current = Capture(model, names, calibration, options.threads, cuts, overrides) if changed else None
-            acts = [] if len(sites) == 1 else None  # a tied weight's later inputs depend on itself: not kept
-            dense_acts = []
+            dense = Capture(model, names, calibration, options.threads, dense_front, advance=True)
+            # a tied weight's later inputs depend on itself: the reconstructed model's frontier waits
+            current = Capture(model, names, calibration, options.threads, front, overrides,
+                              advance=len(sites) == 1) if changed else None
             scale = sites[0].scale
             sink = sites[0].bias
             R = w.reshape(-1).astype(np.float64)[index] * scale  # [g, og, d]
@@ -244,24 +275,13 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
             try:
                 rows = options.max_rows if d <= options.admm_max_inputs else \
                     min(options.max_rows or options.wide_max_rows, options.wide_max_rows)
-                mom = _accumulate(sites, calibration, dense, current, rows, Wt, acts, dense_acts)
+                mom = _accumulate(sites, calibration, dense, current, rows, Wt)
             finally:
                 dense.close()
                 if current is not None:
                     current.close()
-            if sites[0].act in graph.producer:
-                dense_cuts.add(sites[0].act, dense_acts)
-                if acts is not None:
-                    cuts.add(sites[0].act, acts)
-            # a captured tensor no node from this layer on reads only saves work for residual paths: dropped
-            # (correctness never depends on the stores; a prefix without it starts further back)
-            horizon = min(position.get(id(s.node), -1) for s in sites)
-
-            def live(name):
-                return any(position.get(id(n), horizon) >= horizon for n in graph.uses.get(name, ()))
-            dense_cuts.forget(live)
-            cuts.forget(live)
-            del acts, dense_acts
+            dense_front.commit(len(calibration))
+            front.commit(len(calibration))
             t_gram = time.perf_counter()
             m = mom.rows
             solved = _solve(layer, w, sites, mom, R, n_prune, plain_pruned, options)

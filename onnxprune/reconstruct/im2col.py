@@ -6,6 +6,12 @@ import math
 import numpy as np
 
 
+def sample_dtype(dtype) -> np.dtype:
+    """Sample rows keep float32 activations as they are (float16/bfloat16 widen to it); float64 stays float64.
+    The moments are accumulated in float64 from products of at most ``driver.F32_ROWS`` rows."""
+    return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
+
+
 def conv_pads(spatial: tuple, kernel: tuple, strides: tuple, dilations: tuple, pads, auto_pad: str) -> list:
     """Begin/end pads per spatial axis (ONNX order: all begins, then all ends), resolving auto_pad."""
     n = len(spatial)
@@ -35,7 +41,7 @@ def conv_out(spatial: tuple, kernel: tuple, strides: tuple, dilations: tuple, pa
 
 def im2col(x: np.ndarray, kernel: tuple, strides: tuple, dilations: tuple, pads: list, groups: int,
            step: int = 1) -> np.ndarray:
-    """x [N, C, *S] -> patches [groups, N * prod(out), C/groups * prod(kernel)] (float64).
+    """x [N, C, *S] -> patches [groups, N * prod(out), C/groups * prod(kernel)] (``sample_dtype``).
 
     Row order is (n, out positions...), column order (c within the group, kernel offsets...), so that
     ``patches[g] @ W[g-th block of out channels].reshape(O/g, -1).T`` is the convolution's output for that group.
@@ -46,7 +52,7 @@ def im2col(x: np.ndarray, kernel: tuple, strides: tuple, dilations: tuple, pads:
     begins, ends = pads[:n_sp], pads[n_sp:]
     if any(begins) or any(ends):
         x = np.pad(x, [(0, 0), (0, 0)] + [(b, e) for b, e in zip(begins, ends)])
-    x = np.ascontiguousarray(x, dtype=np.float64)
+    x = np.ascontiguousarray(x, dtype=sample_dtype(x.dtype))
     spatial = x.shape[2:]
     out = tuple((size - (k - 1) * d - 1) // s + 1 for size, k, s, d in zip(spatial, kernel, strides, dilations))
     if min(out, default=1) <= 0:

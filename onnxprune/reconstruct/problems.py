@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from ..connectivity import node_reads
 from ..layout import node_attr
-from .im2col import conv_out, conv_pads, im2col
+from .im2col import conv_out, conv_pads, im2col, sample_dtype
 
 
 class Unsupported(Exception):
@@ -41,12 +41,13 @@ class Site:
     """One consumer node of the weight."""
     node: onnx.NodeProto
     act: str  # the activation input's name
-    kind: str  # "conv" | "right" (x @ W) | "left" (W @ x)
+    kind: str  # "conv" | "convT" (ConvTranspose) | "right" (x @ W) | "left" (W @ x)
     index: np.ndarray = field(repr=False, default=None)  # [groups, out_g, d] flat storage indices
     scale: float = 1.0  # Gemm alpha
     transpose_x: bool = False  # Gemm: the activation is used transposed
     conv: dict | None = None
     bias: BiasSink | None = None
+    batch: tuple = ()  # a batched MatMul weight's leading dims (one group per slice)
 
     def _pads(self, x: np.ndarray):
         """The convolution's explicit pads for this input (auto_pad resolved); Unsupported on a rank mismatch."""
@@ -55,32 +56,95 @@ class Site:
             raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
         return conv_pads(x.shape[2:], c["kernel"], c["strides"], c["dilations"], c["pads"], c["auto_pad"])
 
+    def _transposed_input(self, x: np.ndarray) -> np.ndarray:
+        """ConvTranspose as a convolution: the input with strides-1 zeros between its elements, padded by
+        dilation * (k - 1) - pad (cropped where that is negative; output_padding extends the end)."""
+        c = self.conv
+        n_sp = len(c["kernel"])
+        if x.ndim - 2 != n_sp:
+            raise Unsupported(f"input rank {x.ndim} does not match a {n_sp}-d kernel")
+        pads = c["pads"] or [0] * (2 * n_sp)
+        x = np.asarray(x, dtype=sample_dtype(x.dtype))
+        size = tuple((n - 1) * s + 1 for n, s in zip(x.shape[2:], c["strides"]))
+        up = np.zeros(x.shape[:2] + size, dtype=x.dtype)
+        up[(slice(None), slice(None)) + tuple(slice(None, None, s) for s in c["strides"])] = x
+        widths, crop = [(0, 0), (0, 0)], [slice(None), slice(None)]
+        for a, (k, dl) in enumerate(zip(c["kernel"], c["dilations"])):
+            lo = dl * (k - 1) - pads[a]
+            hi = dl * (k - 1) - pads[a + n_sp] + c["output_padding"][a]
+            widths.append((max(lo, 0), max(hi, 0)))
+            crop.append(slice(max(-lo, 0), up.shape[2 + a] - max(-hi, 0)))
+        up = up[tuple(crop)]
+        if any(w != (0, 0) for w in widths):
+            up = np.pad(up, widths)
+        return up
+
     def count(self, x: np.ndarray) -> int:
         """Sample rows one activation batch gives (before any row stride)."""
         d = self.index.shape[2]
+        c = self.conv
         if self.kind == "conv":
-            c, pads = self.conv, self._pads(x)
-            out = conv_out(x.shape[2:], c["kernel"], c["strides"], c["dilations"], pads)
+            out = conv_out(x.shape[2:], c["kernel"], c["strides"], c["dilations"], self._pads(x))
             return int(x.shape[0]) * int(np.prod(out))
+        if self.kind == "convT":
+            if x.ndim - 2 != len(c["kernel"]):
+                raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
+            n_sp = len(c["kernel"])
+            pads = c["pads"] or [0] * (2 * n_sp)
+            out = [(n - 1) * s + dl * (k - 1) + 1 - pads[a] - pads[a + n_sp] + c["output_padding"][a]
+                   for a, (n, s, k, dl) in enumerate(zip(x.shape[2:], c["strides"], c["kernel"], c["dilations"]))]
+            return int(x.shape[0]) * int(np.prod(out))
+        if self.batch:
+            xb = self._batched(x)
+            return int(xb.shape[0]) * int(xb.shape[-2] if self.kind == "right" else xb.shape[-1])
         return int(x.size) // max(d, 1)
 
+    def _batched(self, x: np.ndarray) -> np.ndarray:
+        """A batched MatMul's activation as [rest, slices, r, c] (the weight's batch dims last, broadcast)."""
+        x = np.asarray(x)
+        if x.ndim == 1:
+            x = x[None, :] if self.kind == "right" else x[:, None]
+        b = self.batch
+        try:
+            shape = np.broadcast_shapes(x.shape[:-2], b)
+        except ValueError as exc:
+            raise Unsupported(f"activation {x.shape} does not broadcast with the weight's batch dims {b}") from exc
+        if tuple(shape[len(shape) - len(b):]) != tuple(b):
+            raise Unsupported("the weight's batch dims are broadcast against the activation")
+        x = np.broadcast_to(x, tuple(shape) + x.shape[-2:])
+        return x.reshape((-1, int(np.prod(b))) + x.shape[-2:])
+
     def samples(self, x: np.ndarray, step: int = 1) -> np.ndarray:
-        """Activation batch -> [groups, m, d] float64 sample rows (every ``step``-th row, from the first)."""
+        """Activation batch -> [groups, m, d] sample rows (``sample_dtype``; every ``step``-th row, from the first)."""
+        c = self.conv
         if self.kind == "conv":
-            c = self.conv
             return im2col(x, c["kernel"], c["strides"], c["dilations"], self._pads(x), c["groups"], step)
+        if self.kind == "convT":
+            n_sp = len(c["kernel"])
+            return im2col(self._transposed_input(x), c["kernel"], (1,) * n_sp, c["dilations"], [0] * (2 * n_sp),
+                          c["groups"], step)
         d = self.index.shape[2]
+        if self.batch:
+            x = self._batched(x)  # [rest, G, r, c]
+            dt = sample_dtype(x.dtype)
+            if self.kind == "left":  # W @ x: samples are x's columns
+                x = np.swapaxes(x, -1, -2)
+            rows = np.moveaxis(x, 1, 0).reshape(x.shape[1], -1, d)[:, ::step]
+            return np.ascontiguousarray(rows, dtype=dt)
         if self.kind == "right":
             if self.transpose_x:
                 x = x.T
-            return np.asarray(np.asarray(x).reshape(-1, d)[::step], dtype=np.float64).reshape(1, -1, d)
+            x = np.asarray(x)
+            return np.asarray(x.reshape(-1, d)[::step], dtype=sample_dtype(x.dtype)).reshape(1, -1, d)
         # left: W @ x, x [..., K, N] (or [K]); samples are x's columns
+        x = np.asarray(x)
+        dt = sample_dtype(x.dtype)
         if x.ndim == 1:
-            return np.asarray(x, dtype=np.float64).reshape(1, 1, d)
+            return np.asarray(x, dtype=dt).reshape(1, 1, d)
         if self.transpose_x:
             x = x.T
         rows = np.swapaxes(x, -1, -2).reshape(-1, d)[::step]
-        return np.ascontiguousarray(rows, dtype=np.float64).reshape(1, -1, d)
+        return np.ascontiguousarray(rows, dtype=dt).reshape(1, -1, d)
 
 
 class Graph:
@@ -188,6 +252,32 @@ def _own_bias(graph: Graph, name: str, rows: int, scale: float) -> BiasSink | No
     return BiasSink("tensor", tname, arr.reshape(-1).astype(np.float64) * scale, scale, arr.shape, arr.dtype)
 
 
+def _conv_transpose_site(graph: Graph, node, view: np.ndarray) -> Site:
+    """ConvTranspose (weight [C_in, C_out/g, *k]) as a stride-1 convolution of the zero-upsampled input with the
+    kernel flipped: one problem per group, rows = output channels, columns = (input channel, flipped offset)."""
+    if view.ndim < 3:
+        raise Unsupported("ConvTranspose weight of rank < 3")
+    n_sp = view.ndim - 2
+    groups = int(node_attr(node, "group", 1))
+    if view.shape[0] % groups:
+        raise Unsupported("input channels not divisible by group")
+    auto_pad = node_attr(node, "auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad not in ("NOTSET", "VALID") or node_attr(node, "output_shape", None):
+        raise Unsupported(f"ConvTranspose with auto_pad {auto_pad} or output_shape is not reconstructed")
+    kernel = tuple(view.shape[2:])
+    conv = {"kernel": kernel, "strides": tuple(node_attr(node, "strides", [1] * n_sp)),
+            "dilations": tuple(node_attr(node, "dilations", [1] * n_sp)),
+            "pads": None if auto_pad == "VALID" else node_attr(node, "pads", None),
+            "output_padding": tuple(node_attr(node, "output_padding", [0] * n_sp)), "groups": groups}
+    cin_g, cout_g = view.shape[0] // groups, view.shape[1]
+    v = view.reshape((groups, cin_g, cout_g) + kernel)[(slice(None),) * 3 + (slice(None, None, -1),) * n_sp]
+    index = np.ascontiguousarray(np.swapaxes(v, 1, 2)).reshape(groups, cout_g, -1)
+    o = groups * cout_g
+    has_b = len(node.input) > 2 and node.input[2]
+    bias = _own_bias(graph, node.input[2], o, 1.0) if has_b else _bias_after(graph, node.output[0], o, n_sp + 1)
+    return Site(node, node.input[0], "convT", index, conv=conv, bias=bias)
+
+
 def build_sites(graph: Graph, layer, shape: tuple) -> list:
     """One Site per consumer of ``layer``; raises Unsupported with the reason when the layer cannot be solved."""
     if layer.graph:
@@ -196,13 +286,17 @@ def build_sites(graph: Graph, layer, shape: tuple) -> list:
     size = int(np.prod(shape)) if shape else 1
     base = np.arange(size, dtype=np.int64).reshape(shape)
     for cons in layer.consumers:
+        if cons.graph:
+            raise Unsupported(f"read inside a subgraph ({cons.graph}): its input there cannot be captured")
         node = graph.graph.node[cons.index] if 0 <= cons.index < len(graph.graph.node) else None
         if node is None or node.op_type != cons.op:
             raise Unsupported("consumer node not found in the main graph")
         slot = cons.slot
         view = _view(base, cons.perms)  # the Transposes find_layers passed on its way to the tensor
         op = node.op_type
-        if op == "Conv":
+        if op == "ConvTranspose":
+            site = _conv_transpose_site(graph, node, view)
+        elif op == "Conv":
             if view.ndim < 3:
                 raise Unsupported("Conv weight of rank < 3")
             groups = int(node_attr(node, "group", 1))
@@ -241,9 +335,15 @@ def build_sites(graph: Graph, layer, shape: tuple) -> list:
                 aprime = view.T if ta else view  # [M, K]
                 index = aprime[None]
                 site = Site(node, node.input[1], "left", index, scale=alpha, transpose_x=bool(tb))
+        elif op == "MatMul" and view.ndim > 2:  # batched weight [*B, K, N]: one group per slice
+            batch = tuple(view.shape[:-2])
+            slices = view.reshape((-1,) + view.shape[-2:])
+            if slot == 1:
+                site = Site(node, node.input[0], "right", np.ascontiguousarray(slices.transpose(0, 2, 1)),
+                            batch=batch)
+            else:
+                site = Site(node, node.input[1], "left", np.ascontiguousarray(slices), batch=batch)
         elif op == "MatMul":
-            if view.ndim > 2:
-                raise Unsupported("batched (rank > 2) MatMul weight")
             if slot == 1:
                 index = (view.T if view.ndim == 2 else view[None, :])[None]
                 bias = _bias_after(graph, node.output[0], index.shape[1], 1)

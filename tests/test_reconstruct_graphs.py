@@ -1,0 +1,200 @@
+"""Calibrated reconstruction on the graph shapes of real exports (issue 14): multi-output nodes before a layer,
+weights read inside If branches, ConvTranspose, batched MatMul weights, and the captures' frontier."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from conftest import init, invoke, make_model, run, vi, weights
+from onnxprune import prune
+from onnxprune.graph import find_layers
+from onnxprune.reconstruct import activations
+from onnxprune.reconstruct.problems import Graph, build_sites
+
+
+def _layer_outputs(model, x, site, w):
+    """(sample rows @ the weight's rows, the node's real output rearranged the same way) for one site."""
+    X = site.samples(x).astype(np.float64)
+    return np.einsum("gmd,god->gmo", X, w.reshape(-1)[site.index].astype(np.float64))
+
+
+def _split_model(rng):
+    """Conv -> Split into two halves; one half feeds a Conv, the other a Concat with that Conv's output (as in
+    YOLOv8's C2f blocks), then a last Conv reads the Concat."""
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    w3 = rng.standard_normal((5, 8, 1, 1)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1], name="c1"),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Split", ["r", "sizes"], ["s0", "s1"], axis=1, name="split"),
+             helper.make_node("Conv", ["s1", "w2"], ["b"], pads=[1, 1, 1, 1], name="c2"),
+             helper.make_node("Concat", ["s0", "b"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "w3"], ["y"], name="c3")]
+    return make_model(nodes, [vi("x", ["N", 3, 6, 6])], [vi("y", ["N", 5, 6, 6])],
+                      [init("w1", w1), init("w2", w2), init("w3", w3), init("sizes", np.array([4, 4], np.int64))])
+
+
+def test_split_before_a_layer_reconstructs(tmp_path):
+    """The prefix for c3 must compute both Split outputs (one of them already captured for c2): a value is fed
+    or computed, never both (ONNX Runtime: 'Duplicate definition of name')."""
+    rng = np.random.default_rng(0)
+    m = _split_model(rng)
+    x = rng.standard_normal((24, 3, 6, 6)).astype(np.float32)
+    out, rep = prune(m, 0.6, effective=False, reconstruct=True, calibration=[{"x": x[:12]}, {"x": x[12:]}])
+    layers = rep.reconstruction["layers"]
+    assert [l["name"] for l in layers] == ["w1", "w2", "w3"]
+    assert all(l["method"] != "plain" for l in layers), layers
+    assert all(l["rel_error_after"] <= l["rel_error_before"] + 1e-12 for l in layers)
+    assert sum(int(np.count_nonzero(v == 0)) for k, v in weights(out).items() if k.startswith("w")) == \
+        round(0.6 * (216 + 144 + 40))
+    model_path, cal = tmp_path / "split.onnx", tmp_path / "cal.npz"
+    onnx.save(m, model_path)
+    np.savez(cal, x=x)
+    res = invoke(model_path, "-s", "0.6", "--calibration", cal, "--no-validate", "-q")
+    assert res.exit_code == 0, res.output
+
+
+def test_prefix_feeds_or_computes_each_value_once():
+    rng = np.random.default_rng(1)
+    m = _split_model(rng)
+    cut = {"s1": np.zeros((0, 4, 0, 0), np.float32)}
+    payload, inputs, nodes, extra = activations.prefix_model(m, ["cat"], cut)
+    pm = onnx.load_from_string(payload)
+    assert "s1" not in inputs and "s1" not in [i.name for i in pm.graph.input]  # Split runs anyway for s0
+    defined = [i.name for i in pm.graph.input] + [o for n in pm.graph.node for o in n.output]
+    assert len(defined) == len(set(defined))
+
+
+def test_frontier_runs_each_node_once_per_batch(monkeypatch):
+    """Every node of the chain runs once per model (dense, reconstructed) and batch over the whole run."""
+    rng = np.random.default_rng(2)
+    ws = [rng.standard_normal((16, 16)).astype(np.float32) for _ in range(6)]
+    nodes, prev = [], "x"
+    for k in range(6):
+        nodes += [helper.make_node("MatMul", [prev, f"w{k}"], [f"h{k}"]), helper.make_node("Tanh", [f"h{k}"], [f"t{k}"])]
+        prev = f"t{k}"
+    m = make_model(nodes, [vi("x", ["N", 16])], [vi(prev, ["N", 16])], [init(f"w{k}", w) for k, w in enumerate(ws)])
+    ran = []
+    real = activations.prefix_model
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        ran.append(len(r[2]))
+        return r
+    monkeypatch.setattr(activations, "prefix_model", spy)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    prune(m, 0.5, effective=False, reconstruct=True, calibration=[{"x": x[:32]}, {"x": x[32:]}])
+    # the chain's inputs: layer k reads t(k-1); its prefix runs MatMul + Tanh of layer k-1 only
+    assert max(ran) <= 2 and sum(ran) <= 2 * 2 * 5
+
+
+def test_frontier_spills_beyond_its_budget_and_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    rng = np.random.default_rng(3)
+    m = _split_model(rng)
+    x = rng.standard_normal((24, 3, 6, 6)).astype(np.float32)
+    cal = [{"x": x[:12]}, {"x": x[12:]}]
+    a, ra = prune(m, 0.6, effective=False, reconstruct=True, calibration=cal)
+    b, rb = prune(m, 0.6, effective=False, reconstruct=True, calibration=cal, reconstruct_cache_bytes=0)
+    assert a.SerializeToString() == b.SerializeToString()  # spilled or held, the same values
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_if_branch_reading_an_outer_weight_falls_back(tmp_path):
+    """A main-graph weight read by a MatMul inside an If branch: its input lives in the branch, which no prefix
+    can return; the layer keeps plain selection, says why, and the run exits 0."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((8, 8)).astype(np.float32)
+    w2 = rng.standard_normal((8, 4)).astype(np.float32)
+    then_g = helper.make_graph([helper.make_node("Relu", ["x"], ["xr"]),
+                                helper.make_node("MatMul", ["xr", "w"], ["o_then"])], "then", [],
+                               [vi("o_then", ["N", 8])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["x"], ["o_else"])], "else", [],
+                               [vi("o_else", ["N", 8])])
+    nodes = [helper.make_node("If", ["flag"], ["h"], then_branch=then_g, else_branch=else_g),
+             helper.make_node("MatMul", ["h", "w2"], ["y"], name="head")]
+    m = make_model(nodes, [vi("x", ["N", 8]), vi("flag", [], TensorProto.BOOL)], [vi("y", ["N", 4])],
+                   [init("w", w), init("w2", w2)])
+    x = rng.standard_normal((32, 8)).astype(np.float32)
+    cal = [{"x": x, "flag": np.array(True)}]
+    out, rep = prune(m, 0.5, effective=False, reconstruct=True, calibration=cal)
+    by_name = {l["name"]: l for l in rep.reconstruction["layers"]}
+    assert by_name["w"]["method"] == "plain" and "subgraph" in by_name["w"]["fallback"]
+    assert by_name["w2"]["method"] != "plain"
+    plain, _ = prune(m, 0.5, effective=False)
+    assert np.array_equal(weights(out)["w"], weights(plain)["w"])
+    model_path, data = tmp_path / "if.onnx", tmp_path / "cal.npz"
+    onnx.save(m, model_path)
+    np.savez(data, x=x, flag=np.array(True))
+    res = invoke(model_path, "-s", "0.5", "--calibration", data, "--no-validate", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    assert "not reconstructed" in res.output and "subgraph" in res.output  # named on the terminal
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert any(l.get("fallback") for l in report["reconstruction"]["layers"])
+
+
+@pytest.mark.parametrize("strides,pads,out_pad,group,dil", [
+    ((2, 2), [1, 1, 1, 1], [1, 1], 1, (1, 1)),
+    ((1, 1), [0, 0, 0, 0], [0, 0], 2, (1, 1)),
+    ((2, 2), [0, 0, 0, 0], [0, 0], 1, (2, 2)),
+    ((3, 3), [2, 0, 1, 2], [1, 0], 1, (1, 1)),
+])
+def test_conv_transpose_samples_reproduce_the_node(strides, pads, out_pad, group, dil):
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 6 // group, 3, 3)).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=list(strides), pads=pads,
+                            output_padding=out_pad, group=group, dilations=list(dil))
+    m = make_model([node], [vi("x", ["N", 4, 5, 5])], [vi("y", None)], [init("w", w)])
+    x = rng.standard_normal((3, 4, 5, 5)).astype(np.float32)
+    site = build_sites(Graph(m), find_layers(m)[0][0], w.shape)[0]
+    pred = _layer_outputs(m, x, site, w)  # [g, N * positions, out/g]
+    (y,) = run(m, {"x": x})
+    want = y.reshape(3, group, 6 // group, -1).transpose(1, 0, 3, 2).reshape(group, -1, 6 // group)
+    assert site.count(x) == pred.shape[1]
+    np.testing.assert_allclose(pred, want, atol=1e-4)
+
+
+def test_conv_transpose_layer_reconstructs():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    nodes = [helper.make_node("ConvTranspose", ["x", "w", "b"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1],
+                              output_padding=[1, 1])]
+    m = make_model(nodes, [vi("x", ["N", 6, 5, 5])], [vi("y", None)], [init("w", w), init("b", b)])
+    x = np.maximum(rng.standard_normal((16, 6, 5, 5)), 0).astype(np.float32)
+    out, rep = prune(m, 0.7, effective=False, reconstruct=True, calibration=[{"x": x}])
+    (layer,) = rep.reconstruction["layers"]
+    assert layer["method"] != "plain" and layer["bias"] == "tensor"
+    assert layer["rel_error_after"] < layer["rel_error_before"]
+    assert int(np.count_nonzero(weights(out)["w"] == 0)) == round(0.7 * w.size)
+
+
+@pytest.mark.parametrize("slot,wshape,xshape", [
+    (1, (3, 8, 5), (2, 3, 7, 8)),  # x @ W, W per head
+    (1, (3, 8, 5), (7, 8)),  # x broadcast over W's slices
+    (0, (3, 5, 8), (2, 3, 8, 7)),  # W @ x
+    (1, (2, 3, 8, 5), (2, 3, 4, 8)),
+])
+def test_batched_matmul_weight_reconstructs(slot, wshape, xshape):
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal(wshape).astype(np.float32)
+    ins = ["x", "w"] if slot == 1 else ["w", "x"]
+    m = make_model([helper.make_node("MatMul", ins, ["y"])], [vi("x", list(xshape))], [vi("y", None)],
+                   [init("w", w)])
+    x = rng.standard_normal(xshape).astype(np.float32)
+    site = build_sites(Graph(m), find_layers(m)[0][0], w.shape)[0]
+    pred = _layer_outputs(m, x, site, w)
+    (y,) = run(m, {"x": x})
+    G = int(np.prod(wshape[:-2]))
+    y = y.reshape((-1, G) + y.shape[-2:])
+    want = (y if slot == 1 else np.swapaxes(y, -1, -2)).transpose(1, 0, 2, 3).reshape(G, pred.shape[1], -1)
+    np.testing.assert_allclose(pred, want, atol=1e-4)
+    out, rep = prune(m, 0.6, effective=False, reconstruct=True, calibration=[{"x": x}])
+    (layer,) = rep.reconstruction["layers"]
+    assert layer["method"] != "plain" and layer["groups"] == G
+    assert layer["rel_error_after"] < layer["rel_error_before"]
+    assert int(np.count_nonzero(weights(out)["w"] == 0)) == round(0.6 * w.size)
