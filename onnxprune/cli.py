@@ -548,10 +548,10 @@ def _num(x) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else str(x)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 def _duration(seconds: float) -> str:
     s = int(round(seconds))
     return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
