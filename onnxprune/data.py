@@ -200,6 +200,21 @@ def take(dataset: Dataset, start: int, stop: int | None, source: str) -> Dataset
                    batch_axes=dict(dataset.batch_axes))
 
 
+def rebatch(dataset: Dataset, size: int) -> Dataset:
+    """The same samples in batches of at most ``size`` (views; inputs without a batch axis go whole to each)."""
+    if all(n <= size for n in dataset.batch_sizes):
+        return dataset
+    feeds, sizes = [], []
+    for feed, n in zip(dataset.batches, dataset.batch_sizes):
+        for lo in range(0, n, size):
+            hi = min(n, lo + size)
+            feeds.append(_slice_feed(feed, lo, hi, dataset))
+            sizes.append(hi - lo)
+    return Dataset(feeds, dataset.labels, dataset.source, min(size, dataset.batch_size), samples=dataset.samples,
+                   notes=list(dataset.notes), batch_sizes=sizes, sha256=dataset.sha256,
+                   batch_axes=dict(dataset.batch_axes))
+
+
 def _slice_feed(feed, lo, hi, dataset):
     return {name: _along(a, dataset.batch_axes.get(name, 0), lo, hi) for name, a in feed.items()}
 

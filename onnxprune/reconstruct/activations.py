@@ -124,10 +124,11 @@ class Capture:
             except ValueError as exc:  # protobuf refuses to serialise more than 2 GiB
                 raise RequestError(f"reconstruction cannot hand this model's prefix to ONNX Runtime "
                                    f"({first_line(exc)}); models over 2 GiB are not reconstructed yet") from exc
+            so = session_options(threads=threads, spin=False)
+            so.enable_cpu_mem_arena = False  # a batch's buffers go back to the heap (trimmed after each layer)
             try:
                 with quiet_native_stderr():
-                    self.session = ort.InferenceSession(payload, session_options(threads=threads, spin=False),
-                                                        providers=["CPUExecutionProvider"])
+                    self.session = ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
             except Exception as exc:
                 raise InputError(f"reconstruction: ONNX Runtime cannot run the model's prefix up to "
                                  f"{', '.join(self.computed[:3])}: {first_line(exc)}") from exc

@@ -20,6 +20,7 @@ CORRECTIONS = ("meanvar", "none")
 MASKS = ("admm", "obs", "plain")
 ACC_BYTES = 1 << 26  # bytes of buffered sample rows per accumulation step (per model: dense and pruned prefix)
 GRAM_BLOCK = 1024  # columns of H updated per product
+SMALL_GRAM = 64  # inputs per group up to which every group's H is updated in one batched product
 F32_ROWS = 8192  # float32 sample rows per product (its float32 sums then go into the float64 moments)
 
 
@@ -33,6 +34,8 @@ class ReconstructOptions:
     admm_cost: float = 5e8  # ADMM where groups * out * d^2 stays below this, the one-shot OBS mask above
     admm_max_inputs: int = 1024  # ... and where d stays below this (its eigendecomposition is O(d^3))
     max_rows: int = 32768  # cap on sample rows per layer, evenly strided (0: all; Conv rows are N * positions)
+    rows_per_input: int = 32  # ... and per input of a group: at most max(min_rows / groups, 32 p) rows for p
+    min_rows: int = 8192  #      inputs (depthwise layers of real exports had 32768 rows for 26 inputs; 0: no cap)
     wide_max_rows: int = 2048  # the cap for layers wider than admm_max_inputs, whose p x p solves dominate (the
     #                            30 M benchmark model: 36 s with 8192 rows, 28-31 s with 4096, 20-24 s with 2048,
     #                            where the Woodbury route applies from 4096 inputs; damping keeps H solvable)
@@ -116,8 +119,12 @@ def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows:
         xd = Bd[:, :fill]
         xp = xd if same else Bp[:, :fill]
         yd = xd @ WtT.astype(xd.dtype, copy=False)  # [g, n, og]: the dense layer's outputs
-        for gi in range(g):
-            _add_gram(H[gi], xp[gi])
+        if p <= SMALL_GRAM:  # many small groups (depthwise): one batched product
+            t = xp.transpose(0, 2, 1) @ xp
+            H[...] += (t + t.transpose(0, 2, 1)) / 2
+        else:
+            for gi in range(g):
+                _add_gram(H[gi], xp[gi])
         GW[...] += xp.transpose(0, 2, 1) @ yd
         yd = yd.astype(np.float64, copy=False)
         ysum[...] += yd.sum(axis=1)
@@ -275,6 +282,8 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             try:
                 rows = options.max_rows if d <= options.admm_max_inputs else \
                     min(options.max_rows or options.wide_max_rows, options.wide_max_rows)
+                if rows and options.rows_per_input:  # H of p inputs is well estimated from some multiple of p rows
+                    rows = min(rows, max(-(-options.min_rows // g), options.rows_per_input * (d + 1)))
                 mom = _accumulate(sites, calibration, dense, current, rows, Wt)
             finally:
                 dense.close()

@@ -63,15 +63,19 @@ def im2col(x: np.ndarray, kernel: tuple, strides: tuple, dilations: tuple, pads:
         x, shape=(x.shape[0], x.shape[1]) + out + tuple(kernel),
         strides=(sN, sC) + tuple(a * s for a, s in zip(sS, strides)) + tuple(a * d for a, d in zip(sS, dilations)),
         writeable=False)
-    # -> [N, *out, C, *k]
-    order = (0,) + tuple(range(2, 2 + n_sp)) + (1,) + tuple(range(2 + n_sp, 2 + 2 * n_sp))
-    cols = view.transpose(order)
-    rows = x.shape[0] * int(np.prod(out))
-    c, kk = x.shape[1], int(np.prod(kernel))
+    n, c, kk = x.shape[0], x.shape[1], int(np.prod(kernel))
     cg = c // groups
+    rows = n * int(np.prod(out))
+    if groups == 1:  # [N, *out, C, *k]: rows, then (c, k) columns
+        cols = view.transpose((0,) + tuple(range(2, 2 + n_sp)) + (1,) + tuple(range(2 + n_sp, 2 + 2 * n_sp)))
+        if step > 1:
+            pick = np.unravel_index(np.arange(0, rows, step), (n,) + out)
+            return cols[pick].reshape(1, -1, c * kk)  # a copy of the kept rows only
+        return np.ascontiguousarray(cols).reshape(1, rows, c * kk)
+    # grouped (depthwise: cg = 1): [groups, N, *out, cg, *k], one copy into the group-major layout
+    view = view.reshape((n, groups, cg) + out + tuple(kernel))
+    cols = view.transpose((1, 0) + tuple(range(3, 3 + n_sp)) + (2,) + tuple(range(3 + n_sp, 3 + 2 * n_sp)))
     if step > 1:
-        pick = np.unravel_index(np.arange(0, rows, step), (x.shape[0],) + out)
-        cols = cols[pick]  # [rows / step, C, *k], a copy of the kept rows only
-        rows = cols.shape[0]
-    cols = cols.reshape(rows, groups, cg * kk)
-    return np.ascontiguousarray(cols.transpose(1, 0, 2))
+        pick = np.unravel_index(np.arange(0, rows, step), (n,) + out)
+        return np.ascontiguousarray(cols[(slice(None),) + pick]).reshape(groups, -1, cg * kk)
+    return np.ascontiguousarray(cols).reshape(groups, rows, cg * kk)

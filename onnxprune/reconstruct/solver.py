@@ -285,13 +285,14 @@ def admm_support(groups: list, select, max_iter: int = 60) -> np.ndarray:
     if not rho > 0:
         rho = 1e-6
     Vs = np.stack(Vstar)
+    B, Q, L = np.stack(Bs), np.stack(Qs), np.stack(Ls)  # [g, out, d], [g, d, d], [g, d]
+    QT = np.ascontiguousarray(Q.transpose(0, 2, 1))
     pruned = select(np.abs(Vs))
     D = np.where(pruned, 0.0, Vs)
     U = np.zeros_like(D)
     last = pruned
     for it in range(1, max_iter + 1):
-        V = np.stack([((Bs[j] + rho * (D[j] - U[j])) @ Qs[j] / (Ls[j] + rho)[None, :]) @ Qs[j].T
-                      for j in range(len(groups))])
+        V = (((B + rho * (D - U)) @ Q) / (L + rho)[:, None, :]) @ QT
         pruned = select(np.abs(V + U))
         D = np.where(pruned, 0.0, V + U)
         U += V - D
