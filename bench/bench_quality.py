@@ -6,7 +6,10 @@ the plain prune of the same model in the same run (in-process, median of --repea
 30 M-weight model of bench_prune.py with 128 random calibration samples: plain prune and prune + reconstruction
 (max_rows 2048 and the default) alternating in fresh processes, median of --repeat, time and peak RSS as ratios.
 
-    python bench/bench_quality.py [--repeat 3] [--big] [--ablation] [--peers] [--skip-quality]
+    python bench/bench_quality.py [--repeat 3] [--big] [--ablation] [--peers] [--skip-quality] [--heldout]
+
+--heldout: only issue 14's protocol (LAMP at 90/95/98 %, class-balanced calibration of 13 per class, every other
+sample evaluating), printed as one table row per sample model.
 
 --peers: onnxsim 0.8.1's calibrated pruners (`sparsegpt`, `wanda` per layer and with global_sparsity) at equal
 sparsity on the sample MLP and CNN, same calibration (first 128 samples) and evaluation (the rest); skipped with a
@@ -89,6 +92,43 @@ def quality(repeat):
               "128 samples):",
               "", "| model | plain s | reconstructed s | ratio |", "|---|---|---|---|"]
     lines += [f"| {m} | {a:.3f} | {b:.3f} | {b / a:.0f}x |" for m, a, b in ratios]
+    return lines
+
+
+HELDOUT_SPARSITIES = [0.9, 0.95, 0.98]
+
+
+def balanced_split(y, per_class):
+    """Indices of a class-balanced calibration set (the first ``per_class`` samples of each class, in file order)
+    and of every other sample (the evaluation set): disjoint."""
+    cal = np.sort(np.concatenate([np.flatnonzero(y == c)[:per_class] for c in np.unique(y)]))
+    rest = np.setdiff1d(np.arange(len(y)), cal)
+    return cal, rest
+
+
+def heldout():
+    """Issue 14's protocol: LAMP at 90/95/98 %, calibration = a class-balanced 128 (13 per class of 10, minus the
+    remainder: the first 13 of each class, so 130), evaluation = every other sample of the test file."""
+    lines = ["", "Held-out protocol (LAMP; calibration: the first 13 samples of each class, 130 in all, in batches of "
+             "32; evaluation: the other samples; accuracy):", "",
+             "| model | dense | " + " | ".join(f"{int(s * 100)} % plain → reconstructed (gap to dense)"
+                                              for s in HELDOUT_SPARSITIES) + " |",
+             "|---|---|" + "---|" * len(HELDOUT_SPARSITIES)]
+    for key, (mfile, dfile) in MODELS.items():
+        model = onnx.load(os.path.join(ROOT, "sample_models", mfile))
+        data = np.load(os.path.join(ROOT, "sample_models", dfile))
+        x, y = data["x"], data["y"]
+        ci, ei = balanced_split(y, 13)
+        xc, xe, ye = x[ci], x[ei], y[ei]
+        cal = [{"x": xc[i:i + 32]} for i in range(0, len(xc), 32)]
+        dense = accuracy(model, xe, ye)
+        cells = []
+        for s in HELDOUT_SPARSITIES:
+            a = accuracy(prune(model, s, "lamp")[0], xe, ye)
+            b = accuracy(prune(model, s, "lamp", reconstruct=True, calibration=cal)[0], xe, ye)
+            cells.append(f"{a:.3f} → **{b:.3f}** ({b - dense:+.3f})")
+        lines.append(f"| {mfile} | {dense:.3f} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
     return lines
 
 
@@ -239,8 +279,12 @@ def main():
     ap.add_argument("--ablation", action="store_true")
     ap.add_argument("--peers", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--heldout", action="store_true", help="only the held-out protocol (issue 14)")
     args = ap.parse_args()
     logging.disable(logging.WARNING)
+    if args.heldout:
+        print("\n".join(heldout()))
+        return
     lines = [] if args.skip_quality else quality(args.repeat)
     if args.peers:
         lines += peers()

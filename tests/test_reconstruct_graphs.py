@@ -174,10 +174,10 @@ def test_conv_transpose_layer_reconstructs():
 
 
 @pytest.mark.parametrize("slot,wshape,xshape", [
-    (1, (3, 8, 5), (2, 3, 7, 8)),  # x @ W, W per head
-    (1, (3, 8, 5), (7, 8)),  # x broadcast over W's slices
-    (0, (3, 5, 8), (2, 3, 8, 7)),  # W @ x
-    (1, (2, 3, 8, 5), (2, 3, 4, 8)),
+    (1, (3, 8, 5), (16, 3, 7, 8)),  # x @ W, W per head
+    (1, (3, 8, 5), (96, 8)),  # x broadcast over W's slices
+    (0, (3, 5, 8), (16, 3, 8, 7)),  # W @ x
+    (1, (2, 3, 8, 5), (2, 3, 48, 8)),
 ])
 def test_batched_matmul_weight_reconstructs(slot, wshape, xshape):
     rng = np.random.default_rng(7)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -21,6 +21,8 @@ MASKS = ("admm", "obs", "plain")
 ACC_BYTES = 1 << 26  # bytes of buffered sample rows per accumulation step (per model: dense and pruned prefix)
 GRAM_BLOCK = 1024  # columns of H updated per product
 SMALL_GRAM = 64  # inputs per group up to which every group's H is updated in one batched product
+HOLDOUT_BELOW = 1  # layers with fewer sample rows than this many times their inputs choose on held-out rows
+HOLDOUT_DAMPING = (1, 10, 100)  # damping factors tried there
 F32_ROWS = 8192  # float32 sample rows per product (its float32 sums then go into the float64 moments)
 
 
@@ -78,6 +80,7 @@ class Moments:
     ysq: np.ndarray
     rows: int
     X: list | None = None
+    held: tuple | None = None  # (dense, pruned prefix) sample rows [g, m, p] when few: the held-out choice
 
 
 def _add_gram(H: np.ndarray, x: np.ndarray) -> None:
@@ -153,8 +156,8 @@ def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows:
                 if dt == np.float32:  # float32 products summed over at most F32_ROWS rows, then in float64
                     cap = min(cap, F32_ROWS)
                 total = xd.shape[1] * len(feeds) * len(sites)
-                if 2 * total <= d:  # few rows: keep them all in one buffer (smaller than H) for the low-rank path
-                    cap = total
+                if total < HOLDOUT_BELOW * p:  # few rows: keep them all in one buffer (smaller than H), for
+                    cap = total  # the held-out choice and (under p / 2 rows) the low-rank path
                 cap = max(1, min(cap, total))
                 Bd = np.empty((g, cap, p), dtype=dt)
                 Bd[:, :, d] = 1.0
@@ -187,8 +190,60 @@ def _accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows:
     if flushes == 1 and 2 * rows <= d:  # every row is still in the buffer: H = lambda*I + low rank, used
         B = Bd if same else Bp
         X = [B[gi, :rows].astype(np.float64) for gi in range(g)]
+    held = None
+    if flushes == 1 and rows < HOLDOUT_BELOW * p:
+        held = (Bd[:, :rows], (Bd if same else Bp)[:, :rows])
     Bd = Bp = None
-    return Moments(H, GW, ysum, ysq, rows, X)
+    return Moments(H, GW, ysum, ysq, rows, X, held)
+
+
+def _row_moments(xd: np.ndarray, xp: np.ndarray, Wt: np.ndarray) -> Moments:
+    """``Moments`` of given sample rows [g, m, p] (dense, pruned prefix; ones column last), in float64."""
+    xd, xp = xd.astype(np.float64), xp.astype(np.float64)
+    m, d = xd.shape[1], xd.shape[2] - 1
+    yd = xd @ Wt.transpose(0, 2, 1)
+    H = xp.transpose(0, 2, 1) @ xp / m
+    H = (H + H.transpose(0, 2, 1)) / 2
+    X = [xp[gi] for gi in range(xp.shape[0])] if 2 * m <= d else None
+    return Moments(H, xp.transpose(0, 2, 1) @ yd / m, yd.mean(axis=1), (yd * yd).mean(axis=1), m, X)
+
+
+def _rows_of(out, bias, sites, R) -> np.ndarray:
+    """A solved layer (storage weights, stored bias or None) as rows [g, og, d + 1] [W | b] of the problem."""
+    site = sites[0]
+    g, og, d = site.index.shape
+    rows = np.zeros((g, og, d + 1))
+    rows[:, :, :d] = out.reshape(-1).astype(np.float64)[site.index] * site.scale
+    if site.bias is not None:
+        rows[:, :, d] = (site.bias.output(bias) if bias is not None else site.bias.dense).reshape(g, og)
+    return rows
+
+
+def _held_out_error(mom: Moments, rows: np.ndarray) -> float:
+    """E||W~ x~_d - W^ x~_p||^2 summed over groups and outputs, on the moments ``mom``."""
+    e = np.sum(mom.ysq) - 2 * np.einsum("gpo,gop->", mom.GW, rows) + np.einsum("gop,gpq,goq->", rows, mom.H, rows)
+    return max(float(e), 0.0)
+
+
+def _holdout(layer, w, sites, mom, R, Wt, n_prune, plain_pruned, options):
+    """A layer with fewer sample rows than HOLDOUT_BELOW x inputs can fit its calibration rows better than it
+    predicts new ones (magika's last Dense: 64 rows, 513 inputs; held-out error 0.38 against plain selection's 0.33).
+    Fit on three of every four rows at damping x1, x10, x100 and score on the fourth; returns (damping factor or
+    None for plain selection, report fields)."""
+    xd, xp = mom.held
+    val = np.arange(xd.shape[1]) % 4 == 3
+    fit, test = _row_moments(xd[:, ~val], xp[:, ~val], Wt), _row_moments(xd[:, val], xp[:, val], Wt)
+    plain = _rows_of(np.where(plain_pruned.reshape(w.shape), 0, w), None, sites, R)
+    energy = max(float(np.sum(test.ysq)), 1e-300)
+    scores = {"plain": _held_out_error(test, plain) / energy}
+    for factor in HOLDOUT_DAMPING:
+        trial = Moments(fit.H.copy(), fit.GW, fit.ymean, fit.ysq, fit.rows, fit.X)
+        out, bias, _ = _solve(layer, w, sites, trial, R, n_prune, plain_pruned,
+                              replace(options, damping=options.damping * factor))
+        scores[f"x{factor}"] = _held_out_error(test, _rows_of(out, bias, sites, R)) / energy
+    best = min(scores, key=scores.get)
+    fields = {"held_out": {"rows": int(val.sum()), "rel_error": scores, "chosen": best}}
+    return (None if best == "plain" else int(best[1:])), fields
 
 
 def reconstruct(model, layers, values, idx, counts, kept, calibration, options: ReconstructOptions,
@@ -293,9 +348,17 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             front.commit(len(calibration))
             t_gram = time.perf_counter()
             m = mom.rows
-            solved = _solve(layer, w, sites, mom, R, n_prune, plain_pruned, options)
-            del mom, R, Wt
             rec["time_capture_s"] = t_gram - t
+            layer_options = options
+            if mom.held is not None:
+                factor, held_fields = _holdout(layer, w, sites, mom, R, Wt, n_prune, plain_pruned, options)
+                rec.update(held_fields)
+                if factor is None:
+                    raise Unsupported(f"{m} sample rows for {d + 1} inputs: on held-out rows the refit predicts "
+                                      f"worse than plain selection")
+                layer_options = replace(options, damping=options.damping * factor)
+            solved = _solve(layer, w, sites, mom, R, n_prune, plain_pruned, layer_options)
+            del mom, R, Wt
             out, bias, fields = solved
             res.values[i] = out
             overrides[layer.name] = out

@@ -29,6 +29,12 @@ class BiasSink:
     dtype: np.dtype = np.dtype(np.float32)
     original: np.ndarray | None = None  # stored values (BN running mean)
 
+    def output(self, stored: np.ndarray) -> np.ndarray:
+        """The output bias [out] (float64) that stored values give (the inverse of ``stored``)."""
+        if self.kind == "bn":
+            return self.original.astype(np.float64).reshape(-1) - np.asarray(stored, np.float64).reshape(-1)
+        return np.asarray(stored, np.float64).reshape(-1) * self.scale
+
     def stored(self, bias: np.ndarray) -> np.ndarray:
         """Values to store for a new output bias ``bias`` [out]."""
         if self.kind == "bn":
