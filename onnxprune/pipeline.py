@@ -50,7 +50,7 @@ class PruneConfig:
     correction: str = "meanvar"  # "meanvar" | "none"
     reconstruct_mask: str = "admm"  # "admm" | "obs" | "plain" (refit the allocation's own selection)
     reconstruct_max_rows: int = 32768  # cap on sample rows per layer (evenly strided; 0: all)
-    reconstruct_cache_bytes: int = 1 << 27  # captured values held in memory; the rest wait in temporary files
+    reconstruct_cache_bytes: int = 1 << 25  # captured values held in memory; the rest wait in temporary files
     progress: object = None  # reconstruction: called with (layer position, layers, name, elapsed s, ETA s or None)
 
     def resolve(self) -> tuple:

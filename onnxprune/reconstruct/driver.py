@@ -21,7 +21,8 @@ MASKS = ("admm", "obs", "plain")
 ACC_BYTES = 1 << 26  # bytes of buffered sample rows per accumulation step (per model: dense and pruned prefix)
 GRAM_BLOCK = 1024  # columns of H updated per product
 SMALL_GRAM = 64  # inputs per group up to which every group's H is updated in one batched product
-HOLDOUT_BELOW = 1  # layers with fewer sample rows than this many times their inputs choose on held-out rows
+HOLDOUT_BELOW = 0.5  # layers with fewer sample rows than this many times their inputs choose on held-out rows
+#                       (PP-OCRv4 rec's 2881-input Conv with 2560 rows: four solves, 12 s, for the same choice)
 HOLDOUT_DAMPING = (1, 10, 100)  # damping factors tried there
 F32_ROWS = 8192  # float32 sample rows per product (its float32 sums then go into the float64 moments)
 
@@ -36,13 +37,13 @@ class ReconstructOptions:
     admm_cost: float = 5e8  # ADMM where groups * out * d^2 stays below this, the one-shot OBS mask above
     admm_max_inputs: int = 1024  # ... and where d stays below this (its eigendecomposition is O(d^3))
     max_rows: int = 32768  # cap on sample rows per layer, evenly strided (0: all; Conv rows are N * positions)
-    rows_per_input: int = 32  # ... and per input of a group: at most max(min_rows / groups, 32 p) rows for p
-    min_rows: int = 8192  #      inputs (depthwise layers of real exports had 32768 rows for 26 inputs; 0: no cap)
+    rows_per_input: int = 16  # ... and per input of a group: at most max(min_rows / groups, 16 p) rows for p
+    min_rows: int = 4096  #      inputs (depthwise layers of real exports had 32768 rows for 26 inputs; 0: no cap)
     wide_max_rows: int = 2048  # the cap for layers wider than admm_max_inputs, whose p x p solves dominate (the
     #                            30 M benchmark model: 36 s with 8192 rows, 28-31 s with 4096, 20-24 s with 2048,
     #                            where the Woodbury route applies from 4096 inputs; damping keeps H solvable)
     threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
-    cache_bytes: int = 1 << 27  # captured values held in memory (both frontiers together); the rest wait in files
+    cache_bytes: int = 1 << 25  # captured values held in memory (both frontiers together); the rest wait in files
 
     def check(self):
         from ..errors import ConfigError
@@ -335,8 +336,10 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             Wt = np.concatenate([R, (sink.dense.reshape(g, og, 1) if sink is not None else np.zeros((g, og, 1)))],
                                 axis=2)
             try:
-                rows = options.max_rows if d <= options.admm_max_inputs else \
-                    min(options.max_rows or options.wide_max_rows, options.wide_max_rows)
+                # wide layers: at least 2 p rows (then at least p after the stride's rounding; fewer rows than
+                # inputs would take the held-out choice, four solves), so the Gram costs what H's inverse costs
+                wide = max(options.wide_max_rows, 2 * (d + 1))
+                rows = options.max_rows if d <= options.admm_max_inputs else min(options.max_rows or wide, wide)
                 if rows and options.rows_per_input:  # H of p inputs is well estimated from some multiple of p rows
                     rows = min(rows, max(-(-options.min_rows // g), options.rows_per_input * (d + 1)))
                 mom = _accumulate(sites, calibration, dense, current, rows, Wt)

@@ -260,8 +260,9 @@ class Group:
         return max(e, 0.0)
 
 
-def admm_support(groups: list, select, max_iter: int = 60) -> np.ndarray:
-    """ALPS-like ADMM for the support under one layer-wide count (ALGORITHMS.md 6.3 step 2).
+def admm_support(groups: list, select, max_iter: int = 30) -> np.ndarray:
+    """ALPS-like ADMM for the support under one layer-wide count (the ADMM support of section 6.3, step 2; at
+    most 30 iterations: the prototype found nothing changed beyond that, and each costs 4 out d^2).
 
     ``select(scores [g, out, d]) -> pruned bool [g, out, d]`` applies the exact layer-wide count (existing zeros
     first, deterministic ties). Returns the final pruned mask [g, out, d].
