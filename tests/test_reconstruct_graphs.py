@@ -94,14 +94,20 @@ def test_frontier_spills_beyond_its_budget_and_leaves_nothing(tmp_path, monkeypa
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)
+    from onnxprune.io import staging
+    dead = next(pid for pid in range(4_000_000, 4_100_000) if not staging._pid_alive(pid))
+    stale = tmp_path / f"{staging.STAGING_PREFIX}{dead}-{staging._host_tag()}-0badc0de"  # a SIGKILLed run's
+    stale.mkdir()
+    (stale / "0.npy").write_bytes(b"x")
     rng = np.random.default_rng(3)
     m = _split_model(rng)
     x = rng.standard_normal((24, 3, 6, 6)).astype(np.float32)
     cal = [{"x": x[:12]}, {"x": x[12:]}]
     a, ra = prune(m, 0.6, effective=False, reconstruct=True, calibration=cal)
+    assert stale.exists()  # nothing spilled: the temporary directory is never looked at
     b, rb = prune(m, 0.6, effective=False, reconstruct=True, calibration=cal, reconstruct_cache_bytes=0)
     assert a.SerializeToString() == b.SerializeToString()  # spilled or held, the same values
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []  # its own spill directory and the stale one are gone
 
 
 def test_if_branch_reading_an_outer_weight_falls_back(tmp_path):

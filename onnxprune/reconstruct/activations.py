@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -243,8 +242,11 @@ class Frontier:
             self._drop(name)
 
     def _spill(self, arr: np.ndarray) -> str:
-        if self._dir is None:
-            self._dir = tempfile.mkdtemp(prefix="onnxprune-reconstruct-")
+        if self._dir is None:  # a staging directory: named for this process, removed at exit, and a SIGKILLed
+            from ..io import staging  # run's is removed by the next run that spills
+            tmp = tempfile.gettempdir()
+            staging.clean_stale_staging(tmp)
+            self._dir = staging.make_staging_dir(tmp)
         path = os.path.join(self._dir, f"{self._files}.npy")
         self._files += 1
         np.save(path, arr, allow_pickle=False)
@@ -268,5 +270,6 @@ class Frontier:
         self.meta.clear()
         self.used = 0
         if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+            from ..io import staging
+            staging._remove(self._dir)
             self._dir = None
