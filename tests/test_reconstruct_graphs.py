@@ -204,3 +204,29 @@ def test_batched_matmul_weight_reconstructs(slot, wshape, xshape):
     assert layer["method"] != "plain" and layer["groups"] == G
     assert layer["rel_error_after"] < layer["rel_error_before"]
     assert int(np.count_nonzero(weights(out)["w"] == 0)) == round(0.6 * w.size)
+
+
+def test_few_rows_choose_on_held_out_rows(monkeypatch):
+    """A layer with fewer sample rows than half its inputs picks its damping (or plain selection) on held-out
+    rows; each trial starts from the same moments (the solver damps H and centres the rows in place)."""
+    from onnxprune.reconstruct import driver
+    rng = np.random.default_rng(8)
+    w1 = rng.standard_normal((64, 96)).astype(np.float32)
+    w2 = rng.standard_normal((96, 10)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    m = make_model(nodes, [vi("x", ["N", 64])], [vi("y", ["N", 10])], [init("w1", w1), init("w2", w2)])
+    cal = [{"x": rng.standard_normal((24, 64)).astype(np.float32)}]  # 24 rows: < 65 / 2 and < 97 / 2
+
+    def scores(damping):
+        monkeypatch.setattr(driver, "HOLDOUT_DAMPING", damping)
+        _, rep = prune(m, 0.7, effective=False, reconstruct=True, calibration=cal)
+        return [l["held_out"]["rel_error"] for l in rep.reconstruction["layers"]], rep
+    alone, _ = scores((10,))
+    together, rep = scores((1, 10, 100))
+    for a, b in zip(alone, together):
+        assert a["x10"] == pytest.approx(b["x10"], rel=1e-9) and a["plain"] == b["plain"]
+    for layer in rep.reconstruction["layers"]:
+        held = layer["held_out"]
+        assert held["rows"] == 6 and held["chosen"] == min(held["rel_error"], key=held["rel_error"].get)
+        assert (layer["method"] == "plain") == (held["chosen"] == "plain")

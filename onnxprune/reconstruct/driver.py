@@ -238,7 +238,8 @@ def _holdout(layer, w, sites, mom, R, Wt, n_prune, plain_pruned, options):
     energy = max(float(np.sum(test.ysq)), 1e-300)
     scores = {"plain": _held_out_error(test, plain) / energy}
     for factor in HOLDOUT_DAMPING:
-        trial = Moments(fit.H.copy(), fit.GW, fit.ymean, fit.ysq, fit.rows, fit.X)
+        trial = Moments(fit.H.copy(), fit.GW, fit.ymean, fit.ysq, fit.rows,  # a Group damps H and centres X
+                        None if fit.X is None else [x.copy() for x in fit.X])  # in place: each trial its own
         out, bias, _ = _solve(layer, w, sites, trial, R, n_prune, plain_pruned,
                               replace(options, damping=options.damping * factor))
         scores[f"x{factor}"] = _held_out_error(test, _rows_of(out, bias, sites, R)) / energy
