@@ -230,3 +230,24 @@ def test_few_rows_choose_on_held_out_rows(monkeypatch):
         held = layer["held_out"]
         assert held["rows"] == 6 and held["chosen"] == min(held["rel_error"], key=held["rel_error"].get)
         assert (layer["method"] == "plain") == (held["chosen"] == "plain")
+
+
+@pytest.mark.parametrize("kind", ["conv_transpose", "batched_matmul"])
+def test_cli_reconstructs_conv_transpose_and_batched_weights(kind, tmp_path):
+    rng = np.random.default_rng(9)
+    if kind == "conv_transpose":
+        w = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+        node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2], pads=[1, 1, 1, 1])
+        shape = ["N", 6, 5, 5]
+    else:
+        w = rng.standard_normal((4, 16, 8)).astype(np.float32)
+        node = helper.make_node("MatMul", ["x", "w"], ["y"])
+        shape = ["N", 4, 12, 16]
+    m = make_model([node], [vi("x", shape)], [vi("y", None)], [init("w", w)])
+    path, data, report = tmp_path / "m.onnx", tmp_path / "cal.npz", tmp_path / "r.json"
+    onnx.save(m, path)
+    np.savez(data, x=rng.standard_normal([16] + shape[1:]).astype(np.float32))
+    res = invoke(path, "-s", "0.6", "--calibration", data, "--no-validate", "--report", report, "-q")
+    assert res.exit_code == 0, res.output
+    (layer,) = json.loads(report.read_text())["reconstruction"]["layers"]
+    assert layer["method"] != "plain" and not layer.get("fallback")
