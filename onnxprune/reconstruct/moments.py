@@ -1,0 +1,160 @@
+"""A layer problem's moments from captured activations: H, the cross terms through the dense outputs, and the
+dense outputs' per-row mean and square, accumulated over the calibration batches from float32 sample rows into
+float64 (the rows themselves kept only when they are few)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .activations import Capture
+from .problems import Unsupported
+
+ACC_BYTES = 1 << 26  # bytes of buffered sample rows per accumulation step (per model: dense and pruned prefix)
+GRAM_BLOCK = 1024  # columns of H updated per product
+SMALL_GRAM = 64  # inputs per group up to which every group's H is updated in one batched product
+HOLDOUT_BELOW = 0.5  # layers with fewer sample rows than this many times their inputs choose on held-out rows
+#                       (PP-OCRv4 rec's 2881-input Conv with 2560 rows: four solves, 12 s, for the same choice)
+HOLDOUT_MAX_INPUTS = 1024  # ... for layers up to this wide (wider ones: four O(p^3) solves; the 30 M benchmark
+#                            model's 2048-wide Gemms with 128 rows took 2.5x the time and 1.7x the memory)
+F32_ROWS = 8192  # float32 sample rows per product (its float32 sums then go into the float64 moments)
+
+
+@dataclass
+class Moments:
+    """What the layer problem needs of the calibration data, per group (float64, averaged over sample rows):
+    H [g, p, p] = E[x~_p x~_p^T]; GW [g, p, og] = E[x~_p y_d^T] with y_d = W~ x~_d the dense layer's output;
+    ymean, ysq [g, og] = E[y_d], E[y_d^2]; X: per group the pruned prefix's sample rows [m, p] (ones column last),
+    kept only when there are fewer of them than inputs (H is then low-rank plus the damping); rows: m."""
+    H: np.ndarray
+    GW: np.ndarray
+    ymean: np.ndarray
+    ysq: np.ndarray
+    rows: int
+    X: list | None = None
+    held: tuple | None = None  # (dense, pruned prefix) sample rows [g, m, p] when few: the held-out choice
+
+
+def _add_gram(H: np.ndarray, x: np.ndarray) -> None:
+    """H += x^T x for the upper triangle in column blocks (no p x p temporary), then mirrored: exactly symmetric."""
+    p = H.shape[0]
+    if p <= GRAM_BLOCK:
+        t = x.T @ x
+        H += (t + t.T) / 2
+        return
+    for a in range(0, p, GRAM_BLOCK):
+        b = min(p, a + GRAM_BLOCK)
+        H[:b, a:b] += x[:, :b].T @ x[:, a:b]
+        blk = H[a:b, a:b]
+        blk[...] = (blk + blk.T) / 2
+        H[a:b, :a] = H[:a, a:b].T
+
+
+def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: int, Wt: np.ndarray) -> Moments:
+    """Accumulate the layer's ``Moments`` over the calibration batches; ``Wt`` [g, og, p]: the dense rows [W | b].
+
+    Only H is p x p: the cross terms with the dense inputs are taken through the dense outputs y_d (p x og), which
+    is all the objective, the targets and the mean/variance correction need of G and Hdd. Sample rows are copied
+    into preallocated buffers (ones column last) of up to ACC_BYTES (or all rows, when at most half the inputs)
+    and multiplied once full, so that small batches (batch-1 models) still give large matrix products."""
+    g, og, p = Wt.shape
+    d = p - 1
+    same = current is None
+    H = np.zeros((g, p, p))
+    GW = np.zeros((g, p, og))
+    ysum = np.zeros((g, og))
+    ysq = np.zeros((g, og))
+    WtT = np.ascontiguousarray(Wt.transpose(0, 2, 1))
+    Bd = Bp = None
+    fill, rows, flushes, cap = 0, 0, 0, 0
+    stride = None
+
+    def flush():
+        nonlocal flushes
+        xd = Bd[:, :fill]
+        xp = xd if same else Bp[:, :fill]
+        yd = xd @ WtT.astype(xd.dtype, copy=False)  # [g, n, og]: the dense layer's outputs
+        if p <= SMALL_GRAM:  # many small groups (depthwise): one batched product
+            t = xp.transpose(0, 2, 1) @ xp
+            H[...] += (t + t.transpose(0, 2, 1)) / 2
+        else:
+            for gi in range(g):
+                _add_gram(H[gi], xp[gi])
+        GW[...] += xp.transpose(0, 2, 1) @ yd
+        yd = yd.astype(np.float64, copy=False)
+        ysum[...] += yd.sum(axis=1)
+        ysq[...] += np.einsum("gnr,gnr->gr", yd, yd)
+        flushes += 1
+
+    for j, feed in enumerate(feeds):
+        od = dense.run(feed, j)
+        oc = od if same else current.run(feed, j)
+        for site in sites:
+            if max_rows and stride is None:  # fixed from the first batch: deterministic, evenly spread rows
+                n0 = site.count(od[site.act])
+                stride = max(1, -(-n0 * len(feeds) * len(sites) // max_rows))
+            xd = site.samples(od[site.act], stride or 1)
+            xp = xd if same else site.samples(oc[site.act], stride or 1)
+            if xd.shape != xp.shape:
+                raise Unsupported("dense and pruned activations differ in shape")
+            if xd.shape[2] != d or xd.shape[0] != g:
+                raise Unsupported(f"activation gives {xd.shape[0]}x{xd.shape[2]} inputs per group, the weight "
+                                  f"{g}x{d}")
+            if xd.shape[1] == 0:
+                continue
+            if Bd is None:  # at most the rows all batches can give (as many as the first), at most ACC_BYTES
+                dt = xd.dtype
+                cap = max(256, ACC_BYTES // (dt.itemsize * p * g))
+                if dt == np.float32:  # float32 products summed over at most F32_ROWS rows, then in float64
+                    cap = min(cap, F32_ROWS)
+                total = xd.shape[1] * len(feeds) * len(sites)
+                if total < HOLDOUT_BELOW * p:  # few rows: keep them all in one buffer (smaller than H), for
+                    cap = total  # the held-out choice and (under p / 2 rows) the low-rank path
+                cap = max(1, min(cap, total))
+                Bd = np.empty((g, cap, p), dtype=dt)
+                Bd[:, :, d] = 1.0
+                if not same:
+                    Bp = np.empty((g, cap, p), dtype=dt)
+                    Bp[:, :, d] = 1.0
+            a, n = 0, xd.shape[1]
+            while a < n:
+                take = min(n - a, cap - fill)
+                Bd[:, fill:fill + take, :d] = xd[:, a:a + take]
+                if not same:
+                    Bp[:, fill:fill + take, :d] = xp[:, a:a + take]
+                fill += take
+                rows += take
+                a += take
+                if fill == cap:
+                    flush()
+                    fill = 0
+            del xd, xp
+        del od, oc
+    if fill:
+        flush()
+    if rows == 0:
+        raise Unsupported("no calibration rows reached this layer")
+    H /= rows
+    GW /= rows
+    ysum /= rows
+    ysq /= rows
+    X = None
+    if flushes == 1 and 2 * rows <= d:  # every row is still in the buffer: H = lambda*I + low rank, used
+        B = Bd if same else Bp
+        X = [B[gi, :rows].astype(np.float64) for gi in range(g)]
+    held = None
+    if flushes == 1 and rows < HOLDOUT_BELOW * p and d <= HOLDOUT_MAX_INPUTS:
+        held = (Bd[:, :rows], (Bd if same else Bp)[:, :rows])
+    Bd = Bp = None
+    return Moments(H, GW, ysum, ysq, rows, X, held)
+
+
+def row_moments(xd: np.ndarray, xp: np.ndarray, Wt: np.ndarray) -> Moments:
+    """``Moments`` of given sample rows [g, m, p] (dense, pruned prefix; ones column last), in float64."""
+    xd, xp = xd.astype(np.float64), xp.astype(np.float64)
+    m, d = xd.shape[1], xd.shape[2] - 1
+    yd = xd @ Wt.transpose(0, 2, 1)
+    H = xp.transpose(0, 2, 1) @ xp / m
+    H = (H + H.transpose(0, 2, 1)) / 2
+    X = [xp[gi] for gi in range(xp.shape[0])] if 2 * m <= d else None
+    return Moments(H, xp.transpose(0, 2, 1) @ yd / m, yd.mean(axis=1), (yd * yd).mean(axis=1), m, X)
