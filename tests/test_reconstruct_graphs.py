@@ -211,12 +211,12 @@ def test_few_rows_choose_on_held_out_rows(monkeypatch):
     rows; each trial starts from the same moments (the solver damps H and centres the rows in place)."""
     from onnxprune.reconstruct import driver
     rng = np.random.default_rng(8)
-    w1 = rng.standard_normal((64, 96)).astype(np.float32)
-    w2 = rng.standard_normal((96, 10)).astype(np.float32)
+    w1 = rng.standard_normal((128, 160)).astype(np.float32)
+    w2 = rng.standard_normal((160, 10)).astype(np.float32)
     nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
              helper.make_node("MatMul", ["r", "w2"], ["y"])]
-    m = make_model(nodes, [vi("x", ["N", 64])], [vi("y", ["N", 10])], [init("w1", w1), init("w2", w2)])
-    cal = [{"x": rng.standard_normal((24, 64)).astype(np.float32)}]  # 24 rows: < 65 / 2 and < 97 / 2
+    m = make_model(nodes, [vi("x", ["N", 128])], [vi("y", ["N", 10])], [init("w1", w1), init("w2", w2)])
+    cal = [{"x": rng.standard_normal((40, 128)).astype(np.float32)}]  # 40 rows: < 129 / 2 and < 161 / 2
 
     def scores(damping):
         monkeypatch.setattr(driver, "HOLDOUT_DAMPING", damping)
@@ -224,11 +224,12 @@ def test_few_rows_choose_on_held_out_rows(monkeypatch):
         return [l["held_out"]["rel_error"] for l in rep.reconstruction["layers"]], rep
     alone, _ = scores((10,))
     together, rep = scores((1, 10, 100))
+    assert len(alone) == 2
     for a, b in zip(alone, together):
         assert a["x10"] == pytest.approx(b["x10"], rel=1e-9) and a["plain"] == b["plain"]
     for layer in rep.reconstruction["layers"]:
         held = layer["held_out"]
-        assert held["rows"] == 6 and held["chosen"] == min(held["rel_error"], key=held["rel_error"].get)
+        assert held["rows"] == 10 and held["chosen"] == min(held["rel_error"], key=held["rel_error"].get)
         assert (layer["method"] == "plain") == (held["chosen"] == "plain")
 
 
@@ -251,3 +252,89 @@ def test_cli_reconstructs_conv_transpose_and_batched_weights(kind, tmp_path):
     assert res.exit_code == 0, res.output
     (layer,) = json.loads(report.read_text())["reconstruction"]["layers"]
     assert layer["method"] != "plain" and not layer.get("fallback")
+
+
+def test_too_few_rows_to_hold_out_keep_the_default_damping():
+    rng = np.random.default_rng(10)
+    m = make_model([helper.make_node("MatMul", ["x", "w"], ["y"])], [vi("x", ["N", 64])], [vi("y", ["N", 8])],
+                   [init("w", rng.standard_normal((64, 8)).astype(np.float32))])
+    _, rep = prune(m, 0.5, effective=False, reconstruct=True,
+                   calibration=[{"x": rng.standard_normal((12, 64)).astype(np.float32)}])  # 3 rows to hold out
+    (layer,) = rep.reconstruction["layers"]
+    assert "held_out" not in layer and layer["method"] != "plain"
+
+
+class _Checked(activations.Capture):
+    """Every value a capture returns equals a fresh prefix's from the graph inputs (no frontier), with the
+    overrides as they stand."""
+    bad = []
+
+    def run(self, feed, j=-1):
+        out = super().run(feed, j)
+        names = [n for n in self.names if n not in self.direct]
+        if names:
+            over = dict(self._overrides or {})
+            payload, inputs, _, _ = activations.prefix_model(self._model, names, None, over)
+            import onnxruntime as ort
+            ref = ort.InferenceSession(payload, providers=["CPUExecutionProvider"]).run(
+                names, {k: feed[k] for k in inputs})
+            for n, r in zip(names, ref):
+                if not np.allclose(out[n], r, atol=1e-5):
+                    _Checked.bad.append(n)
+        return out
+
+    def __init__(self, model, names, feeds, threads=0, frontier=None, overrides=None, advance=False):
+        super().__init__(model, names, feeds, threads, frontier, overrides, advance)
+        self._model, self._overrides = model, overrides
+
+
+def _stale_cases():
+    rng = np.random.default_rng(11)
+    D = 8
+
+    def W():
+        return rng.standard_normal((D, D)).astype(np.float32)
+    # w is a Gather table read before its MatMul consumer (a tied embedding)
+    gather = make_model([helper.make_node("MatMul", ["x", "w0"], ["a"]), helper.make_node("Gather", ["w", "idx"], ["e"]),
+                         helper.make_node("Add", ["e", "a"], ["e2"]), helper.make_node("MatMul", ["e2", "wa"], ["h"]),
+                         helper.make_node("MatMul", ["h", "w"], ["z"]), helper.make_node("MatMul", ["e2", "wc"], ["q"])],
+                        [vi("x", ["N", D]), vi("idx", ["N"], TensorProto.INT64)], [vi("z", ["N", D]), vi("q", ["N", D])],
+                        [init("w0", W()), init("w", W()), init("wa", W()), init("wc", W())])
+    cal_g = [{"x": rng.standard_normal((64, D)).astype(np.float32), "idx": rng.integers(0, D, 64)} for _ in range(2)]
+    # w is read inside an If branch and by a later MatMul (the branch's read falls back: plain selection)
+    branch = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["t"])], "then", [], [vi("t", None)])
+    other = helper.make_graph([helper.make_node("MatMul", ["a", "w"], ["t2"])], "else", [], [vi("t2", None)])
+    iff = make_model([helper.make_node("MatMul", ["x", "w0"], ["a"]),
+                      helper.make_node("If", ["cond"], ["e2"], then_branch=branch, else_branch=other),
+                      helper.make_node("MatMul", ["e2", "wa"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["z"]),
+                      helper.make_node("MatMul", ["e2", "wc"], ["q"])],
+                     [vi("x", ["N", D])], [vi("z", ["N", D]), vi("q", ["N", D])],
+                     [init("w0", W()), init("w", W()), init("wa", W()), init("wc", W()), init("cond", np.array(True))])
+    cal_i = [{"x": rng.standard_normal((64, D)).astype(np.float32)} for _ in range(2)]
+    # a SplitToSequence value produced in one layer's prefix and read later: a sequence is no array, so it is
+    # recomputed, not carried
+    seq = make_model([helper.make_node("MatMul", ["x", "w0"], ["a"]),
+                      helper.make_node("SplitToSequence", ["a", "halves"], ["s"], axis=1),
+                      helper.make_node("SequenceAt", ["s", "zero"], ["s0"]),
+                      helper.make_node("MatMul", ["s0", "wa"], ["h"]),
+                      helper.make_node("SequenceAt", ["s", "one"], ["s1"]),
+                      helper.make_node("Concat", ["h", "s1"], ["hs"], axis=1),
+                      helper.make_node("MatMul", ["hs", "wc"], ["z"])],
+                     [vi("x", ["N", D])], [vi("z", ["N", D])],
+                     [init("w0", W()), init("wa", rng.standard_normal((4, 4)).astype(np.float32)), init("wc", W()),
+                      init("halves", np.array([4, 4], np.int64)), init("zero", np.array(0, np.int64)),
+                      init("one", np.array(1, np.int64))])
+    return [("gather", gather, cal_g), ("if", iff, cal_i), ("sequence", seq, cal_i)]
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_captures_never_serve_stale_or_unholdable_values(case, monkeypatch):
+    """A weight read before its first consumer (Gather, an If body) changes after earlier prefixes ran: the
+    partly reconstructed model's frontier starts over; a value numpy cannot hold is recomputed, not carried."""
+    from onnxprune.reconstruct import driver
+    name, m, cal = _stale_cases()[case]
+    monkeypatch.setattr(driver, "Capture", _Checked)
+    _Checked.bad = []
+    out, rep = prune(m, 0.5, effective=False, reconstruct=True, calibration=cal)
+    assert _Checked.bad == [], name
+    assert len(rep.reconstruction["layers"]) >= 3

@@ -11,8 +11,12 @@ import onnx
 from onnx import helper
 
 from ..connectivity import node_reads
-from ..errors import InputError, RequestError, first_line
+from ..errors import InputError, OutputError, RequestError, first_line
 from ..validate import quiet_native_stderr, session_options
+
+
+CARRIED_TYPES = {f"tensor({t})" for t in ("float", "float16", "double", "int8", "int16", "int32", "int64", "uint8",
+                                          "uint16", "uint32", "uint64", "bool")}
 
 
 def _replaced(tensor, values):
@@ -131,6 +135,9 @@ class Capture:
             except Exception as exc:
                 raise InputError(f"reconstruction: ONNX Runtime cannot run the model's prefix up to "
                                  f"{', '.join(self.computed[:3])}: {first_line(exc)}") from exc
+            if self.carried:  # sequences, maps, bfloat16/float8 and strings are recomputed, never carried
+                kinds = {o.name: o.type for o in self.session.get_outputs()}
+                self.carried = [n for n in self.carried if kinds.get(n) in CARRIED_TYPES]
             if self.advance:
                 frontier.begin(self.nodes)
         else:
@@ -241,15 +248,33 @@ class Frontier:
                      if all(r in self.done for r in self.readers.get(n, ()))]:
             self._drop(name)
 
+    def invalidate(self, names) -> None:
+        """Tensors ``names`` (weights, biases) just changed: when a held value or a node already run read one of
+        them (a Gather or an If body reading a weight before its first consumer; a Constant-node weight carried
+        as a value), start over from the graph inputs (the next prefix recomputes what it needs)."""
+        if any(n in self.values or self.readers.get(n, set()) & self.done for n in names):
+            self._discard()
+            for name in list(self.values):
+                self._drop(name)
+            self.done = set()
+
     def _spill(self, arr: np.ndarray) -> str:
         if self._dir is None:  # a staging directory: named for this process, removed at exit, and a SIGKILLed
             from ..io import staging  # run's is removed by the next run that spills
             tmp = tempfile.gettempdir()
             staging.clean_stale_staging(tmp)
-            self._dir = staging.make_staging_dir(tmp)
+            try:
+                self._dir = staging.make_staging_dir(tmp)
+            except OSError as exc:
+                raise OutputError(f"reconstruction cannot make its temporary directory in {tmp}: "
+                                  f"{first_line(exc)} (set TMPDIR to a writable place)") from exc
         path = os.path.join(self._dir, f"{self._files}.npy")
         self._files += 1
-        np.save(path, arr, allow_pickle=False)
+        try:
+            np.save(path, arr, allow_pickle=False)
+        except OSError as exc:
+            raise OutputError(f"reconstruction cannot write its temporary file {path}: {first_line(exc)} (set "
+                              f"TMPDIR to a place with room for the captured activations)") from exc
         return path
 
     def _free(self, a) -> None:

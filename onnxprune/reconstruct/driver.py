@@ -20,6 +20,7 @@ log = logging.getLogger("onnxprune")
 CORRECTIONS = ("meanvar", "none")
 MASKS = ("admm", "obs", "plain")
 HOLDOUT_DAMPING = (1, 10, 100)  # damping factors a layer with few sample rows tries on held-out rows (moments)
+HOLDOUT_MIN_TEST = 8  # ... when a quarter of its rows gives at least this many (fewer: the default damping)
 
 
 @dataclass
@@ -132,8 +133,10 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
         return _reconstruct(model, layers, values, idx, counts, kept, calibration, options, graph, dense_front,
                             front, res, t0, progress)
     finally:
-        dense_front.close()
-        front.close()
+        try:
+            dense_front.close()
+        finally:
+            front.close()
 
 
 def _work(layer) -> float:
@@ -210,7 +213,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             m = mom.rows
             rec["time_capture_s"] = t_gram - t
             layer_options = options
-            if mom.held is not None:
+            if mom.held is not None and mom.rows >= 4 * HOLDOUT_MIN_TEST:  # enough rows to hold a quarter out
                 factor, held_fields = _holdout(layer, w, sites, mom, R, Wt, n_prune, plain_pruned, options)
                 rec.update(held_fields)
                 if factor is None:
@@ -225,6 +228,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             if bias is not None:
                 res.biases[sites[0].bias.tensor] = bias
                 overrides[sites[0].bias.tensor] = bias
+            front.invalidate([layer.name] + ([sites[0].bias.tensor] if bias is not None else []))
             rec.update(fields, rows=int(m))
             if sites[0].kind != "conv" and m < fields["inputs"] + 1:
                 underdetermined.append(layer.name)
@@ -239,6 +243,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                 masked = np.where(plain_pruned.reshape(w.shape), np.zeros((), w.dtype), w)
                 if graph.stored(layer.name) is not None:
                     overrides[layer.name] = masked
+                    front.invalidate([layer.name])
                 changed = True
         _trim_heap()
         rec["time_s"] = time.perf_counter() - t
