@@ -34,7 +34,7 @@ class ReconstructOptions:
     admm_max_inputs: int = 1024  # ... and where d stays below this (its eigendecomposition is O(d^3))
     max_rows: int = 32768  # cap on sample rows per layer, evenly strided (0: all; Conv rows are N * positions)
     rows_per_input: int = 16  # ... and per input of a group: at most max(min_rows / groups, 16 p) rows for p
-    min_rows: int = 4096  #      inputs (depthwise layers of real exports had 32768 rows for 26 inputs; 0: no cap)
+    min_rows: int = 16384  #     inputs (depthwise layers of real exports had 32768 rows for 26 inputs; 0: no cap)
     wide_max_rows: int = 2048  # the cap for layers wider than admm_max_inputs, whose p x p solves dominate (the
     #                            30 M benchmark model: 36 s with 8192 rows, 28-31 s with 4096, 20-24 s with 2048,
     #                            where the Woodbury route applies from 4096 inputs; damping keeps H solvable)
