@@ -338,3 +338,19 @@ def test_captures_never_serve_stale_or_unholdable_values(case, monkeypatch):
     out, rep = prune(m, 0.5, effective=False, reconstruct=True, calibration=cal)
     assert _Checked.bad == [], name
     assert len(rep.reconstruction["layers"]) >= 3
+
+
+def test_progress_names_each_layer_and_quiet_runs_show_nothing(tmp_path):
+    rng = np.random.default_rng(12)
+    m = _split_model(rng)
+    x = rng.standard_normal((16, 3, 6, 6)).astype(np.float32)
+    seen = []
+    prune(m, 0.6, effective=False, reconstruct=True, calibration=[{"x": x}],
+          progress=lambda k, n, name, elapsed, eta: seen.append((k, n, name, eta)))
+    assert [(k, n, name) for k, n, name, _ in seen] == [(1, 3, "w1"), (2, 3, "w2"), (3, 3, "w3")]
+    assert seen[0][3] is None  # no estimate before anything was measured
+    path, data = tmp_path / "m.onnx", tmp_path / "cal.npz"
+    onnx.save(m, path)
+    np.savez(data, x=x)
+    res = invoke(path, "-s", "0.6", "--calibration", data, "--no-validate", "-q")
+    assert res.exit_code == 0 and "reconstructing" not in res.output

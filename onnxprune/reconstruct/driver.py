@@ -112,7 +112,8 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
     ``counts[k]``: zeros layer ``idx[k]`` ends with (the allocation's count, existing zeros included); ``kept``:
     layer index -> packed non-zero flags of the plain selection (layers absent gained no zeros). ``model`` is
     only read: the partly reconstructed model is a private copy. Returns the refit weights and biases to write.
-    ``progress(k, n, name, elapsed_s, eta_s)``: called before each layer solved (ETA None until one is done).
+    ``progress(k, n, name, elapsed_s, eta_s)``: called before each layer solved (ETA None for the first 2 s and
+    5 % of the expected work).
     """
     options.check()
     t0 = time.perf_counter()
@@ -168,7 +169,9 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
         t = time.perf_counter()
         if progress is not None:
             elapsed = t - t0
-            eta = elapsed * (total_work - done_work) / done_work if done_work else None
+            # an estimate once there is something to extrapolate from (early layers are mostly session starts)
+            eta = elapsed * (total_work - done_work) / done_work \
+                if elapsed >= 2 and done_work >= 0.05 * total_work else None
             progress(todo.index(k) + 1, len(todo), layer.name, elapsed, eta)
         done_work += work.get(k, 0.0)
         flat_w = w.reshape(-1)
