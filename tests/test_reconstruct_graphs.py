@@ -354,3 +354,26 @@ def test_progress_names_each_layer_and_quiet_runs_show_nothing(tmp_path):
     np.savez(data, x=x)
     res = invoke(path, "-s", "0.6", "--calibration", data, "--no-validate", "-q")
     assert res.exit_code == 0 and "reconstructing" not in res.output
+
+
+def test_a_prefix_onnx_runtime_cannot_build_falls_back_for_that_layer(monkeypatch, tmp_path):
+    """A capture ONNX Runtime refuses (a cut built wrong would be our bug, never the user's model) costs that
+    layer its reconstruction, named with the reason; the run goes on and exits 0."""
+    rng = np.random.default_rng(13)
+    m = _split_model(rng)
+    real = activations.prefix_model
+
+    def broken(model, names, *a, **kw):
+        payload, inputs, nodes, extra = real(model, names, *a, **kw)
+        if "cat" in names:  # the last layer's capture: a model ONNX Runtime refuses
+            payload = b"not a model"
+        return payload, inputs, nodes, extra
+    monkeypatch.setattr(activations, "prefix_model", broken)
+    path, data = tmp_path / "m.onnx", tmp_path / "cal.npz"
+    onnx.save(m, path)
+    np.savez(data, x=rng.standard_normal((16, 3, 6, 6)).astype(np.float32))
+    res = invoke(path, "-s", "0.6", "--calibration", data, "--no-validate", "--report", tmp_path / "r.json")
+    assert res.exit_code == 0, res.output
+    layers = {l["name"]: l for l in json.loads((tmp_path / "r.json").read_text())["reconstruction"]["layers"]}
+    assert layers["w3"]["method"] == "plain" and "ONNX Runtime cannot run" in layers["w3"]["fallback"]
+    assert layers["w1"]["method"] != "plain" and layers["w2"]["method"] != "plain"

@@ -13,6 +13,7 @@ from onnx import helper
 from ..connectivity import node_reads
 from ..errors import InputError, OutputError, RequestError, first_line
 from ..validate import quiet_native_stderr, session_options
+from .problems import Unsupported
 
 
 CARRIED_TYPES = {f"tensor({t})" for t in ("float", "float16", "double", "int8", "int16", "int32", "int64", "uint8",
@@ -132,9 +133,9 @@ class Capture:
             try:
                 with quiet_native_stderr():
                     self.session = ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
-            except Exception as exc:
-                raise InputError(f"reconstruction: ONNX Runtime cannot run the model's prefix up to "
-                                 f"{', '.join(self.computed[:3])}: {first_line(exc)}") from exc
+            except Exception as exc:  # that layer keeps plain selection (said per layer); the run goes on
+                raise Unsupported(f"ONNX Runtime cannot run the model's prefix up to "
+                                  f"{', '.join(self.computed[:3])}: {first_line(exc)}") from exc
             if self.carried:  # sequences, maps, bfloat16/float8 and strings are recomputed, never carried
                 kinds = {o.name: o.type for o in self.session.get_outputs()}
                 self.carried = [n for n in self.carried if kinds.get(n) in CARRIED_TYPES]
