@@ -9,7 +9,6 @@ ASCII = False  # set by the CLI when stdout/stderr cannot encode the symbols bel
 COMPACT_ABOVE = 25  # layers; above this the table shows the largest ones and the totals
 COMPACT_ROWS = 12
 NAME_WIDTH = 26
-FALLBACKS_SHOWN = 10  # reconstruction fallbacks named one per line under the summary
 _SYMBOLS = {"→": "->", "×": "x", "—": "-", "…": "...", "≥": ">=", "·": "|"}
 
 
@@ -263,12 +262,6 @@ def _print_reconstruction(console, r: dict) -> None:
         line += (f"; layer output error vs dense, worst layer {shorten(worst['name'], 20)}: "
                  f"{worst.get('rel_error_before', float('nan')):.3f} one-shot → {worst['rel_error_after']:.3f}")
     console.print(escape(_t(line)))
-    fallbacks = [l for l in layers if l.get("fallback")]
-    for l in fallbacks[:FALLBACKS_SHOWN]:
-        console.print(escape(_t(f"  not reconstructed (plain selection): {shorten(l['name'], 40)}: {l['fallback']}")))
-    if len(fallbacks) > FALLBACKS_SHOWN:
-        console.print(escape(_t(f"  ... and {len(fallbacks) - FALLBACKS_SHOWN} more layers not reconstructed "
-                                f"(the report lists each)")))
 
 
 def _print_search(console, s: dict) -> None:

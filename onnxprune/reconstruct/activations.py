@@ -117,6 +117,7 @@ class Capture:
         self.inputs = []
         self.frontier = frontier
         self.carried = []
+        self.kept = []  # the asked-for values the frontier also keeps (a node not yet run reads them)
         self.nodes = set()
         self.advance = bool(advance and frontier is not None)
         if self.computed:
@@ -140,6 +141,7 @@ class Capture:
                 kinds = {o.name: o.type for o in self.session.get_outputs()}
                 self.carried = [n for n in self.carried if kinds.get(n) in CARRIED_TYPES]
             if self.advance:
+                self.kept = [n for n in self.computed if frontier.wanted(n, self.nodes)]
                 frontier.begin(self.nodes)
         else:
             self.advance = False
@@ -162,7 +164,7 @@ class Capture:
             out.update(zip(self.computed, res[:k]))
             if self.advance:
                 values = dict(zip(self.carried, res[k:]))
-                values.update((n, out[n]) for n in self.computed if self.frontier.wanted(n, self.nodes))
+                values.update((n, out[n]) for n in self.kept)
                 self.frontier.put(j, values)
         return out
 
@@ -178,7 +180,7 @@ class Frontier:
 
     ``readers``: value name -> positions of the main-graph nodes that read it (subgraph outer reads included)."""
 
-    def __init__(self, readers: dict, budget: int, outputs=()):
+    def __init__(self, readers: dict, budget: int):
         self.readers = readers
         self.budget = budget
         self.used = 0

@@ -20,7 +20,6 @@ log = logging.getLogger("onnxprune")
 CORRECTIONS = ("meanvar", "none")
 MASKS = ("admm", "obs", "plain")
 HOLDOUT_DAMPING = (1, 10, 100)  # damping factors a layer with few sample rows tries on held-out rows (moments)
-HOLDOUT_MIN_TEST = 8  # ... when a quarter of its rows gives at least this many (fewer: the default damping)
 
 
 @dataclass
@@ -155,8 +154,8 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
     underdetermined = []
     zeros = [int(values[i].size - np.count_nonzero(values[i])) for i in idx]
     first = next((k for k in range(len(idx)) if int(counts[k]) > zeros[k]), len(idx))
-    todo = list(range(first, len(idx)))  # from the first layer that gains zeros, every layer is solved
-    work = {k: _work(layers[idx[k]]) for k in todo}
+    # from the first layer that gains zeros on, every layer is solved
+    work = {k: _work(layers[idx[k]]) for k in range(first, len(idx))}
     total_work, done_work = sum(work.values()) or 1.0, 0.0
     for k, i in enumerate(idx):
         layer = layers[i]
@@ -172,7 +171,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             # an estimate once there is something to extrapolate from (early layers are mostly session starts)
             eta = elapsed * (total_work - done_work) / done_work \
                 if elapsed >= 2 and done_work >= 0.05 * total_work else None
-            progress(todo.index(k) + 1, len(todo), layer.name, elapsed, eta)
+            progress(k - first + 1, len(idx) - first, layer.name, elapsed, eta)
         done_work += work.get(k, 0.0)
         flat_w = w.reshape(-1)
         if i in kept:
@@ -216,7 +215,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             m = mom.rows
             rec["time_capture_s"] = t_gram - t
             layer_options = options
-            if mom.held is not None and mom.rows >= 4 * HOLDOUT_MIN_TEST:  # enough rows to hold a quarter out
+            if mom.held is not None:
                 factor, held_fields = _holdout(layer, w, sites, mom, R, Wt, n_prune, plain_pruned, options)
                 rec.update(held_fields)
                 if factor is None:

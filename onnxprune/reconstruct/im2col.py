@@ -8,7 +8,7 @@ import numpy as np
 
 def sample_dtype(dtype) -> np.dtype:
     """Sample rows keep float32 activations as they are (float16/bfloat16 widen to it); float64 stays float64.
-    The moments are accumulated in float64 from products of at most ``driver.F32_ROWS`` rows."""
+    The moments are accumulated in float64 from products of at most ``moments.F32_ROWS`` rows."""
     return np.dtype(np.float64) if np.dtype(dtype) == np.float64 else np.dtype(np.float32)
 
 
@@ -66,16 +66,15 @@ def im2col(x: np.ndarray, kernel: tuple, strides: tuple, dilations: tuple, pads:
     n, c, kk = x.shape[0], x.shape[1], int(np.prod(kernel))
     cg = c // groups
     rows = n * int(np.prod(out))
+    pick = np.unravel_index(np.arange(0, rows, step), (n,) + out) if step > 1 else None  # the kept rows only
     if groups == 1:  # [N, *out, C, *k]: rows, then (c, k) columns
         cols = view.transpose((0,) + tuple(range(2, 2 + n_sp)) + (1,) + tuple(range(2 + n_sp, 2 + 2 * n_sp)))
-        if step > 1:
-            pick = np.unravel_index(np.arange(0, rows, step), (n,) + out)
-            return cols[pick].reshape(1, -1, c * kk)  # a copy of the kept rows only
+        if pick is not None:
+            return cols[pick].reshape(1, -1, c * kk)
         return np.ascontiguousarray(cols).reshape(1, rows, c * kk)
     # grouped (depthwise: cg = 1): [groups, N, *out, cg, *k], one copy into the group-major layout
     view = view.reshape((n, groups, cg) + out + tuple(kernel))
     cols = view.transpose((1, 0) + tuple(range(3, 3 + n_sp)) + (2,) + tuple(range(3 + n_sp, 3 + 2 * n_sp)))
-    if step > 1:
-        pick = np.unravel_index(np.arange(0, rows, step), (n,) + out)
+    if pick is not None:
         return np.ascontiguousarray(cols[(slice(None),) + pick]).reshape(groups, -1, cg * kk)
     return np.ascontiguousarray(cols).reshape(groups, rows, cg * kk)

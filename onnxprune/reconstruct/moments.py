@@ -17,6 +17,7 @@ HOLDOUT_BELOW = 0.5  # layers with fewer sample rows than this many times their 
 #                       (PP-OCRv4 rec's 2881-input Conv with 2560 rows: four solves, 12 s, for the same choice)
 HOLDOUT_MAX_INPUTS = 1024  # ... for layers up to this wide (wider ones: four O(p^3) solves; the 30 M benchmark
 #                            model's 2048-wide Gemms with 128 rows took 2.5x the time and 1.7x the memory)
+HOLDOUT_MIN_TEST = 8  # ... given at least this many held-out rows (a quarter of the rows; fewer: default damping)
 F32_ROWS = 8192  # float32 sample rows per product (its float32 sums then go into the float64 moments)
 
 
@@ -143,7 +144,7 @@ def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: 
         B = Bd if same else Bp
         X = [B[gi, :rows].astype(np.float64) for gi in range(g)]
     held = None
-    if flushes == 1 and rows < HOLDOUT_BELOW * p and d <= HOLDOUT_MAX_INPUTS:
+    if flushes == 1 and 4 * HOLDOUT_MIN_TEST <= rows < HOLDOUT_BELOW * p and d <= HOLDOUT_MAX_INPUTS:
         held = (Bd[:, :rows], (Bd if same else Bp)[:, :rows])
     Bd = Bp = None
     return Moments(H, GW, ysum, ysq, rows, X, held)

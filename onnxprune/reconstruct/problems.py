@@ -55,20 +55,24 @@ class Site:
     bias: BiasSink | None = None
     batch: tuple = ()  # a batched MatMul weight's leading dims (one group per slice)
 
+    def _spatial(self, x: np.ndarray) -> int:
+        """The kernel's spatial rank; Unsupported when the input's rank does not match it."""
+        n_sp = len(self.conv["kernel"])
+        if x.ndim - 2 != n_sp:
+            raise Unsupported(f"input rank {x.ndim} does not match a {n_sp}-d kernel")
+        return n_sp
+
     def _pads(self, x: np.ndarray):
         """The convolution's explicit pads for this input (auto_pad resolved); Unsupported on a rank mismatch."""
         c = self.conv
-        if x.ndim - 2 != len(c["kernel"]):
-            raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
+        self._spatial(x)
         return conv_pads(x.shape[2:], c["kernel"], c["strides"], c["dilations"], c["pads"], c["auto_pad"])
 
     def _transposed_input(self, x: np.ndarray) -> np.ndarray:
         """ConvTranspose as a convolution: the input with strides-1 zeros between its elements, padded by
         dilation * (k - 1) - pad (cropped where that is negative; output_padding extends the end)."""
         c = self.conv
-        n_sp = len(c["kernel"])
-        if x.ndim - 2 != n_sp:
-            raise Unsupported(f"input rank {x.ndim} does not match a {n_sp}-d kernel")
+        n_sp = self._spatial(x)
         pads = c["pads"] or [0] * (2 * n_sp)
         x = np.asarray(x, dtype=sample_dtype(x.dtype))
         size = tuple((n - 1) * s + 1 for n, s in zip(x.shape[2:], c["strides"]))
@@ -93,9 +97,7 @@ class Site:
             out = conv_out(x.shape[2:], c["kernel"], c["strides"], c["dilations"], self._pads(x))
             return int(x.shape[0]) * int(np.prod(out))
         if self.kind == "convT":
-            if x.ndim - 2 != len(c["kernel"]):
-                raise Unsupported(f"input rank {x.ndim} does not match a {len(c['kernel'])}-d kernel")
-            n_sp = len(c["kernel"])
+            n_sp = self._spatial(x)
             pads = c["pads"] or [0] * (2 * n_sp)
             out = [(n - 1) * s + dl * (k - 1) + 1 - pads[a] - pads[a + n_sp] + c["output_padding"][a]
                    for a, (n, s, k, dl) in enumerate(zip(x.shape[2:], c["strides"], c["kernel"], c["dilations"]))]
@@ -278,10 +280,14 @@ def _conv_transpose_site(graph: Graph, node, view: np.ndarray) -> Site:
     cin_g, cout_g = view.shape[0] // groups, view.shape[1]
     v = view.reshape((groups, cin_g, cout_g) + kernel)[(slice(None),) * 3 + (slice(None, None, -1),) * n_sp]
     index = np.ascontiguousarray(np.swapaxes(v, 1, 2)).reshape(groups, cout_g, -1)
-    o = groups * cout_g
-    has_b = len(node.input) > 2 and node.input[2]
-    bias = _own_bias(graph, node.input[2], o, 1.0) if has_b else _bias_after(graph, node.output[0], o, n_sp + 1)
-    return Site(node, node.input[0], "convT", index, conv=conv, bias=bias)
+    return Site(node, node.input[0], "convT", index, conv=conv, bias=_conv_bias(graph, node, groups * cout_g, n_sp))
+
+
+def _conv_bias(graph: Graph, node, out: int, n_sp: int) -> BiasSink | None:
+    """A (transposed) convolution's bias: its input B when it has one, else a following Add or BatchNormalization."""
+    if len(node.input) > 2 and node.input[2]:
+        return _own_bias(graph, node.input[2], out, 1.0)
+    return _bias_after(graph, node.output[0], out, n_sp + 1)
 
 
 def build_sites(graph: Graph, layer, shape: tuple) -> list:
@@ -317,10 +323,7 @@ def build_sites(graph: Graph, layer, shape: tuple) -> list:
                     "auto_pad": node_attr(node, "auto_pad", "NOTSET") or "NOTSET",
                     "groups": groups}
             index = view.reshape(groups, o // groups, -1)
-            bias = _own_bias(graph, node.input[2], o, 1.0) if len(node.input) > 2 and node.input[2] else None
-            if bias is None and not (len(node.input) > 2 and node.input[2]):
-                bias = _bias_after(graph, node.output[0], o, n_sp + 1)
-            site = Site(node, node.input[0], "conv", index, conv=conv, bias=bias)
+            site = Site(node, node.input[0], "conv", index, conv=conv, bias=_conv_bias(graph, node, o, n_sp))
         elif op == "Gemm":
             alpha = float(node_attr(node, "alpha", 1.0))
             beta = float(node_attr(node, "beta", 1.0))
