@@ -223,6 +223,12 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
     130/143/129 interrupted by SIGINT/SIGTERM/SIGHUP.
     """
     _ascii_fallback()
+    for label, path in (("MODEL", model), ("-o", output), ("--report", report_path), ("--plot", plot),
+                        ("--data", data), ("--calibration", calibration)):
+        if path == "-":  # the usual spelling of standard input/output, which onnxprune neither reads nor writes
+            hint = " (--json prints the report on standard output)" if label == "--report" else ""
+            raise click.UsageError(f"{label} '-': onnxprune does not read standard input or write standard output "
+                                   f"for files{hint}; for a file named '-' write ./-")
     # warnings reach the user once, through the report (table, JSON); logging shows them too only with -v
     logging.basicConfig(level=logging.DEBUG if verbose else logging.ERROR,
                         format="onnxprune: %(levelname)s: %(message)s", stream=sys.stderr)
@@ -266,15 +272,23 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
                                "use one of them")
     config.reconstruct = reconstruct  # after resolve() above: the calibration data is read later
     run = Run(model, output or default_output(model), config, locals(), quiet or as_json, verbose)
-    with _signals_raise():
-        code = run.execute()
-        if code in (EXIT_OK, EXIT_GATE) and report_path:
-            code = run.write_report(report_path) or code
-    if as_json:
-        click.echo(report_json(run.report))
-    elif code in (EXIT_OK, EXIT_GATE) and not quiet:
-        from .table import print_report
-        print_report(run.report, mode=table_mode)
+    with _signals_raise() as signals:
+        run.hold_signals = signals.hold
+        with _stdout_to_stderr():  # what a library prints (a native error text) never mixes into stdout
+            code = run.execute()
+            if code in (EXIT_OK, EXIT_GATE) and report_path:
+                code = run.write_report(report_path) or code
+        signals.hold()  # what is left is printing: it finishes
+        if as_json:
+            click.echo(report_json(run.report))
+        elif code in (EXIT_OK, EXIT_GATE) and not quiet:
+            from .table import print_report
+            print_report(run.report, mode=table_mode)
+        if signals.received:
+            name = signal.Signals(signals.received[0]).name
+            when = (f"after the outputs were published ({', '.join(run.committed)})" if run.committed
+                    else "after the run's work was done")
+            click.echo(f"onnxprune: {name} arrived {when}; the run finished", err=True)
     sys.exit(code)
 
 
@@ -289,26 +303,60 @@ def report_json(report) -> str:
 
 
 class _signals_raise:
-    """SIGTERM / SIGHUP / SIGINT raise Interrupted, so every ``with`` unwinds and removes its staging files."""
+    """SIGTERM / SIGHUP / SIGINT raise Interrupted, so every ``with`` unwinds and removes its staging files; after
+    ``hold()`` (the outputs are being published) they are only recorded in ``received``: the run finishes."""
 
     SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n))
 
     def __enter__(self):
         self.old = {}
+        self.held = False
+        self.received = []
         for sig in self.SIGNALS:
             try:
-                self.old[sig] = signal.signal(sig, self._raise)
+                self.old[sig] = signal.signal(sig, self._handle)
             except (ValueError, OSError):  # not the main thread (embedded use)
                 pass
         return self
 
-    @staticmethod
-    def _raise(signum, frame):
+    def hold(self):
+        self.held = True
+
+    def _handle(self, signum, frame):
+        if self.held:
+            self.received.append(signum)
+            return
         raise Interrupted(signum)
 
     def __exit__(self, *exc):
         for sig, handler in self.old.items():
             signal.signal(sig, handler)
+
+
+class _stdout_to_stderr:
+    """File descriptor 1 points at stderr inside the block (LAPACK's and ONNX Runtime's native messages go
+    there), and so does ``sys.stdout``; a no-op where stdout is not a real file (an embedding, a test runner)."""
+
+    def __enter__(self):
+        self.saved = None
+        try:
+            if sys.stdout.fileno() != 1 or sys.stderr.fileno() != 2:
+                return self
+            sys.stdout.flush()
+            self.saved = os.dup(1)
+            os.dup2(2, 1)
+        except (AttributeError, OSError, ValueError):  # no real descriptors: nothing native can print there
+            self.saved = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.saved is not None:
+            try:
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(self.saved, 1)
+            os.close(self.saved)
 
 
 def _ascii_fallback() -> None:
@@ -337,8 +385,18 @@ class Run:
         self.t0 = time.perf_counter()
         from .table import Feedback
         self.feedback = Feedback(enabled=not quiet)
+        self.extra = []  # staged --report/--plot files, published with the model
+        self.committed = []  # what was published
+        self.hold_signals = lambda: None  # main() makes this hold SIGINT/SIGTERM/SIGHUP once outputs go out
 
     def execute(self) -> int:
+        try:
+            return self._outcome()
+        finally:
+            for f in self.extra:
+                f.discard()
+
+    def _outcome(self) -> int:
         try:
             with self.feedback:
                 self._execute()
@@ -417,10 +475,10 @@ class Run:
                              "curve": curve}
             if o["plot"]:
                 from .search import plot_curve
-                from .io import atomic_write_bytes
+                from .io.staging import stage_bytes
                 from .metrics import bound_badness
                 plot_curve(curve, o["plot"], bound_badness(curve[-1]["metric"], validator.bounds), config.sparsity,
-                           write=lambda path, data: atomic_write_bytes(path, data, label="--plot"))
+                           write=lambda path, data: self.extra.append(stage_bytes(path, data, label="--plot")))
         if config.dry_run:
             report.timings["total"] = time.perf_counter() - self.t0
             return
@@ -456,14 +514,25 @@ class Run:
             if gate_error and not o["keep_failed"]:
                 report.timings["total"] = time.perf_counter() - self.t0
                 raise AccuracyGateError(gate_error + "; nothing written (--keep-failed writes it anyway)")
-            report.written = staged.commit()
+            # every output is staged before any is published: the figures come from the staged files, the report
+            # is final before the model is renamed, and they are published together
+            report.written = dict(staged.written)
             report.output = self.out_path
             with fb.stage("measuring"):
-                report.figures = self._figures(loaded, report)
+                report.figures = self._figures(loaded, report, staged.files())
             report.sizes["after"] = report.figures["after"]["file_bytes"]
             report.timings["total"] = time.perf_counter() - self.t0
             if gate_error:
                 report.warnings.append(f"{gate_error}; written anyway because of --keep-failed")
+                self._mark(EXIT_GATE, gate_error + "; written anyway (--keep-failed)")
+            if o["report_path"]:
+                from .io.staging import stage_bytes
+                self.extra.append(stage_bytes(o["report_path"], (report_json(report) + "\n").encode(),
+                                              label="--report"))
+            self.hold_signals()  # from here the run finishes: an interrupt is noted, not obeyed
+            staged.commit(self.extra)
+            self.committed = [self.out_path] + [f.path for f in self.extra]
+            if gate_error:
                 raise AccuracyGateError(gate_error + "; written anyway (--keep-failed)")
 
     def _datasets(self, loaded):
@@ -509,13 +578,14 @@ class Run:
         # the non-zero count comes from the report after pruning (zeros_before), not from a second read
         return figures(loaded.model, shapes, files=[self.model] + list(loaded.external_files), nonzero=-1)
 
-    def _figures(self, loaded, report) -> dict:
-        """Before → after: file and gzip size, parameters, MACs per sample at the validated input shape, latency."""
+    def _figures(self, loaded, report, files) -> dict:
+        """Before → after: file and gzip size (of the staged ``files``), parameters, MACs per sample at the
+        validated input shape, latency."""
         from .figures import ratios, figures
         dense = self.dense_figures
         rows = report.layers  # every weight compaction removes is a zero: the report's counts still hold
         dense["nonzero_prunable"] = sum(r.params - r.zeros_before for r in rows)
-        pruned = figures(loaded.model, self.shapes, files=[self.out_path] + list(report.written),
+        pruned = figures(loaded.model, self.shapes, files=files,
                          nonzero=sum(r.params - r.zeros_after for r in rows))
         v = report.validation or {}
         if v.get("latency_ms_dense"):
@@ -526,18 +596,29 @@ class Run:
         return {"input_shapes": self.shapes, "before": dense, "after": pruned, "ratio": ratio}
 
     def write_report(self, path: str) -> int:
+        """--report for a run that published no model (--dry-run, a failed gate); a published model's report
+        went out with it."""
         from . import io as pio
+        if path in [f.path for f in self.extra]:
+            return 0
         try:
             pio.atomic_write_bytes(path, (report_json(self.report) + "\n").encode(), label="--report")
             return 0
         except OnnxPruneError as exc:
             return self._fail(EXIT_OUTPUT, f"{exc} (the report was not written)")
+        except Interrupted as exc:
+            return self._fail(128 + exc.signum, f"interrupted by {signal.Signals(exc.signum).name}; the report "
+                                                f"was not written")
 
-    def _fail(self, code: int, message: str) -> int:
+    def _mark(self, code: int, message: str) -> None:
         r = self.report
         r.status = "failed" if code == EXIT_GATE else "interrupted" if code >= 128 else "error"
         r.exit_code, r.error = code, (message.splitlines()[0] if message else "")
         r.timings.setdefault("total", time.perf_counter() - self.t0)
+
+    def _fail(self, code: int, message: str) -> int:
+        r = self.report
+        self._mark(code, message)
         if self.verbose and code not in (EXIT_GATE,) and code < 128:
             traceback.print_exc()
         click.echo(f"onnxprune: error: {r.error}", err=True)

@@ -30,7 +30,7 @@ class Dataset:
     samples: int = 0
     notes: list = field(default_factory=list)
     batch_sizes: list = field(default_factory=list)  # samples in each batch
-    sha256: str | None = None  # of the data file (None: synthetic or a directory)
+    sha256: str | None = None  # of the data file or directory's .npy files (None: synthetic)
     batch_axes: dict = field(default_factory=dict)  # input name -> batch axis (None: fed whole to every batch)
 
 
@@ -69,27 +69,44 @@ def _regular(path: str) -> None:
         raise InputError(f"{path}: not a regular file (a FIFO, device or socket is never read)")
 
 
+def _file_digest(path: str) -> str:
+    with open(path, "rb") as fh:
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _read_arrays(path: str) -> tuple[dict, str | None]:
-    """name -> array, and the sha256 of the file (None for a directory). Never unpickles, never blocks."""
+    """name -> array, and the sha256 of the file (of a directory: over its .npy files' names and digests). Never
+    unpickles, never blocks."""
     try:
         if os.path.isdir(path):
             files = sorted(glob.glob(os.path.join(path, "*.npy")))
             if not files:
                 raise InputError(f"{path}: no .npy files")
             arrays = {}
+            digest = hashlib.sha256()  # of the names and contents: the same data under another path is the same
             for f in files:
                 _regular(f)
-                arrays[os.path.splitext(os.path.basename(f))[0]] = np.load(f, allow_pickle=False)
-            return arrays, None
+                name = os.path.basename(f)
+                digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
+                digest.update(_file_digest(f).encode())
+                arrays[os.path.splitext(name)[0]] = np.load(f, allow_pickle=False)
+            return arrays, digest.hexdigest()
         _regular(path)
-        with open(path, "rb") as fh:
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+        digest = _file_digest(path)
         if path.endswith(".npy"):
-            return {"": np.load(path, allow_pickle=False)}, digest.hexdigest()
+            return {"": np.load(path, allow_pickle=False)}, digest
         with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}, digest.hexdigest()
+            arrays = {}
+            for k in z.files:
+                a = z[k]
+                if not isinstance(a, np.ndarray):  # a member not saved by NumPy (no .npy suffix): its raw bytes
+                    raise InputError(f"{path}: member '{k}' is not a NumPy array (.npy) file; save the data with "
+                                     f"numpy.savez")
+                arrays[k] = a
+            return arrays, digest
     except InputError:
         raise
     except Exception as exc:
@@ -154,7 +171,13 @@ def load_data(path: str, specs, batch_size: int) -> Dataset:
         if a.dtype.kind in "fc" and not np.isfinite(a).all():
             raise InputError(f"{path}: '{s.name}' holds {int(a.size - np.count_nonzero(np.isfinite(a)))} NaN/Inf "
                              f"value(s); validation data must be finite")
-        feeds[s.name] = a.astype(s.dtype, copy=False)
+        with np.errstate(over="ignore", invalid="ignore"):
+            cast = a.astype(s.dtype, copy=False)
+        if cast.dtype.kind in "fc" and cast is not a and not np.isfinite(cast).all():  # finite, then out of range
+            bad = int(cast.size - np.count_nonzero(np.isfinite(cast)))
+            raise InputError(f"{path}: '{s.name}' holds {bad} value(s) beyond the range of the model's "
+                             f"{np.dtype(s.dtype).name} input (largest magnitude {float(np.abs(a).max()):.3g})")
+        feeds[s.name] = cast
     if n is None:  # no input has a batch axis: the arrays are one feed
         n = 1
     if n == 0:

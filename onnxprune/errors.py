@@ -38,6 +38,19 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+def raise_if_interrupted(exc: BaseException) -> None:
+    """Re-raise the interrupt behind ``exc``, if any: a signal landing in a native module's initialisation (ONNX
+    Runtime's import) surfaces as ``ImportError: initialization failed`` with the interrupt as its context, and
+    an ``except Exception`` would otherwise turn Ctrl-C into an error message, or swallow it."""
+    seen = set()
+    cur = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (Interrupted, KeyboardInterrupt)):
+            raise cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+
+
 def first_line(exc: BaseException, join: bool = False, limit: int = 300) -> str:
     """An exception's message on one line (at most ``limit`` characters): its first line, or with ``join`` all
     its non-empty lines joined (native libraries spread one error over several); the type's name when empty."""

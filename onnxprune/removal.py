@@ -16,6 +16,7 @@ import onnx
 
 from .connectivity import Analysis, _in_axis, node_reads, per_out_counts, unit_flags
 from .graph import _resolve, _Scope
+from .errors import raise_if_interrupted
 from .io import read_tensor, write_tensor
 from .layout import node_attr, unpadded
 
@@ -86,9 +87,9 @@ def _probe(model, names, shapes, seed=0, pending=None):
         log.info("constant probe skipped: model over %d bytes", PROBE_MAX_BYTES)
         return {}
     try:
-        import onnxruntime as ort
         from .data import input_specs, synthesize
-        from .validate import quiet_native_stderr, session_options
+        from .validate import import_ort, quiet_native_stderr, session_options
+        ort = import_ort()
         m = onnx.ModelProto()
         m.CopyFrom(model)
         for t in m.graph.initializer:
@@ -108,6 +109,7 @@ def _probe(model, names, shapes, seed=0, pending=None):
             vals = sess.run(list(names), ds.batches[0])
         return dict(zip(names, vals))
     except Exception as exc:  # no probe, no folding: everything stays in place
+        raise_if_interrupted(exc)
         log.info("constant probe skipped: %s", exc)
         return {}
 

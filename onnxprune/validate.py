@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import ConfigError, InputError, RequestError
+from .errors import ConfigError, InputError, RequestError, raise_if_interrupted
+from .io.staging import deferred_signals
 from .metrics import (Bounds, OutputStats, class_stats, classify_outputs, float_stats, judge, labels_for,
                       plan_gate, severity)
 
@@ -72,9 +73,11 @@ def import_ort():
         raise RequestError(f"both onnxruntime and onnxruntime-gpu are installed; they overwrite each other's "
                            f"files. Fix: {fix}")
     try:
-        import onnxruntime as ort
+        with deferred_signals():  # an interrupt inside the extension's initialisation would look like a broken
+            import onnxruntime as ort  # install (ImportError: initialization failed): it is delivered after
         ort.InferenceSession  # noqa: B018 - a half-overwritten install imports but lacks this
     except Exception as exc:
+        raise_if_interrupted(exc)
         raise RequestError(f"ONNX Runtime is not usable ({type(exc).__name__}: {str(exc)[:200]}). Fix: {fix}") \
             from None
     return ort

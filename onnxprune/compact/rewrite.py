@@ -80,7 +80,7 @@ def _fold(g, keep, ws, inserts) -> list:
         if chan is None or k.all():
             continue
         sel = ~k & np.isfinite(chan.val) & (chan.val != 0)
-        if not sel.any():
+        if not sel.any() or r.fold is None:  # decide() drops such a channel only where its weights are zero
             continue
         w = ws.get(r.layer)
         vals = chan.val[sel]

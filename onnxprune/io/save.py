@@ -33,12 +33,16 @@ class Staged:
         self.data_tmp, self.data_dest, self.written = data_tmp, data_dest, written
         self.reads = list(reads)
 
-    def commit(self) -> dict:
-        """Publish: the data file (a new, content-addressed name) first, then the model, then remove the data
-        file the replaced model referenced. On failure or interrupt the previous output stays as it was."""
+    def commit(self, extra=()) -> dict:
+        """Publish: the data file (a new, content-addressed name) first, then the model, then the ``extra``
+        staged files (``staging.StagedFile``: the report, a plot), then remove the data file the replaced model
+        referenced. On failure or interrupt before the model's rename the previous output stays as it was; an
+        extra file that cannot be renamed after it is an OutputError saying what was written."""
         published = None
         model_id = None
         try:
+            for f in extra:
+                check_write_target(f.path, f.label)
             # reading the old output (which data file it references) stays outside the critical section
             check_write_target(self.out_path)
             stale = self._previous_data_files()
@@ -53,6 +57,15 @@ class Staged:
                 published = None
                 out_dir = os.path.dirname(os.path.abspath(self.out_path))
                 _fsync_dir(out_dir)
+                done = [self.out_path]
+                for f in extra:
+                    try:
+                        f.publish()
+                    except OSError as exc:
+                        left = [g.label for g in extra if g.tmp is not None or g is f]
+                        raise OutputError(f"{f.path}: cannot write ({exc.strerror or exc}); written: "
+                                          f"{', '.join(done)}; not written: {', '.join(left)}") from exc
+                    done.append(f.path)
                 for f in stale:
                     with contextlib.suppress(OSError):
                         os.unlink(f)
@@ -67,7 +80,13 @@ class Staged:
                         os.unlink(published)
             finally:
                 self.discard()
+                for f in extra:
+                    f.discard()
         return self.written
+
+    def files(self) -> list:
+        """The staged model and data file (their sizes are the published ones')."""
+        return [self.model_path] + ([self.data_tmp] if self.data_tmp else [])
 
     def _model_published(self, model_id) -> bool:
         try:

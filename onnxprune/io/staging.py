@@ -225,30 +225,47 @@ def _is_data_of(out_path: str, candidate: str) -> bool:
     return False
 
 
+DATA_DIR_SUFFIX = ".npy"  # the files a --data/--calibration directory is read from
+
+
+def _listdir(path: str) -> list:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
 MODEL_LABELS = ("-o", "--output", "output", "model")
 
 
 def check_write_targets(writes: dict, reads=(), loaded: LoadedModel | None = None) -> None:
     """Before any work: every path onnxprune will write against every path it reads and against each other.
 
-    ``writes``: label -> path, e.g. {"-o": out, "--report": report, "--plot": plot}; None or "-" values are
-    skipped. The entry labelled "-o"/"--output"/"output"/"model" is the model: its data files
+    ``writes``: label -> path, e.g. {"-o": out, "--report": report, "--plot": plot}; None values are skipped
+    ("-" is a file name here: the CLI refuses it as standard output before). The entry labelled "-o"/"--output"/"output"/"model" is the model: its data files
     (``<model>.<hash>.data``) are covered too. ``reads``: the input model, its external data files,
-    --data/--calibration files (None entries skipped); ``loaded`` adds its path and external data files.
+    --data/--calibration files or directories (None entries skipped; a directory stands for its .npy files, and a
+    write of a new .npy file into it is refused too); ``loaded`` adds its path and external data files.
     Refuses with OutputError: a destination that is not a regular file (device, FIFO, socket, directory, a
     symlink to one), a missing or read-only directory, two writes that are the same file, a write that is a read
     (same path, symlink, hardlink, realpath), and a read or another write named like one of the model's data
     files (publishing the model would replace or remove it)."""
-    items = [(label, p) for label, p in writes.items() if p not in (None, "", "-")]
+    items = [(label, p) for label, p in writes.items() if p not in (None, "")]
     reads = [r for r in reads if r]
     if loaded is not None:
         reads += [p for p in [loaded.path, *loaded.external_files] if p]
+    folders = [r for r in reads if os.path.isdir(r)]
+    reads += [os.path.join(d, n) for d in folders for n in _listdir(d) if n.endswith(DATA_DIR_SUFFIX)]
     for label, p in items:
         check_write_target(p, label)
     for i, (label, p) in enumerate(items):
         for r in reads:
             if _same_file(p, r):
                 raise OutputError(f"{p}: {label} is the same file as the input {r}; refusing to overwrite it")
+        for d in folders:
+            if p.endswith(DATA_DIR_SUFFIX) and _same_file(os.path.dirname(os.path.abspath(p)), d):
+                raise OutputError(f"{p}: {label} would add a {DATA_DIR_SUFFIX} file to the data directory {d}, "
+                                  f"which is read as input; write it elsewhere")
         for label2, p2 in items[:i]:
             if _same_file(p, p2):
                 raise OutputError(f"{p}: {label} and {label2} are the same file")
@@ -281,11 +298,38 @@ def _existing_mode(path: str):
     return stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
 
 
-def atomic_write_bytes(path: str, data: bytes, label: str = "output") -> str:
-    """Write ``data`` to ``path`` atomically: a staging file beside it, fsync, rename, fsync the directory.
+class StagedFile:
+    """Bytes written and fsynced into a staging file beside ``path``; ``publish`` renames it into place,
+    ``discard`` removes it (both idempotent)."""
 
-    Same refusals as ``check_write_target`` (OutputError); a replaced file keeps its mode, a new one follows the
-    umask; the staging file is removed on every exit path (interrupts included). Returns the sha256 (hex)."""
+    def __init__(self, path: str, tmp: str, label: str, sha256: str):
+        self.path, self.tmp, self.label, self.sha256 = path, tmp, label, sha256
+
+    def publish(self) -> None:
+        """Rename into place (signals held around the rename) and fsync the directory. OSError on failure (the
+        staging file is then removed)."""
+        if self.tmp is None:
+            return
+        try:
+            with deferred_signals():
+                check_write_target(self.path, self.label)
+                os.replace(self.tmp, self.path)
+                _LIVE.pop(self.tmp, None)
+                self.tmp = None
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        finally:
+            self.discard()
+
+    def discard(self) -> None:
+        if self.tmp is not None:
+            _remove(self.tmp)
+            self.tmp = None
+
+
+def stage_bytes(path: str, data: bytes, label: str = "output") -> StagedFile:
+    """Write ``data`` into a fsynced staging file beside ``path`` (nothing at ``path`` yet). Same refusals as
+    ``check_write_target`` (OutputError, also for a full disk); a replaced file will keep its mode, a new one
+    follows the umask; the staging file is removed on every failure path (interrupts included)."""
     check_write_target(path, label)
     out_dir = os.path.dirname(os.path.abspath(path))
     clean_stale_staging(out_dir)
@@ -300,18 +344,29 @@ def atomic_write_bytes(path: str, data: bytes, label: str = "output") -> str:
             os.fsync(fh.fileno())
         if mode is not None:
             os.chmod(tmp, mode)
-        with deferred_signals():
-            check_write_target(path, label)
-            os.replace(tmp, path)
-            _LIVE.pop(tmp, None)
-            tmp = None
-        _fsync_dir(out_dir)
+        staged = StagedFile(path, tmp, label, hashlib.sha256(data).hexdigest())
+        tmp = None
+        return staged
     except OSError as exc:
-        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+        raise OutputError(f"{path}: cannot write {label} ({exc.strerror or exc})") from exc
     finally:
         if tmp is not None:
             _remove(tmp)
-    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: str, data: bytes, label: str = "output") -> str:
+    """Write ``data`` to ``path`` atomically: a staging file beside it, fsync, rename, fsync the directory.
+
+    Same refusals as ``check_write_target`` (OutputError); a replaced file keeps its mode, a new one follows the
+    umask; the staging file is removed on every exit path (interrupts included). Returns the sha256 (hex)."""
+    staged = stage_bytes(path, data, label)
+    try:
+        staged.publish()
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        staged.discard()
+    return staged.sha256
 
 
 def _new_staging(directory: str, make):

@@ -121,7 +121,8 @@ class Capture:
         self.nodes = set()
         self.advance = bool(advance and frontier is not None)
         if self.computed:
-            import onnxruntime as ort
+            from ..validate import import_ort
+            ort = import_ort()
             carry = frontier.wanted if self.advance else None
             try:
                 payload, self.inputs, self.nodes, self.carried = prefix_model(

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .activations import Capture
+from ..errors import InputError
 from .problems import Unsupported
 
 ACC_BYTES = 1 << 26  # bytes of buffered sample rows per accumulation step (per model: dense and pruned prefix)
@@ -19,6 +20,7 @@ HOLDOUT_MAX_INPUTS = 1024  # ... for layers up to this wide (wider ones: four O(
 #                            model's 2048-wide Gemms with 128 rows took 2.5x the time and 1.7x the memory)
 HOLDOUT_MIN_TEST = 8  # ... given at least this many held-out rows (a quarter of the rows; fewer: default damping)
 F32_ROWS = 8192  # float32 sample rows per product (its float32 sums then go into the float64 moments)
+F32_SAFE = 1e36  # a float32 step whose sums could come near float32's 3.4e38 runs in float64 instead
 
 
 @dataclass
@@ -66,6 +68,7 @@ def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: 
     ysum = np.zeros((g, og))
     ysq = np.zeros((g, og))
     WtT = np.ascontiguousarray(Wt.transpose(0, 2, 1))
+    w_l1 = float(np.abs(Wt).sum(axis=2).max(initial=0))  # bounds |y_d| / max |x|
     Bd = Bp = None
     fill, rows, flushes, cap = 0, 0, 0, 0
     stride = None
@@ -74,17 +77,13 @@ def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: 
         nonlocal flushes
         xd = Bd[:, :fill]
         xp = xd if same else Bp[:, :fill]
-        yd = xd @ WtT.astype(xd.dtype, copy=False)  # [g, n, og]: the dense layer's outputs
-        if p <= SMALL_GRAM:  # many small groups (depthwise): one batched product
-            t = xp.transpose(0, 2, 1) @ xp
-            H[...] += (t + t.transpose(0, 2, 1)) / 2
-        else:
-            for gi in range(g):
-                _add_gram(H[gi], xp[gi])
-        GW[...] += xp.transpose(0, 2, 1) @ yd
-        yd = yd.astype(np.float64, copy=False)
-        ysum[...] += yd.sum(axis=1)
-        ysq[...] += np.einsum("gnr,gnr->gr", yd, yd)
+        if xd.dtype != np.float64:
+            # huge but finite activations (|x| beyond ~1e17 overflows a float32 sum of squares over F32_ROWS
+            # rows): this step in float64, where a float32 value's square and any row count stay finite
+            big = max(float(np.abs(xd).max(initial=0)), float(np.abs(xp).max(initial=0)))
+            if big * max(big, big * w_l1) * fill > F32_SAFE:
+                xd, xp = xd.astype(np.float64), xp.astype(np.float64)
+        _add_products(xd, xp, WtT, H, GW, ysum, ysq)
         flushes += 1
 
     for j, feed in enumerate(feeds):
@@ -103,6 +102,12 @@ def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: 
                                   f"{g}x{d}")
             if xd.shape[1] == 0:
                 continue
+            if not np.isfinite(xd).all():
+                raise InputError(f"calibration batch {j + 1}: the dense model's activations reaching this layer "
+                                 f"({site.act}) are not finite (float32 overflow or NaN): the calibration values "
+                                 f"are out of this model's range")
+            if not same and not np.isfinite(xp).all():
+                raise Unsupported("the pruned model's activations reaching this layer are not finite")
             if Bd is None:  # at most the rows all batches can give (as many as the first), at most ACC_BYTES
                 dt = xd.dtype
                 cap = max(256, ACC_BYTES // (dt.itemsize * p * g))
@@ -148,6 +153,22 @@ def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: 
         held = (Bd[:, :rows], (Bd if same else Bp)[:, :rows])
     Bd = Bp = None
     return Moments(H, GW, ysum, ysq, rows, X, held)
+
+
+def _add_products(xd, xp, WtT, H, GW, ysum, ysq) -> None:
+    """Add one accumulation step's sums to the float64 moments: x_p^T x_p, x_p^T y_d, sum y_d, sum y_d^2."""
+    g, p = H.shape[0], H.shape[1]
+    yd = xd @ WtT.astype(xd.dtype, copy=False)  # [g, n, og]: the dense layer's outputs
+    if p <= SMALL_GRAM:  # many small groups (depthwise): one batched product
+        t = xp.transpose(0, 2, 1) @ xp
+        H[...] += (t + t.transpose(0, 2, 1)) / 2
+    else:
+        for gi in range(g):
+            _add_gram(H[gi], xp[gi])
+    GW[...] += xp.transpose(0, 2, 1) @ yd
+    yd = yd.astype(np.float64, copy=False)
+    ysum[...] += yd.sum(axis=1)
+    ysq[...] += np.einsum("gnr,gnr->gr", yd, yd)
 
 
 def row_moments(xd: np.ndarray, xp: np.ndarray, Wt: np.ndarray) -> Moments:
