@@ -11,6 +11,7 @@ ONNXPRUNE_FUZZ_CASES=N runs N cases instead of the default (for longer campaigns
 """
 import os
 import random
+import shutil
 import subprocess
 import sys
 
@@ -379,3 +380,98 @@ def test_mutations_do_mutate():
     """Guard against a fuzzer that silently tests the unmodified samples."""
     changed = sum(make_case(s)[1] != _sample_bytes(MODELS[s % len(MODELS)]) for s in range(40))
     assert changed >= 36
+
+
+# --- round 3 (issue 17): --reconstruct with --calibration directories; compaction into ConvTranspose ----------
+
+N_RECONSTRUCT = int(os.environ.get("ONNXPRUNE_FUZZ_RECONSTRUCT", "24"))
+
+
+@pytest.mark.parametrize("seed", range(N_RECONSTRUCT))
+def test_fuzzed_sample_with_reconstruct_from_a_calibration_directory(seed, tmp_path):
+    """Mutated samples through calibrated reconstruction, the calibration data a directory of .npy (sometimes
+    holding an extreme value): exit 0/2/3/4/5 only, nothing written on error, the data untouched."""
+    name, data = make_case(seed + 10_000)
+    model_path = tmp_path / "m.onnx"
+    model_path.write_bytes(data)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    x = np.load(os.path.join(SAMPLES, SAMPLE_MODELS[name][1]))["x"][:24].copy()
+    r = random.Random(seed)
+    if r.random() < 0.3:
+        x.flat[r.randrange(x.size)] = r.choice([1e20, -3e38, 3e38, 1e-45])
+    np.save(calib / "x.npy", x)
+    before = (calib / "x.npy").read_bytes()
+    out = tmp_path / "o.onnx"
+    res = invoke(model_path, "-o", out, "-s", r.choice(["0.5", "0.9"]), "--calibration", calib, "--no-validate",
+                 *(["--report", calib / "x.npy"] if seed % 6 == 0 else []))
+    assert (calib / "x.npy").read_bytes() == before
+    shutil.rmtree(calib)
+    _check_outcome(res.exit_code, res.output, tmp_path, model_path, data, out)
+    if seed % 6 == 0:
+        assert res.exit_code != 0
+
+
+def _conv_transpose_case(seed):
+    """Conv -> (Sigmoid | Relu | Identity) -> ConvTranspose (random group, strides, pads, dilations,
+    output_padding, 1-3 spatial dims, bias or not) [-> Relu -> 1x1 Conv]; some Conv channels near zero."""
+    r = np.random.default_rng(seed)
+    nd = int(r.choice([1, 2, 2, 3]))
+    g = int(r.choice([1, 1, 2]))
+    cout, k = int(r.choice([4, 8])), int(r.choice([1, 2, 3]))
+    w1 = r.standard_normal((8, 4) + (3,) * nd).astype(np.float32)
+    w1[:r.integers(0, 5)] *= 1e-4
+    inits = [numpy_helper.from_array(w1, "w1"),
+             numpy_helper.from_array((r.standard_normal(8) + 1).astype(np.float32), "b1"),
+             numpy_helper.from_array(r.standard_normal((8, cout // g) + (k,) * nd).astype(np.float32), "wt")]
+    attrs = {"group": g}
+    if r.random() < 0.5:
+        attrs["strides"] = [int(r.integers(1, 3))] * nd
+    if r.random() < 0.3 and k > 1:
+        attrs["pads"] = [int(r.integers(0, k))] * 2 * nd
+    if r.random() < 0.3:
+        attrs["dilations"] = [2] * nd
+    if r.random() < 0.3 and attrs.get("strides", [1])[0] > 1:
+        attrs["output_padding"] = [1] * nd
+    tin = ["a", "wt"]
+    if r.random() < 0.6:
+        tin.append("bt")
+        inits.append(numpy_helper.from_array(r.standard_normal(cout).astype(np.float32), "bt"))
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1] * 2 * nd, name="c1"),
+             helper.make_node(str(r.choice(["Relu", "Identity", "Sigmoid"])), ["h"], ["a"]),
+             helper.make_node("ConvTranspose", tin, ["t"], name="ct", **attrs)]
+    out = "t"
+    if r.random() < 0.5:
+        inits.append(numpy_helper.from_array(r.standard_normal((4, cout) + (1,) * nd).astype(np.float32), "w3"))
+        nodes += [helper.make_node("Relu", ["t"], ["r"]), helper.make_node("Conv", ["r", "w3"], ["y"], name="c3")]
+        out = "y"
+    g_ = helper.make_graph(nodes, "ct", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4] + [6] * nd)],
+                           [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g_, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 10
+    return m, [2, 4] + [6] * nd
+
+
+N_CONV_TRANSPOSE = int(os.environ.get("ONNXPRUNE_FUZZ_CONVT", "30"))
+
+
+@pytest.mark.parametrize("seed", range(N_CONV_TRANSPOSE))
+def test_fuzzed_compaction_into_conv_transpose_keeps_the_outputs(seed, tmp_path):
+    """Compaction (--compact, --granularity channel) in front of a ConvTranspose: never exit 70, and the compacted
+    model computes what the uncompacted one does."""
+    import onnxruntime as ort
+    m, shape = _conv_transpose_case(seed)
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    for args in (["--compact", "-s", "0.9"], ["--granularity", "channel", "-s", "0.5"]):
+        a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+        res = invoke(path, *args, "-o", a, "--no-validate", "-q")
+        assert res.exit_code in (0, 4), res.output
+        if res.exit_code:
+            continue
+        res = invoke(path, *[s for s in args if s != "--compact"], "--no-compact", "-o", b, "--no-validate", "-q")
+        assert res.exit_code == 0, res.output
+        ya, yb = (ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+                  for p in (a, b))
+        np.testing.assert_allclose(ya, yb, rtol=1e-4, atol=1e-4)

@@ -117,3 +117,44 @@ def test_sigkilled_run_staging_is_removed_by_the_next_run(big_models, tmp_path):
                         "-o", str(tmp_path / "small.onnx")], capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert _staging(tmp_path) == []
+
+
+def test_signals_at_any_point_of_a_reconstructing_run(tmp_path):
+    """SIGTERM/SIGINT/SIGHUP at points spread over a whole run with --reconstruct (calibration from a directory)
+    and --report: the exit is 0 or the signal's code, never a traceback, 4 or 70; nothing staged is left; the
+    data stays; and a model on disk always has its report beside it (they are published together)."""
+    model, data = sample("cnn")
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    np.save(calib / "x.npy", np.load(data)["x"][:128])
+    before = (calib / "x.npy").read_bytes()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
+    cmd = [sys.executable, "-m", "onnxprune.cli", model, "-s", "0.9", "--calibration", str(calib), "--data", data,
+           "-o", str(out), "--report", str(rep)]
+    t = time.monotonic()
+    subprocess.run(cmd, capture_output=True, env=env, timeout=300, check=True)
+    duration = time.monotonic() - t
+    os.unlink(out)
+    os.unlink(rep)
+    sigs = [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)]
+    codes = set()
+    for k in range(9):
+        sig, code = sigs[k % 3]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        time.sleep(duration * (0.3 + 0.75 * k / 8))
+        p.send_signal(sig)
+        _, stderr = p.communicate(timeout=300)
+        stderr = stderr.decode()
+        codes.add(p.returncode)
+        # -n: the signal landed before the handlers were installed (the default action: nothing was staged yet)
+        assert p.returncode in (0, code, -sig), (k, p.returncode, stderr[-2000:])
+        assert "Traceback" not in stderr, stderr[-2000:]
+        assert not _staging(tmp_path), _staging(tmp_path)
+        assert os.path.exists(out) == os.path.exists(rep), (k, p.returncode, os.listdir(tmp_path))
+        if os.path.exists(out):
+            assert p.returncode == 0 and json.loads(rep.read_text())["status"] == "ok"
+            os.unlink(out)
+            os.unlink(rep)
+        assert (calib / "x.npy").read_bytes() == before
+    assert codes - {0}, "no signal landed during the run"

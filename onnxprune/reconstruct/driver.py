@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..connectivity import node_reads
+from ..errors import InputError, first_line
 from ..select import layout_perm, prune_mask
 from .activations import Capture, Frontier
 from .moments import Moments, accumulate, row_moments
@@ -205,6 +206,8 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                 if rows and options.rows_per_input:  # H of p inputs is well estimated from some multiple of p rows
                     rows = min(rows, max(-(-options.min_rows // g), options.rows_per_input * (d + 1)))
                 mom = accumulate(sites, calibration, dense, current, rows, Wt)
+            except InputError as exc:
+                raise InputError(f"{layer.name}: {exc}") from None
             finally:
                 dense.close()
                 if current is not None:
@@ -215,14 +218,17 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             m = mom.rows
             rec["time_capture_s"] = t_gram - t
             layer_options = options
-            if mom.held is not None:
-                factor, held_fields = _holdout(layer, w, sites, mom, R, Wt, n_prune, plain_pruned, options)
-                rec.update(held_fields)
-                if factor is None:
-                    raise Unsupported(f"{m} sample rows for {d + 1} inputs: on held-out rows the refit predicts "
-                                      f"worse than plain selection")
-                layer_options = replace(options, damping=options.damping * factor)
-            solved = _solve(layer, w, sites, mom, R, n_prune, plain_pruned, layer_options)
+            try:
+                if mom.held is not None:
+                    factor, held_fields = _holdout(layer, w, sites, mom, R, Wt, n_prune, plain_pruned, options)
+                    rec.update(held_fields)
+                    if factor is None:
+                        raise Unsupported(f"{m} sample rows for {d + 1} inputs: on held-out rows the refit "
+                                          f"predicts worse than plain selection")
+                    layer_options = replace(options, damping=options.damping * factor)
+                solved = _solve(layer, w, sites, mom, R, n_prune, plain_pruned, layer_options)
+            except np.linalg.LinAlgError as exc:  # moments too ill-conditioned for the factorisations
+                raise Unsupported(f"the solver failed on these moments ({first_line(exc)})") from None
             del mom, R, Wt
             out, bias, fields = solved
             res.values[i] = out
