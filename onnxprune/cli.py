@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -21,7 +22,7 @@ from .methods import METHODS
 from .report import Report
 
 DEVICES = ("auto", "cuda", "tensorrt", "cpu")  # validate.DEVICES, without importing ONNX Runtime at start-up
-GATE_METRICS = ("auto", "accuracy", "agreement", "rel-error", "cosine", "snr")
+GATE_METRICS = ("auto", "accuracy", "agreement", "nonblank-agreement", "sequence-match", "rel-error", "cosine", "snr")
 
 # Exit codes, defined once (README "Exit codes").
 EXIT_OK, EXIT_GATE, EXIT_USAGE, EXIT_INPUT, EXIT_REQUEST, EXIT_OUTPUT, EXIT_INTERNAL = 0, 1, 2, 3, 4, 5, 70
@@ -41,7 +42,8 @@ class SparsityType(click.ParamType):
         except (TypeError, ValueError):
             self.fail(f"{value!r} is not a number (or 'auto')", param, ctx)
         if not math.isfinite(v) or not 0.0 <= v < 1.0:
-            self.fail(f"{value!r} is not a finite number in [0, 1)", param, ctx)
+            hint = f"; did you mean {v / 100:g}?" if 1.0 <= v < 100.0 else ""
+            self.fail(f"{value!r} is not a finite number in [0, 1){hint}", param, ctx)
         return v
 
 
@@ -89,11 +91,27 @@ class JsonAwareCommand(click.Command):
             click.echo("onnxprune: interrupted", err=True)
             sys.exit(130)
         except click.ClickException as exc:
-            if "--json" in argv:
-                click.echo(json.dumps({"schema_version": 1, "status": "error", "exit_code": exc.exit_code,
-                                       "error": exc.format_message(), "onnxprune_version": __version__}, indent=2))
-            exc.show()
+            message = _usage_message(exc)
+            if "--json" in argv:  # the same document as every other run, with what is known
+                report = Report(version=__version__, method="", allocation="", score="", target_sparsity=None,
+                                input=next((a for a in argv if not a.startswith("-")), None))
+                report.status, report.exit_code, report.error = "error", exc.exit_code, message
+                click.echo(report_json(report))
+            click.echo(f"onnxprune: error: {message}", err=True)
             sys.exit(exc.exit_code)
+
+
+def _usage_message(exc: click.ClickException) -> str:
+    """A usage error on one line, like every other error, with a hint for the habits of similar tools."""
+    text = " ".join(exc.format_message().split())
+    m = re.match(r"Got unexpected extra arguments? \((.*)\)", text)
+    if m:
+        extra = m.group(1).split()
+        text = (f"unexpected argument {' '.join(extra)!r}: onnxprune takes one MODEL; to name the output file, "
+                f"use -o {extra[0]}")
+    if isinstance(exc, click.UsageError) and not isinstance(exc, click.NoSuchOption):
+        text += " (onnxprune --help lists the options)"
+    return text
 
 
 def default_output(model_path: str) -> str:
@@ -102,7 +120,7 @@ def default_output(model_path: str) -> str:
 
 
 @click.command(cls=JsonAwareCommand,
-               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+               context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 80})
 @click.argument("model", type=str)
 @click.option("--sparsity", "-s", type=SparsityType(), required=True,
               help="Fraction of prunable weights to zero, in [0, 1) (exact: round(S*N)); 'auto' with a gate "
@@ -174,8 +192,13 @@ def default_output(model_path: str) -> str:
 @click.option("--min-snr", type=BoundType(), default=None,
               help="Gate: fail when the signal-to-noise ratio in dB falls below this, e.g. 20 (with --metric snr).")
 @click.option("--metric", "gate_metric", type=click.Choice(GATE_METRICS), default="auto", show_default=True,
-              help="What the gate reads on each gated output; auto: accuracy/agreement for classifiers, "
-                   "rel-error for other float outputs.")
+              metavar="NAME",
+              help="What every gated output is read by: accuracy | agreement | nonblank-agreement | "
+                   "sequence-match | rel-error | cosine | snr; auto: each bound gates the outputs its metric "
+                   "applies to.")
+@click.option("--blank", type=click.IntRange(0), default=None,
+              help="Blank class of per-position [N, T, C] outputs (CTC); default: the class the dense model "
+                   "predicts most.")
 @click.option("--gate-output", multiple=True, metavar="NAME",
               help="Gate these outputs only (repeatable; default: every float output pruning can change).")
 @click.option("--keep-failed", is_flag=True, help="Write the output even when the gate fails (still exit 1).")
@@ -196,25 +219,29 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
          validate, data, batch_size, batches, input_shape, synthetic, granularity, compact, align, reconstruct,
          calibration, calibration_samples,
          device, max_drop, max_rel_error, min_cosine,
-         min_snr, gate_metric, gate_output, keep_failed, sensitivity, plot, report_path, table_mode, as_json,
+         min_snr, gate_metric, blank, gate_output, keep_failed, sensitivity, plot, report_path, table_mode, as_json,
          dry_run, quiet, verbose):
     """Prune MODEL (an .onnx file) to an exact global SPARSITY, validate it, write MODEL_pruned.onnx.
 
     \b
     Examples:
-      onnxprune model.onnx --sparsity 0.95                      # LAMP, writes model_pruned.onnx
+      onnxprune model.onnx --sparsity 0.95           # LAMP -> model_pruned.onnx
       onnxprune model.onnx -s 0.9 --method global-mt --min-keep 0.1%
       onnxprune model.onnx -s 0.9 --method lap --allocation lamp
-      onnxprune model.onnx -s 0.99 --target effective          # 99 % of weights on no input-output path
-      onnxprune model.onnx -s 0.9 --exclude 'classifier*' --report report.json
-      onnxprune model.onnx -s 0.9 --data test.npz --max-drop 0.01      # CI gate: exit 1 if accuracy drops > 1 pt
-      onnxprune yolo.onnx -s 0.5 --input-shape images:1,3,640,640 --synthetic uniform:0,1 --max-rel-error 0.1
-      onnxprune encoder.onnx -s 0.5 --input-shape input_ids:8,128 --metric cosine --min-cosine 0.99
-      onnxprune vad.onnx -s 0.8 --data chunks.npz --gate-output output --metric snr --min-snr 20 --table none
-      onnxprune model.onnx -s 0.95 --data test.npz --reconstruct    # first 128 samples calibrate, rest evaluate
-      onnxprune model.onnx -s 0.9 --calibration calib.npz --data test.npz --max-drop 0.01
-      onnxprune model.onnx -s auto --data test.npz --max-drop 0.01 --plot curve.png
-      onnxprune model.onnx -s 0.5 --granularity channel --align 8   # smaller and faster in any runtime
+      onnxprune model.onnx -s 0.99 --target effective
+      onnxprune model.onnx -s 0.9 --exclude 'classifier*' --report r.json
+      onnxprune model.onnx -s 0.9 --data test.npz --max-drop 0.01
+      onnxprune yolo.onnx -s 0.5 --input-shape images:1,3,640,640 \\
+          --synthetic uniform:0,1 --max-rel-error 0.1
+      onnxprune encoder.onnx -s 0.5 --input-shape input_ids:8,128 \\
+          --min-cosine 0.99
+      onnxprune vad.onnx -s 0.8 --data chunks.npz --gate-output output \\
+          --metric snr --min-snr 20
+      onnxprune ocr_rec.onnx -s 0.5 --data lines.npz --max-drop 0.02
+      onnxprune model.onnx -s 0.95 --data test.npz --reconstruct
+      onnxprune model.onnx -s 0.9 --calibration calib.npz --data test.npz
+      onnxprune model.onnx -s auto --data test.npz --max-drop 0.01
+      onnxprune model.onnx -s 0.5 --granularity channel --align 8
       onnxprune model.onnx -s 0.9 --dry-run --json
 
     \b
@@ -431,6 +458,7 @@ class Run:
 
     def _execute(self):
         from .io import load_model, stage_model
+        from .io.staging import stage_bytes
         from .pipeline import prune_loaded
         o, config, fb = self.o, self.config, self.feedback
         with fb.stage("loading model"):
@@ -439,6 +467,8 @@ class Run:
         self.report.timings["load"] = t_load = time.perf_counter() - self.t0
         from .figures import disk_bytes
         self.size_before = disk_bytes([self.model, *loaded.external_files])
+        from .inputs import parse_input_shapes
+        config.input_shapes = parse_input_shapes(o["input_shape"])  # exact mode sizes dynamic inputs with them
         evaluation = self._datasets(loaded)
         validator = self._validator(loaded, evaluation) if o["validate"] and not config.dry_run else None
         self.dense_figures = None if config.dry_run else self._figures_before(loaded, validator)
@@ -469,13 +499,18 @@ class Run:
         report.warnings[:0] = [w for w in self.report.warnings if w not in report.warnings]
         self.report = report
         report.sizes = {"before": self.size_before}
+        gated = any(o[k] is not None for k in ("max_drop", "max_rel_error", "min_cosine", "min_snr"))
+        if report.collapsed_outputs and gated:  # a gate cannot pass an output no input reaches any more
+            names = ", ".join(f"'{n}' ({', '.join(layers)})" for n, layers in report.collapsed_outputs.items())
+            raise RequestError(f"pruning to {config.sparsity:.4g} cuts output(s) {names} off from the inputs (an "
+                               f"emptied layer on every path); nothing written: lower --sparsity or --exclude "
+                               f"those layers")
         if curve is not None:
             report.search = {"gate": validator.bounds.__dict__ | {"outputs": list(validator.plan)},
                              "max_drop": o["max_drop"], "resolution": 0.005, "chosen": config.sparsity,
                              "curve": curve}
             if o["plot"]:
                 from .search import plot_curve
-                from .io.staging import stage_bytes
                 from .metrics import bound_badness
                 plot_curve(curve, o["plot"], bound_badness(curve[-1]["metric"], validator.bounds), config.sparsity,
                            write=lambda path, data: self.extra.append(stage_bytes(path, data, label="--plot")))
@@ -496,14 +531,17 @@ class Run:
                 v.sparsity = config.sparsity
                 report.validation = v.to_dict()
                 report.timings["validate"] = time.perf_counter() - t2
-                for s in v.outputs:
-                    if s.collapsed:
-                        msg = (f"output '{s.name}' collapsed after pruning ({s.collapsed})"
-                               + ("" if s.gated else "; it is not gated"))
-                        report.warnings.append(msg)
-                        logging.getLogger("onnxprune").warning(msg)
+                collapsed = [s for s in v.outputs if s.collapsed]
+                for s in collapsed:
+                    msg = (f"output '{s.name}' collapsed after pruning ({s.collapsed})"
+                           + ("" if s.gated else "; it is not gated"))
+                    report.warnings.append(msg)
+                    logging.getLogger("onnxprune").warning(msg)
                 if v.passed is False:
                     gate_error = f"gate failed: {v.failure()}"
+                elif collapsed:  # a collapsed output fails the run with or without a gate
+                    gate_error = "pruning collapsed " + ", ".join(f"output '{s.name}' ({s.collapsed})"
+                                                                  for s in collapsed)
             if o["sensitivity"]:
                 from .search import sensitivity
                 names = [l.name for l in report.layers if not l.excluded]
@@ -526,7 +564,6 @@ class Run:
                 report.warnings.append(f"{gate_error}; written anyway because of --keep-failed")
                 self._mark(EXIT_GATE, gate_error + "; written anyway (--keep-failed)")
             if o["report_path"]:
-                from .io.staging import stage_bytes
                 self.extra.append(stage_bytes(o["report_path"], (report_json(report) + "\n").encode(),
                                               label="--report"))
             self.hold_signals()  # from here the run finishes: an interrupt is noted, not obeyed
@@ -556,7 +593,7 @@ class Run:
         gate_needed = o["sparsity"] == "auto" or o["sensitivity"] or any(
             o[k] is not None for k in ("max_drop", "max_rel_error", "min_cosine", "min_snr"))
         bounds = Bounds(max_drop=o["max_drop"], max_rel_error=o["max_rel_error"], min_cosine=o["min_cosine"],
-                        min_snr=o["min_snr"], outputs=tuple(o["gate_output"]),
+                        min_snr=o["min_snr"], outputs=tuple(o["gate_output"]), blank=o["blank"],
                         metric=None if o["gate_metric"] == "auto" else METRIC_ALIASES[o["gate_metric"]])
         with self.feedback.progress("validating") as cb:
             validator, why, warnings = build_validator(

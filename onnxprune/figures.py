@@ -112,14 +112,24 @@ def _external_files(model, base) -> list:
     return files
 
 
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
 def _total_params(model) -> int:
-    """Elements of every float initializer and Constant tensor of the main graph (graph-input overrides too)."""
-    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
-    n = sum(_numel(t.dims) for t in model.graph.initializer if t.data_type in floats)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
+    """Elements of every float initializer and Constant tensor, in the main graph and in every subgraph (If/Loop/
+    Scan bodies: exports such as Silero VAD keep all their weights there), graph-input overrides too. Every
+    prunable weight the report counts is one of these, so this is never below ``params_prunable``."""
+    n, todo = 0, [model.graph]
+    while todo:
+        graph = todo.pop()
+        n += sum(_numel(t.dims) for t in graph.initializer if t.data_type in _FLOATS)
+        for node in graph.node:
             for a in node.attribute:
-                if a.name == "value" and a.t.data_type in floats:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    todo.append(a.g)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    todo.extend(a.graphs)
+                elif node.op_type == "Constant" and a.name == "value" and a.t.data_type in _FLOATS:
                     n += _numel(a.t.dims)
     return n
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    import onnx
 
 # Bounds on what validation may allocate (documented in the README; exit 2 naming the option)
 MAX_BATCH_SIZE = 4096
@@ -21,7 +25,9 @@ _BATCH_NAMES = {"n", "b", "batch", "batch_size", "batchsize", "bs", "batch_dim",
 _IMAGE_SIZE_KEYS = ("imgsz", "img_size", "image_size", "input_size")
 _STATE_WORDS = ("state", "hidden", "h0", "c0", "past", "cache", "memory")
 _RATE_NAMES = {"sr", "sample_rate", "sampling_rate", "samplerate", "rate"}
-_PASS_THROUGH_OPS = {"Cast", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand"}
+# ops whose output (from input 0) holds the same values as integer ids, rearranged
+_PASS_THROUGH_OPS = {"Cast", "CastLike", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand",
+                     "Transpose", "Tile", "Slice", "Split"}
 
 
 @dataclass
@@ -34,6 +40,7 @@ class InputSpec:
     missing: list = field(default_factory=list)  # dynamic axes nothing resolved
     fill: str = ""  # how synthetic values are drawn (for the report)
     id_range: int | None = None  # integer ids index an embedding table of this many rows
+    given: bool = False  # the shape came from --input-shape
 
     @property
     def rank(self) -> int:
@@ -43,12 +50,29 @@ class InputSpec:
 def _dims(vi) -> list:
     dims = []
     for d in vi.type.tensor_type.shape.dim:
-        dims.append(int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else (d.dim_param or None))
+        if d.HasField("dim_value") and d.dim_value > 0:
+            dims.append(int(d.dim_value))
+        else:  # a dim_param that names nothing ('?', '-1': Paddle writes one for every dynamic dim) is unnamed
+            dims.append(d.dim_param if _named(d.dim_param) else None)
     return dims
+
+
+def _named(d) -> bool:
+    return isinstance(d, str) and re.search(r"[A-Za-z_]", d) is not None
 
 
 def _batch_like(d) -> bool:
     return isinstance(d, str) and d.lower() in _BATCH_NAMES
+
+
+def _repeated(dims) -> set:
+    """dim_params that name several axes of one input (Paddle's 'H?' for both H and W): not one size."""
+    names = [d for d in dims if isinstance(d, str)]
+    return {d for d in names if names.count(d) > 1}
+
+
+def _is_state(s) -> bool:
+    return np.issubdtype(s.dtype, np.floating) and any(w in s.name.lower() for w in _STATE_WORDS)
 
 
 def input_specs(model: onnx.ModelProto) -> list:
@@ -58,8 +82,11 @@ def input_specs(model: onnx.ModelProto) -> list:
     state ``[2, batch, 128]`` has it on axis 1, a time-major ``[time, batch, C]`` input too); otherwise the dynamic
     leading dimension of the first non-scalar input, and then every input with a dynamic leading dimension is
     batched on axis 0 (exporters that name each input's axes apart). A static model batches on axis 0 of inputs
-    sharing the first non-scalar input's leading size. Other inputs (scalars, fixed states) have no batch axis
-    and are fed whole to every batch.
+    sharing the first non-scalar input's leading size. An input holding a batched input's batch ``dim_param`` on
+    another axis is batched there (``[2, unk_0, 128]`` next to ``[unk_0, T]``), and a recurrent state (a float
+    input named like state/hidden/h0/c0/past/cache/memory) whose only dynamic dimension is unnamed or named apart
+    (``[2, ?, 128]``, ``[2, M, 128]``) is batched on that axis when the other inputs have a dynamic batch. Other
+    inputs (scalars, fixed states) have no batch axis and are fed whole to every batch.
     """
     inits = {t.name for t in model.graph.initializer}
     specs = []
@@ -89,6 +116,20 @@ def input_specs(model: onnx.ModelProto) -> list:
         elif named is None and isinstance(lead, int) and s.dims[0] == lead and (s is shaped[0] or s.rank >= 2) \
                 and not any(not isinstance(d, int) for d in s.dims):
             s.batch_axis = 0
+    generic = set().union(*(_repeated(s.dims) for s in shaped))
+    batch_params = {s.dims[s.batch_axis] for s in shaped if s.batch_axis is not None
+                    and isinstance(s.dims[s.batch_axis], str)} - generic
+    dynamic_batch = any(s.batch_axis is not None and not isinstance(s.dims[s.batch_axis], int) for s in shaped)
+    for s in shaped:
+        if s.batch_axis is not None:
+            continue
+        hits = [i for i, d in enumerate(s.dims) if d in batch_params]
+        dynamic = [i for i, d in enumerate(s.dims) if not isinstance(d, int)]
+        if len(hits) == 1:  # the batch dim_param of another input, on another axis
+            s.batch_axis = hits[0]
+        elif dynamic_batch and _is_state(s) and s.rank >= 2 and len(dynamic) == 1 \
+                and not any(d in batch_params or d in generic for d in s.dims if isinstance(d, str)):
+            s.batch_axis = dynamic[0]  # a recurrent state's one dynamic dimension is its batch
     return specs
 
 
@@ -136,28 +177,37 @@ def resolve_shapes(model, specs: list, batch_size: int, given: dict) -> list:
         raise ConfigError(f"--input-shape names unknown input(s): {', '.join(sorted(unknown))}; "
                           f"inputs are {', '.join(s.name for s in specs)}")
     named, image = _metadata_sizes(model)
-    params, user = dict(named), {}
+    params, user, loose = dict(named), {}, {}
     for s in specs:  # user shapes first: they also define the sizes of shared dim_params
         if s.name in given:
             shape = given[s.name]
             if len(shape) != s.rank:
                 raise ConfigError(f"--input-shape {s.name}: {len(shape)} dims given, the model has {s.rank} "
                                   f"({_fmt_dims(s.dims)})")
+            repeated = _repeated(s.dims)
             for i, (d, g) in enumerate(zip(s.dims, shape)):
                 if isinstance(d, int) and d != g:
                     raise ConfigError(f"--input-shape {s.name}: dimension {i} is fixed at {d} in the model, "
                                       f"{g} given")
+                if d in repeated:
+                    # one name on several axes of this input (Paddle's 'H?' for H and W): the shape given wins,
+                    # and only a size it gives every such axis sizes other inputs (never checked against them)
+                    loose.setdefault(d, set()).add(g)
+                    continue
                 if isinstance(d, str) and d:
                     if d in user and user[d] != g:
                         raise ConfigError(f"--input-shape: dimension '{d}' is {user[d]} in one input and {g} in "
                                           f"'{s.name}'; inputs sharing a dimension must agree")
                     params[d] = user[d] = g
+    for d, sizes in loose.items():
+        if len(sizes) == 1 and d not in user:
+            params[d] = next(iter(sizes))
     # a batch size given for one input holds for every batched input (exporters may name their axes apart)
     batch_size = next((given[s.name][s.batch_axis] for s in specs if s.name in given and s.batch_axis is not None),
                       batch_size)
     for s in specs:
         if s.name in given:
-            s.shape = list(given[s.name])
+            s.shape, s.missing, s.given = list(given[s.name]), [], True
             continue
         shape, missing = [], []
         for i, d in enumerate(s.dims):
@@ -182,17 +232,38 @@ def resolve_shapes(model, specs: list, batch_size: int, given: dict) -> list:
 
 
 def shape_hint(specs: list) -> str:
-    """A pasteable --input-shape for every unresolved input (batch 1; 640 for image sides, 128 otherwise)."""
-    parts = []
-    for s in specs:
-        if not s.missing:
-            continue
+    """A pasteable --input-shape for every unresolved input, consistent across inputs: every batch axis gets one
+    size (1 when a batched input is listed, since a size given for one holds for all, unless an --input-shape
+    already set it; else the batch size in use), a dim_param one size wherever it appears; other unknown sides
+    640 on an image's spatial axes, 512 samples for a frame of a model with a sample-rate input (32 ms at
+    16 kHz), 128 otherwise. Known sizes are copied, never taken from another dimension."""
+    listed = [s for s in specs if s.missing]
+    sized = [s for s in specs if s.batch_axis is not None and s.shape and s.shape[s.batch_axis] is not None]
+    in_use = next((s.shape[s.batch_axis] for s in sized), 1)
+    explicit = any(s.given for s in sized)  # an --input-shape already set the batch: keep it
+    batch = 1 if not explicit and any(s.batch_axis is not None for s in listed) else in_use
+    audio = any(s.rank == 0 and s.name.lower() in _RATE_NAMES for s in specs)
+    chosen, parts = {}, []
+    for s in listed:
         dims = []
         for i, d in enumerate(s.shape):
-            if d is not None:
-                dims.append(1 if i == s.batch_axis else d)
+            name = s.dims[i] if isinstance(s.dims[i], str) else None
+            if i == s.batch_axis:
+                dims.append(batch)
+            elif d is not None:
+                dims.append(d)
+            elif name in chosen:
+                dims.append(chosen[name])
             else:
-                dims.append(640 if s.rank == 4 and i >= 2 else 128)
+                if s.rank == 4 and i >= 2:
+                    size = 640
+                elif audio and s.rank == 2 and i == 1 and np.issubdtype(s.dtype, np.floating):
+                    size = 512
+                else:
+                    size = 128
+                dims.append(size)
+                if name:
+                    chosen[name] = size
         parts.append(f"--input-shape {s.name}:{','.join(map(str, dims))}")
     return " ".join(parts)
 
@@ -229,32 +300,106 @@ def parse_synthetic(text: str) -> tuple[str, float, float]:
 
 
 def _embedding_rows(model, name: str) -> int | None:
-    """Rows of the smallest constant table a Gather reads with ``name`` (through Cast/Unsqueeze/Reshape...)."""
-    consts = {t.name: list(t.dims) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
+    """Rows of the smallest lookup ``name``'s values index (see ``_lookup``), or None."""
+    return _lookup(model, name)[0]
+
+
+def _lookup(model, name: str) -> tuple[int | None, str]:
+    """(n, what): the values of input ``name`` index a lookup of n entries, the smallest of: the rows of a
+    constant table a Gather reads with them (also behind Cast/Identity/DequantizeLinear, and an
+    EmbedLayerNormalization's word/segment table), the depth of a OneHot, the 0..n-1 a one-hot compares them
+    with (Equal with a constant arange: jax's one_hot, as magika writes it). The values are followed through
+    Cast/Identity/Unsqueeze/Squeeze/Reshape/Flatten/Expand/Transpose/Tile/Slice/Split/Concat and a Gather taking
+    them as data. (None, '') when they index nothing."""
+    graph = model.graph
+    tensors, values = {}, {}
+    for t in graph.initializer:
+        tensors[t.name] = t
+    for n in graph.node:
+        if n.op_type == "Constant" and n.output:
             for a in n.attribute:
-                if a.name == "value" and n.output:
-                    consts[n.output[0]] = list(a.t.dims)
+                if a.name == "value":
+                    tensors[n.output[0]] = a.t
+                elif a.name == "value_int":
+                    values[n.output[0]] = np.array(a.i, dtype=np.int64)
+                elif a.name == "value_ints":
+                    values[n.output[0]] = np.array(list(a.ints), dtype=np.int64)
+    producers = {o: n for n in graph.node for o in n.output if o}
+
+    def table_rows(x, axis):
+        for _ in range(16):  # a table cast, dequantized or renamed keeps its rows
+            if x in tensors:
+                dims = list(tensors[x].dims)
+                return int(dims[axis]) if dims and -len(dims) <= axis < len(dims) and dims[axis] > 0 else None
+            p = producers.get(x)
+            if p is None or p.op_type not in ("Cast", "CastLike", "Identity", "DequantizeLinear") or not p.input:
+                return None
+            x = p.input[0]
+        return None
+
+    def const_value(x, depth=0):
+        """The values of a small constant (through shape-only ops, and a Range of constants), or None."""
+        if depth > 16:
+            return None
+        if x in values:
+            return values[x]
+        if x in tensors:
+            t = tensors[x]
+            if int(np.prod(list(t.dims), dtype=np.float64)) > (1 << 16) or t.data_location == 1:
+                return None
+            try:
+                from onnx import numpy_helper
+                return numpy_helper.to_array(t)
+            except Exception:
+                return None
+        p = producers.get(x)
+        if p is None or not p.input:
+            return None
+        if p.op_type in ("Cast", "CastLike", "Identity", "Unsqueeze", "Squeeze", "Reshape", "Flatten", "Expand"):
+            return const_value(p.input[0], depth + 1)
+        if p.op_type == "Range" and len(p.input) == 3:
+            args = [const_value(i, depth + 1) for i in p.input]
+            if all(a is not None and a.size == 1 for a in args) and args[2].reshape(-1)[0] != 0:
+                start, limit, delta = (a.reshape(-1)[0] for a in args)
+                if abs((limit - start) / delta) <= (1 << 16):
+                    return np.arange(start, limit, delta)
+        return None
+
     users = {}
-    for n in model.graph.node:
+    for n in graph.node:
         for i, x in enumerate(n.input):
-            users.setdefault(x, []).append((n, i))
-    rows, seen, todo = [], {name}, [name]
+            if x:
+                users.setdefault(x, []).append((n, i))
+    found, seen, todo = [], {name}, [name]
     while todo:
         cur = todo.pop()
         for n, i in users.get(cur, ()):
-            if n.op_type == "Gather" and i == 1 and n.input[0] in consts and consts[n.input[0]]:
-                axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
-                dims = consts[n.input[0]]
-                if -len(dims) <= axis < len(dims):
-                    rows.append(int(dims[axis]))
-            elif n.op_type in _PASS_THROUGH_OPS and i == 0:
+            op = n.op_type
+            if op == "Gather" and i == 1 and len(n.input) > 1:
+                rows = table_rows(n.input[0], next((a.i for a in n.attribute if a.name == "axis"), 0))
+                if rows:
+                    found.append((rows, "embedding rows"))
+            elif op == "EmbedLayerNormalization" and i in (0, 1) and len(n.input) > (2 if i == 0 else 4):
+                rows = table_rows(n.input[2 if i == 0 else 4], 0)
+                if rows:
+                    found.append((rows, "embedding rows"))
+            elif op == "OneHot" and i == 0 and len(n.input) > 1:
+                depth = const_value(n.input[1])
+                if depth is not None and depth.size == 1 and np.issubdtype(depth.dtype, np.number) \
+                        and 0 < float(depth.reshape(-1)[0]) <= (1 << 31):
+                    found.append((int(depth.reshape(-1)[0]), "one-hot depth"))
+            elif op == "Equal" and len(n.input) == 2:
+                other = const_value(n.input[1 - i])
+                if other is not None and other.dtype.kind in "iu" and other.size >= 2:
+                    levels = np.unique(other)
+                    if np.array_equal(levels, np.arange(levels.size)):
+                        found.append((int(levels.size), "one-hot depth"))
+            elif (op in _PASS_THROUGH_OPS and i == 0) or op == "Concat" or (op == "Gather" and i == 0):
                 for o in n.output:
-                    if o not in seen:
+                    if o and o not in seen:
                         seen.add(o)
                         todo.append(o)
-    return min(rows) if rows else None
+    return min(found) if found else (None, "")
 
 
 def plan_fill(model, specs: list, dist: tuple) -> None:
@@ -265,7 +410,7 @@ def plan_fill(model, specs: list, dist: tuple) -> None:
         if s.dtype == np.bool_:
             s.fill = "zeros (False: nothing padded)" if "pad" in low else "ones (True)"
         elif np.issubdtype(s.dtype, np.integer):
-            s.id_range = _embedding_rows(model, s.name)
+            s.id_range, what = _lookup(model, s.name)
             if "mask" in low:
                 s.fill = "zeros (nothing padded)" if "pad" in low else "ones (mask)"
             elif "token_type" in low or "segment" in low:
@@ -275,7 +420,7 @@ def plan_fill(model, specs: list, dist: tuple) -> None:
             elif s.rank == 0 and low in _RATE_NAMES:
                 s.fill = "16000 (sample rate)"
             elif s.id_range:
-                s.fill = f"uniform ids in [0, {s.id_range}) (embedding rows)"
+                s.fill = f"uniform ids in [0, {s.id_range}) ({what})"
             elif s.rank == 0:
                 s.fill = "1 (scalar)"
             else:

@@ -1,5 +1,5 @@
-"""Per-output comparison of dense and pruned results: what kind each output is, the metrics that fit it, collapse
-detection, and the gate over the gated outputs (worst one decides)."""
+"""What kind each output is, the metrics that fit it, which bounds gate which outputs, and the verdict (the worst
+gated output decides). The figures themselves are computed in compare.py."""
 from __future__ import annotations
 
 import re
@@ -13,12 +13,16 @@ from .errors import ConfigError, InputError
 METRICS = {
     "top1_accuracy": ("--max-drop", True, ("classification", "sequence")),
     "top1_agreement": ("--max-drop", True, ("classification", "sequence")),
+    "nonblank_agreement": ("--max-drop", True, ("sequence",)),
+    "sequence_match": ("--max-drop", True, ("sequence",)),
     "rel_error": ("--max-rel-error", False, ("classification", "sequence", "dense")),
     "cosine": ("--min-cosine", True, ("classification", "sequence", "dense")),
     "snr_db": ("--min-snr", True, ("classification", "sequence", "dense")),
 }
 METRIC_ALIASES = {"accuracy": "top1_accuracy", "agreement": "top1_agreement", "rel-error": "rel_error",
-                  "cosine": "cosine", "snr": "snr_db"}
+                  "cosine": "cosine", "snr": "snr_db", "nonblank-agreement": "nonblank_agreement",
+                  "sequence-match": "sequence_match"}
+DROP_METRICS = ("top1_accuracy", "top1_agreement", "nonblank_agreement", "sequence_match")  # bounded by --max-drop
 _SHAPE_OPS = {"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Cast"}
 _SOFTMAX = {"Softmax", "LogSoftmax"}
 _LINEAR = {"Gemm", "MatMul", "Add"}  # a linear head: classification only with >= 10 classes or a score-like name
@@ -35,8 +39,9 @@ class Bounds:
     max_rel_error: float | None = None
     min_cosine: float | None = None
     min_snr: float | None = None
-    metric: str | None = None  # None: each output's default
+    metric: str | None = None  # None: each bound gates the outputs its metric applies to
     outputs: tuple = ()  # names to gate (empty: every float output that pruning can change)
+    blank: int | None = None  # the blank class of per-position outputs (None: the one the dense model predicts most)
 
     def active(self) -> bool:
         return any(x is not None for x in (self.max_drop, self.max_rel_error, self.min_cosine, self.min_snr))
@@ -85,9 +90,23 @@ def _producer_op(name: str, producer) -> str:
 _SCORE_NAME = re.compile(r"logit|prob|score|cls|class|pred|softmax|output_label", re.I)
 
 
-def classify_outputs(model, weight_names, dense: dict, rows: int | None = None) -> dict:
+def _probabilities(a: np.ndarray) -> bool:
+    """Rows (last axis) that are probabilities (non-negative, summing to 1) or log-probabilities: what a softmax
+    gives, however it was written (Exp/ReduceSum/Div)."""
+    if a.size == 0 or not np.all(np.isfinite(a)):
+        return False
+    x = np.asarray(a, dtype=np.float64)
+    if x.min() >= -1e-6:
+        return bool(np.all(np.abs(x.sum(axis=-1) - 1) <= 1e-3))
+    if x.max() <= 1e-6:
+        return bool(np.all(np.abs(np.exp(x).sum(axis=-1) - 1) <= 1e-3))
+    return False
+
+
+def classify_outputs(model, weight_names, dense: dict, rows: int | None = None, axes: dict | None = None) -> dict:
     """name -> (kind, why). ``dense``: name -> first-batch array of the dense model; ``weight_names`` None:
-    every output may depend on the weights."""
+    every output may depend on the weights; ``axes``: name -> the sample axis found over every batch (a
+    per-position output with the samples on axis 1 is time-first [T, N, C])."""
     producer = {o: n for n in model.graph.node for o in n.output}
     depends = _depends_on(model, set(weight_names), producer) if weight_names is not None else \
         {o.name for o in model.graph.output}
@@ -99,21 +118,28 @@ def classify_outputs(model, weight_names, dense: dict, rows: int | None = None) 
             continue
         if not np.issubdtype(a.dtype, np.floating):
             kinds[o.name] = ("integer", f"{a.dtype} output: reported, never gated")
-        elif o.name not in depends:
+            continue
+        if o.name not in depends:
             kinds[o.name] = ("passthrough", "no prunable weight reaches it (e.g. an input passed through): "
                                             "never gated")
-        elif a.ndim == 2 and a.shape[1] >= 2 and (rows is None or a.shape[0] == rows) and (
-                op in _SOFTMAX or (op not in _NOT_SCORES and not _DENSE_NAME.search(o.name)
-                                   and (_SCORE_NAME.search(o.name) or (a.shape[1] >= 10 and op in _LINEAR)))):
-            kinds[o.name] = ("classification", f"[N, C] scores (C={a.shape[1]}" + (f", from {op})" if op else ")"))
-        elif a.ndim == 3 and a.shape[2] >= 2 and (rows is None or a.shape[0] == rows) and (
-                op in _SOFTMAX or (_SEQ_NAME.search(o.name) and not _DENSE_NAME.search(o.name))):
-            kinds[o.name] = ("sequence", f"[N, T, C] per-position scores (C={a.shape[2]}"
-                             + (f", from {op})" if op else ")"))
+            continue
+        sax = (axes or {}).get(o.name)
+        fits = rows is None or (a.ndim >= 1 and a.shape[0] == rows)
+        probs = a.ndim in (2, 3) and a.shape[-1] >= 2 and _probabilities(a)
+        src = "rows are probabilities" if probs and op not in _SOFTMAX else (f"from {op}" if op else "")
+        if a.ndim == 2 and a.shape[1] >= 2 and fits and (
+                op in _SOFTMAX or probs or (op not in _NOT_SCORES and not _DENSE_NAME.search(o.name)
+                                            and (_SCORE_NAME.search(o.name) or (a.shape[1] >= 10 and op in _LINEAR)))):
+            kinds[o.name] = ("classification", f"[N, C] scores (C={a.shape[1]}" + (f", {src})" if src else ")"))
+        elif a.ndim == 3 and a.shape[2] >= 2 and (fits or sax == 1) and (
+                op in _SOFTMAX or probs or (_SEQ_NAME.search(o.name) and not _DENSE_NAME.search(o.name))):
+            layout = "[T, N, C]" if sax == 1 else "[N, T, C]"
+            kinds[o.name] = ("sequence", f"{layout} per-position scores (C={a.shape[2]}" +
+                             (f", {src})" if src else ")"))
         else:
             kinds[o.name] = ("dense", f"{a.ndim}-D float output (detection head, embedding, map, regression; "
-                                      f"classification needs Softmax/LogSoftmax, a score-like name or >= 10 linear "
-                                      f"outputs)")
+                                      f"classification needs Softmax/LogSoftmax, probability rows, a score-like "
+                                      f"name or >= 10 linear outputs)")
     return kinds
 
 
@@ -123,19 +149,24 @@ class OutputStats:
     kind: str = "dense"
     why: str = ""
     gated: bool = False
-    metric: str | None = None  # the metric the gate reads for this output
+    metric: str | None = None  # the metric the gate reads for this output (the worst, when several bounds apply)
     bound: float | None = None
     value: float | None = None  # that metric, pruned model
     dense_value: float | None = None  # that metric, dense model (1 for agreement, 0 for rel_error...)
     drop: float | None = None  # how much worse than dense (badness: drop, rel_error, 1 - cosine, -snr)
     passed: bool | None = None
+    gates: list | None = None  # every (metric, bound, value, passed) when several bounds gate this output
     shape: list | None = None
     max_abs_error: float = 0.0
     max_rel_error: float = 0.0
-    rel_error: float = 0.0  # ||p - d|| / ||d|| over the whole output
-    cosine: float = 1.0  # mean per-sample cosine similarity
+    rel_error: float = 0.0  # ||p - d|| / ||d|| over the whole output (the worst part's, with parts)
+    cosine: float = 1.0  # mean per-sample cosine similarity (the worst part's, with parts)
     cosine_min: float = 1.0
+    cosine_over: str = "sample"  # "batch": one value per sample, so the cosine is taken over the batch
     snr_db: float | None = None  # 10 log10(||d||² / ||p - d||²); None when identical
+    parts: list | None = None  # per channel group when the channels differ in scale (boxes vs class scores)
+    part: str | None = None  # the part with the largest relative error
+    whole: dict | None = None  # rel_error / cosine / snr_db over the whole output, when there are parts
     nonfinite_dense: int = 0
     nonfinite_pruned: int = 0
     pearson: float | None = None  # correlation of the mean-removed values (offsets such as sigmoid's 0.5 removed)
@@ -149,105 +180,13 @@ class OutputStats:
     top5_accuracy_dense: float | None = None
     top5_accuracy_pruned: float | None = None
     labels: bool = False
-
-
-def sample_axis(batches, sizes) -> int | None:
-    """The output axis that holds the samples: the first whose length is every batch's sample count."""
-    if not batches or not sizes or len(sizes) != len(batches):
-        return None
-    for axis in range(min(b.ndim for b in batches)):
-        if all(b.shape[axis] == n for b, n in zip(batches, sizes)) and \
-                len({b.shape[:axis] + b.shape[axis + 1:] for b in batches}) == 1:
-            return axis
-    return None
-
-
-def _rows(batches, sizes=None) -> np.ndarray:
-    """One output's batches as float64 rows: one per sample (on its sample axis), else one per batch, else one."""
-    if not batches:
-        return np.zeros((0, 0))
-    axis = sample_axis(batches, sizes) if sizes else (0 if all(b.ndim for b in batches) and
-                                                      len({b.shape[1:] for b in batches}) == 1 else None)
-    if axis is not None:
-        return np.concatenate([np.moveaxis(np.asarray(b, dtype=np.float64), axis, 0).reshape(b.shape[axis], -1)
-                               for b in batches])
-    if len({b.size for b in batches}) == 1:
-        return np.stack([np.asarray(b, dtype=np.float64).reshape(-1) for b in batches])
-    return np.concatenate([np.asarray(b, dtype=np.float64).reshape(-1) for b in batches])[None, :]
-
-
-def float_stats(st: OutputStats, dense_batches, pruned_batches, sizes=None) -> None:
-    """Errors, cosine, SNR and collapse of one float output (vectorised; non-finite values counted apart)."""
-    if [b.shape for b in dense_batches] != [b.shape for b in pruned_batches]:
-        st.collapsed = "shape changed"
-        st.rel_error = st.max_abs_error = st.max_rel_error = float("inf")
-        st.cosine = st.cosine_min = 0.0
-        return
-    d, p = _rows(dense_batches, sizes), _rows(pruned_batches, sizes)
-    fin_d, fin_p = np.isfinite(d), np.isfinite(p)
-    st.nonfinite_dense = int(d.size - np.count_nonzero(fin_d))
-    st.nonfinite_pruned = int(p.size - np.count_nonzero(fin_p))
-    both = fin_d & fin_p
-    if st.nonfinite_dense or st.nonfinite_pruned:
-        d, p = np.where(both, d, 0.0), np.where(both, p, 0.0)
-    diff = np.abs(d - p)
-    if d.size:
-        st.max_abs_error = float(diff.max())
-        st.max_rel_error = float((diff / (np.abs(d) + 1e-12)).max())
-    nd, ne = float(np.sum(d * d)), float(np.sum(diff * diff))
-    st.rel_error = float(np.sqrt(ne / nd)) if nd > 0 else (0.0 if ne == 0 else float("inf"))
-    st.snr_db = None if ne == 0 else (float(10 * np.log10(nd / ne)) if nd > 0 else float("-inf"))
-    if d.shape[1] < 2:  # one value per sample: a per-sample cosine is only its sign; compare the whole output
-        d, p = d.reshape(1, -1), p.reshape(1, -1)
-    dc, pc = d - d.mean(), p - p.mean()
-    den = float(np.sqrt(np.sum(dc * dc) * np.sum(pc * pc)))
-    st.pearson = float(np.sum(dc * pc) / den) if den > 0 else (1.0 if not np.any(dc) and not np.any(pc) else 0.0)
-    dn, pn = np.sqrt(np.sum(d * d, axis=1)), np.sqrt(np.sum(p * p, axis=1))
-    dot = np.sum(d * p, axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where((dn > 0) & (pn > 0), dot / (dn * pn), np.where(dn == pn, 1.0, 0.0))
-    if cos.size:
-        st.cosine, st.cosine_min = float(np.mean(cos)), float(np.min(cos))
-    if st.nonfinite_dense:
-        st.unreliable = (f"the dense model itself gives {st.nonfinite_dense} non-finite values on these inputs: give "
-                         f"realistic inputs (--data, --synthetic)")
-    if st.nonfinite_pruned > st.nonfinite_dense:
-        st.collapsed = f"{st.nonfinite_pruned - st.nonfinite_dense} non-finite values"
-        st.rel_error, st.cosine, st.cosine_min = float("inf"), 0.0, 0.0
-    elif not np.any(p) and np.any(d):
-        st.collapsed = "all zeros"
-    elif len(p) >= 2 and not np.any(p != p[0]) and np.any(d != d[0]):
-        st.collapsed = "constant across samples"
-
-
-def _topk_hit(scores: np.ndarray, target: np.ndarray, k: int) -> np.ndarray:
-    """Whether ``target`` is among the k highest scores of each row (fewer than k rows score higher)."""
-    true = np.take_along_axis(scores, target[:, None], axis=1)
-    return (scores > true).sum(axis=1) < k
-
-
-def class_stats(st: OutputStats, dense_batches, pruned_batches, labels) -> None:
-    """Top-1/top-5 agreement with the dense model, and accuracy with labels, per sample or per position."""
-    c = dense_batches[0].shape[-1]
-    d = np.concatenate([b.reshape(-1, c) for b in dense_batches]).astype(np.float64)
-    p = np.concatenate([b.reshape(-1, c) for b in pruned_batches]).astype(np.float64)
-    p = np.nan_to_num(p, nan=-np.inf)
-    top_d, top_p = np.argmax(d, axis=1), np.argmax(p, axis=1)
-    st.top1_agreement = float(np.mean(top_d == top_p)) if len(d) else 1.0
-    st.dense_classes = int(len(np.unique(top_d)))
-    if st.dense_classes == 1 and len(d) >= 2 and labels is None and st.metric in (None, "top1_agreement"):
-        st.unreliable = (f"the dense model predicts class {int(top_d[0])} for all {len(d)} "
-                         f"{'positions' if st.kind == 'sequence' else 'samples'}: top-1 agreement cannot tell "
-                         f"pruned from dense; give real inputs with --data, or --metric rel-error")
-    if c >= 5 and len(d):
-        st.top5_agreement = float(np.mean(_topk_hit(p, top_d, 5)))
-    if labels is not None:
-        y = labels.reshape(-1)
-        st.labels = True
-        st.top1_accuracy_dense, st.top1_accuracy_pruned = float(np.mean(top_d == y)), float(np.mean(top_p == y))
-        if c >= 5:
-            st.top5_accuracy_dense = float(np.mean(_topk_hit(d, y, 5)))
-            st.top5_accuracy_pruned = float(np.mean(_topk_hit(p, y, 5)))
+    layout: str | None = None  # per-position outputs: "NTC" or "TNC"
+    blank: int | None = None  # per-position outputs: the blank class
+    blank_fraction: float | None = None  # of the dense model's positions
+    nonblank_positions: int | None = None  # positions where either model is off the blank
+    nonblank_agreement: float | None = None  # top-1 agreement on those
+    sequences: int | None = None
+    sequence_match: float | None = None  # greedy CTC-decoded sequences equal to the dense model's
 
 
 def labels_for(kinds: dict, dense: dict, labels, source: str, chosen=()) -> dict:
@@ -279,8 +218,15 @@ def labels_for(kinds: dict, dense: dict, labels, source: str, chosen=()) -> dict
     return {name: classes}
 
 
-def plan_gate(kinds: dict, labelled: dict, bounds: Bounds) -> dict:
-    """output name -> gate metric, for the outputs the gate reads; ConfigError when an option cannot apply."""
+def plan_gate(kinds: dict, labelled: dict, bounds: Bounds, scalars=frozenset()) -> dict:
+    """output name -> [gate metrics], for the outputs the gate reads; ConfigError when an option cannot apply.
+
+    With --metric, every gated output reads that metric (and only its bound may be given). Without, each bound
+    gates the outputs its metric applies to: --max-drop the classification (accuracy with labels, else
+    agreement) and per-position outputs (agreement off the blank), --max-rel-error / --min-cosine / --min-snr
+    every float output (cosine not the ``scalars``: one value per sample, where a cosine ignores scale); an
+    output several bounds apply to must pass each. Only a bound that applies to no output is an error. With no
+    bound at all, each output gets its default metric (reported, not gated)."""
     names = list(kinds)
     for n in bounds.outputs:
         if n not in kinds:
@@ -288,34 +234,70 @@ def plan_gate(kinds: dict, labelled: dict, bounds: Bounds) -> dict:
         if kinds[n][0] in ("integer", "passthrough"):
             raise ConfigError(f"--gate-output {n!r} is a {kinds[n][0]} output ({kinds[n][1]}); it cannot be gated")
     chosen = list(bounds.outputs) or [n for n in names if kinds[n][0] not in ("integer", "passthrough")]
-    plan = {}
-    for n in chosen:
+
+    def drop_metric(n):
         kind = kinds[n][0]
+        if n in labelled:
+            return "top1_accuracy"
+        return "nonblank_agreement" if kind == "sequence" else "top1_agreement"
+
+    plan = {}
+    if bounds.metric is not None:
         metric = bounds.metric
-        if metric is None:
-            metric = ("top1_accuracy" if n in labelled else "top1_agreement") if kind in ("classification",
-                                                                                      "sequence") else "rel_error"
-        if kind not in METRICS[metric][2]:
-            raise ConfigError(f"--metric {metric} does not fit output '{n}' ({kind}); use rel-error, cosine or snr, "
-                              f"or choose outputs with --gate-output")
-        if metric == "top1_accuracy" and n not in labelled:
-            raise ConfigError(f"--metric accuracy needs labels for output '{n}' (y or labels in --data)")
-        plan[n] = metric
-    if bounds.active():
-        used = {METRICS[m][0] for m in plan.values()}
+        for n in chosen:
+            kind = kinds[n][0]
+            if kind not in METRICS[metric][2]:
+                raise ConfigError(f"--metric {metric} does not fit output '{n}' ({kind}); use rel-error, cosine or "
+                                  f"snr, or choose outputs with --gate-output")
+            if metric == "top1_accuracy" and n not in labelled:
+                raise ConfigError(f"--metric accuracy needs labels for output '{n}' (y or labels in --data)")
+            if metric == "cosine" and n in scalars:
+                if bounds.outputs:
+                    raise ConfigError(f"--metric cosine on output '{n}': it holds one value per sample, and a "
+                                      f"cosine over the batch ignores scale (a 200x error can read 0.9999); gate it "
+                                      f"with --metric rel-error or snr")
+                continue
+            plan[n] = [metric]
+        if bounds.active():
+            opt = METRICS[metric][0]
+            for other, value in bounds.by_option().items():
+                if value is not None and other != opt:
+                    raise ConfigError(f"{other} is given, but --metric {bounds.metric} makes every gated output "
+                                      f"read {bounds.metric} (bounded by {opt}); drop one of them")
+            if bounds.bound(metric) is None:
+                raise ConfigError(f"--metric {metric} is bounded by {opt}: give it")
+    elif bounds.active():
+        used = set()
+        for n in chosen:
+            kind, ms = kinds[n][0], []
+            if bounds.max_drop is not None and kind in ("classification", "sequence"):
+                ms.append(drop_metric(n))
+            if bounds.max_rel_error is not None:
+                ms.append("rel_error")
+            if bounds.min_cosine is not None and n not in scalars:
+                ms.append("cosine")
+            if bounds.min_snr is not None:
+                ms.append("snr_db")
+            if not ms and bounds.outputs:
+                given = ", ".join(o for o, v in bounds.by_option().items() if v is not None)
+                raise ConfigError(f"--gate-output {n!r} ({kind}{', one value per sample' if n in scalars else ''}):"
+                                  f" no bound given applies to it ({given}); --max-drop applies to classification "
+                                  f"and per-position outputs, --max-rel-error/--min-snr to every float output")
+            if ms:
+                plan[n] = ms
+                used.update(METRICS[m][0] for m in ms)
         for opt, value in bounds.by_option().items():
             if value is not None and opt not in used:
-                gated = ", ".join(f"'{n}' ({kinds[n][0]}: {m})" for n, m in plan.items()) or "none"
-                what = ("accuracy/agreement of classification and sequence outputs" if opt == "--max-drop" else
-                        f"outputs gated by {next(m for m in METRICS if METRICS[m][0] == opt)}")
-                why = (f"--metric {bounds.metric} makes every gated output read {bounds.metric}" if bounds.metric
-                       else "no gated output reads it")
-                raise ConfigError(f"{opt} bounds {what}, but {why} (gated: {gated}); see --metric and --gate-output")
-        for n, metric in plan.items():
-            if bounds.bound(metric) is None:
-                raise ConfigError(f"output '{n}' ({kinds[n][0]}) is gated by {metric}, bounded by "
-                                  f"{METRICS[metric][0]}: give it, or choose outputs with --gate-output or a metric "
-                                  f"with --metric")
+                what = ("classification and per-position outputs" if opt == "--max-drop" else
+                        "float outputs with more than one value per sample" if opt == "--min-cosine" else
+                        "float outputs")
+                outs = ", ".join(f"'{n}' ({kinds[n][0]})" for n in chosen) or "none"
+                raise ConfigError(f"{opt} applies to {what}, and no gated output is one (outputs: {outs}); see "
+                                  f"--gate-output and --metric")
+    else:
+        for n in chosen:
+            kind = kinds[n][0]
+            plan[n] = [drop_metric(n) if kind in ("classification", "sequence") else "rel_error"]
     if not plan and bounds.active():
         raise ConfigError("no output can be gated (every output is integer or unaffected by pruning)")
     return plan
@@ -324,12 +306,13 @@ def plan_gate(kinds: dict, labelled: dict, bounds: Bounds) -> dict:
 def gate_value(st: OutputStats, metric: str) -> tuple[float, float, float]:
     """(dense value, pruned value, badness) of ``metric`` on one output (badness inf when it was not computed,
     e.g. a shape change)."""
-    if metric in ("top1_accuracy", "top1_agreement") and st.top1_agreement is None:
+    if metric in DROP_METRICS and st.top1_agreement is None:
         return None, None, float("inf")
     if metric == "top1_accuracy":
         return st.top1_accuracy_dense, st.top1_accuracy_pruned, st.top1_accuracy_dense - st.top1_accuracy_pruned
-    if metric == "top1_agreement":
-        return 1.0, st.top1_agreement, 1.0 - st.top1_agreement
+    if metric in ("top1_agreement", "nonblank_agreement", "sequence_match"):
+        v = getattr(st, metric)
+        return (None, None, float("inf")) if v is None else (1.0, v, 1.0 - v)
     if metric == "rel_error":
         return 0.0, st.rel_error, st.rel_error
     if metric == "cosine":
@@ -346,33 +329,47 @@ def bound_badness(metric: str, bounds: Bounds):
     return {"cosine": 1 - b, "snr_db": -b}.get(metric, b)
 
 
-def judge(st: OutputStats, bounds: Bounds) -> None:
-    """Fill the gate fields of one gated output: pass when within its bound and not collapsed."""
-    st.dense_value, st.value, st.drop = gate_value(st, st.metric)
-    st.bound = bounds.bound(st.metric) if bounds.active() else None
-    if st.bound is None:
-        return
-    if st.value is None:
-        st.passed = False
-        return
-    higher = METRICS[st.metric][1]
-    if st.metric in ("top1_accuracy", "top1_agreement"):
-        ok = st.drop <= st.bound + 1e-12
-    else:
-        ok = st.value >= st.bound - 1e-12 if higher else st.value <= st.bound + 1e-12
-    st.passed = bool(ok) and st.collapsed is None and st.unreliable is None
+def judge(st: OutputStats, bounds: Bounds, metrics=None) -> None:
+    """Fill the gate fields of one gated output from each of its ``metrics`` (default: ``st.metric``): it passes
+    when within every bound and not collapsed or unreliable; the headline fields are the worst metric's."""
+    results = []
+    for m in metrics or [st.metric]:
+        dense, value, drop = gate_value(st, m)
+        bound = bounds.bound(m) if bounds.active() else None
+        passed = None
+        if bound is not None:
+            if value is None:
+                passed = False
+            else:
+                higher = METRICS[m][1]
+                if m in DROP_METRICS:
+                    ok = drop <= bound + 1e-12
+                else:
+                    ok = value >= bound - 1e-12 if higher else value <= bound + 1e-12
+                passed = bool(ok) and st.collapsed is None and st.unreliable is None
+        results.append({"metric": m, "bound": bound, "dense_value": dense, "value": value, "drop": drop,
+                        "passed": passed})
+    worst = max(results, key=lambda r: _severity(r["metric"], r["value"], r["drop"], r["bound"], st))
+    st.metric, st.bound, st.dense_value, st.value, st.drop = (worst["metric"], worst["bound"], worst["dense_value"],
+                                                              worst["value"], worst["drop"])
+    st.passed = None if worst["bound"] is None else all(r["passed"] for r in results)
+    st.gates = results if len(results) > 1 else None
 
 
 def severity(st: OutputStats) -> float:
     """How close a gated output is to (or past) its bound, comparable across metrics (>1: failed)."""
-    if st.collapsed or st.unreliable or st.value is None:
+    return _severity(st.metric, st.value, st.drop, st.bound, st)
+
+
+def _severity(metric, value, drop, bound, st) -> float:
+    if st.collapsed or st.unreliable or value is None:
         return float("inf")
-    if st.bound is None:
-        return st.drop if st.drop is not None else 0.0
-    if st.metric in ("top1_accuracy", "top1_agreement"):
-        return st.drop / st.bound if st.bound > 0 else (0.0 if st.drop <= 0 else float("inf"))
-    if st.metric == "rel_error":
-        return st.value / st.bound if st.bound > 0 else (0.0 if st.value <= 0 else float("inf"))
-    if st.metric == "cosine":
-        return (1 - st.value) / (1 - st.bound) if st.bound < 1 else (0.0 if st.value >= 1 else float("inf"))
-    return st.bound / st.value if st.value > 0 else float("inf")
+    if bound is None:
+        return drop if drop is not None else 0.0
+    if metric in DROP_METRICS:
+        return drop / bound if bound > 0 else (0.0 if drop <= 0 else float("inf"))
+    if metric == "rel_error":
+        return value / bound if bound > 0 else (0.0 if value <= 0 else float("inf"))
+    if metric == "cosine":
+        return (1 - value) / (1 - bound) if bound < 1 else (0.0 if value >= 1 else float("inf"))
+    return bound / value if value > 0 else float("inf")

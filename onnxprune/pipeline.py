@@ -36,6 +36,7 @@ class PruneConfig:
     effective: bool = True  # remove detached units after pruning
     target: str = "direct"  # "effective": --sparsity is an effective-sparsity target
     effective_mode: str = "channel"  # "exact": per-position analysis for convolutions
+    input_shapes: dict = field(default_factory=dict)  # {input name: [dims]} (--input-shape): sizes exact mode needs
     extra: dict = field(default_factory=dict)
     # Calibrated reconstruction (issue 9): OBS mask under each layer's allocated count, least-squares refit of the
     # kept weights (inputs from the pruned prefix, targets from the dense model), mean/variance correction.
@@ -216,7 +217,10 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
             kept[i] = np.packbits(keep)
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
+    dense = _Dense(layers, values)  # the weights before pruning: which outputs depended on the inputs (A)
     if config.reconstruct and idx:
+        for i in idx:  # refit layers get new values: keep where the dense ones were non-zero (a bit each)
+            dense.before[i] = np.packbits(np.not_equal(values[i], 0).reshape(-1)) if rows[i].zeros_before else None
         _reconstruct(model, layers, values, idx, counts, kept, config, report)
         t3 = time.perf_counter()
         report.timings["reconstruct"] = report.reconstruction["time_s"]
@@ -235,10 +239,17 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
                 store(layers[i], weights.masked(i, fresh=True), owned=True)
                 written.add(i)
 
-    rewritten = _connectivity(model, layers, rows, weights, config, report, sel.shapes, flush,
-                              lambda layer, w: store(layer, w, owned=True), loaded.pending)
+    position = {id(l): i for i, l in enumerate(layers)}
+
+    def write_removed(layer, w):
+        """Removal's new values of a layer: stored, and never overwritten by ``flush`` (a later removal pass may
+        flush before its probe)."""
+        store(layer, w, owned=True)
+        written.add(position[id(layer)])
+
+    _connectivity(model, layers, rows, weights, config, report, sel.shapes, flush, write_removed, loaded.pending,
+                  dense)
     t4 = time.perf_counter()
-    written.update(i for i, l in enumerate(layers) if l.name in rewritten)
     flush()
     report.timings["connectivity"] = t4 - t3
     report.timings["write"] = time.perf_counter() - t4
@@ -407,7 +418,7 @@ class _Selector:
             weights[self.layers[i].name] = apply_mask(self.values[i], pruned)
         counts = None
         if self.config.effective_mode == "exact":
-            counts, _ = _exact_counts(self.model, self.layers, weights, self._shapes())
+            counts, _ = _exact_counts(self.model, self.layers, weights, self._shapes(), self.config.input_shapes)
         if counts is None:
             counts = effective_counts(self.model, self.layers, weights, self._shapes()).effective_count
         return sum(self.infos[k].size - counts[self.layers[i].name] for k, i in enumerate(self.idx))
@@ -435,10 +446,10 @@ class _Selector:
         return lo
 
 
-def _exact_counts(model, layers, weights, shapes):
+def _exact_counts(model, layers, weights, shapes, input_shapes=None):
     from .exact import Unsupported, effective_exact
     try:
-        return effective_exact(model, layers, weights, shapes), None
+        return effective_exact(model, layers, weights, shapes, input_shapes), None
     except Unsupported as exc:
         return None, str(exc)
 
@@ -483,11 +494,33 @@ class _Weights:
         return self._flags(i) if i in self.kept else (self.values[i] != 0)
 
 
+class _Dense:
+    """layer name -> non-zero flags of the weights before pruning (``before``: packed flags of the layers that
+    reconstruction refit, None where every weight was non-zero)."""
+
+    def __init__(self, layers, values):
+        self.index = {l.name: i for i, l in enumerate(layers)}
+        self.layers, self.values, self.before = layers, values, {}
+
+    def nonzero(self, name):
+        i = self.index[name]
+        w = self.values[i]
+        if i not in self.before:
+            return w != 0
+        if self.before[i] is None:
+            return np.ones(w.shape, dtype=bool)
+        return np.unpackbits(self.before[i], count=w.size).view(bool).reshape(w.shape)
+
+    def __getitem__(self, name):
+        return self.nonzero(name)
+
+
 def _connectivity(model, layers, rows, weights, config, report, shapes=None, flush=None, write=None,
-                  pending=None) -> dict:
-    """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run).
-    Returns the layers removal wrote (name -> weights it zeroed)."""
-    from .connectivity import effective_counts
+                  pending=None, dense=None) -> dict:
+    """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run); outputs the
+    pruning cut off from the inputs (``dense``: the weights before pruning). Returns the layers removal wrote
+    (name -> weights it zeroed)."""
+    from .connectivity import collapsed_outputs, effective_counts
     from .removal import remove_detached
     res = effective_counts(model, layers, weights, shapes)
     info = {"mode": "channel", "note": "exact for MLPs; a lower bound on effective sparsity for CNNs",
@@ -495,7 +528,7 @@ def _connectivity(model, layers, rows, weights, config, report, shapes=None, flu
                                                                      if l.name not in res.exact_layers]}
     counts = res.effective_count
     if config.effective_mode == "exact":
-        exact, why = _exact_counts(model, layers, weights, res.shapes)
+        exact, why = _exact_counts(model, layers, weights, res.shapes, config.input_shapes)
         if exact is not None:
             counts = exact
             info.update(mode="exact", note="per (channel, position): also catches taps that only read padding")
@@ -509,9 +542,19 @@ def _connectivity(model, layers, rows, weights, config, report, shapes=None, flu
         for row, layer in zip(rows, layers):
             row.zeros_after_selection = row.zeros_after
             row.zeros_after += removal.rewritten.get(layer.name, 0)
-        rewritten = removal.rewritten
         info["removal"] = {"zeroed_dead_outputs": removal.zeroed_dead_out,
                            "folded_constant_inputs": removal.folded_const_in,
-                           "left_in_place": removal.left_in_place, "biases_changed": removal.biases_changed}
+                           "left_in_place": removal.left_in_place, "biases_changed": removal.biases_changed,
+                           "passes": removal.passes, "fixed_point": removal.converged}
+        for note in removal.notes:
+            report.warnings.append(note)
     report.connectivity = info
-    return rewritten if config.effective and not config.dry_run else {}
+    if dense is not None:
+        # from the weights as selected: removal changes no output's reach (it zeroes only weights of units that
+        # reach no output or that no input reaches), but it may empty the layers around the one pruning emptied
+        collapse = collapsed_outputs(model, layers, res, dense)
+        report.collapsed_outputs = collapse.outputs
+        for msg in collapse.warnings():
+            report.warnings.append(msg)
+            log.warning(msg)
+    return removal.rewritten if config.effective and not config.dry_run else {}

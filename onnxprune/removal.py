@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .connectivity import Analysis, _in_axis, node_reads, per_out_counts, unit_flags
+from .connectivity import Analysis, _in_axis, analyse, node_reads, per_out_counts, unit_flags
 from .graph import _resolve, _Scope
 from .errors import raise_if_interrupted
 from .io import read_tensor, write_tensor
@@ -31,6 +31,9 @@ class Removal:
     biases_changed: list = field(default_factory=list)
     rewritten: dict = field(default_factory=dict)  # layer name -> weights it zeroed
     notes: list = field(default_factory=list)
+    changed: bool = False  # a weight or a bias changed (one pass)
+    passes: int = 0  # analysis + removal passes run to reach the fixed point
+    converged: bool = False  # the last pass changed nothing: removal run again would change nothing
 
 
 def _uses(model) -> dict:
@@ -114,12 +117,69 @@ def _probe(model, names, shapes, seed=0, pending=None):
         return {}
 
 
+MAX_PASSES = 8  # removal repeats until a pass changes nothing (two passes and a check on every model seen)
+
+
+class _Current:
+    """The weights as removal left them: the arrays it wrote, else the caller's (masked) values."""
+
+    def __init__(self, base):
+        self.base, self.new = base, {}
+
+    def __getitem__(self, name):
+        return self.new[name] if name in self.new else self.base[name]
+
+    def own(self, name):
+        return np.array(self.new[name]) if name in self.new else self.base.own(name)
+
+    def nonzero(self, name):
+        if name in self.new:
+            return self.new[name] != 0
+        if hasattr(self.base, "nonzero"):
+            return self.base.nonzero(name)
+        return self.base[name] != 0
+
+
 def remove_detached(model, res: Analysis, layers, weights, before_probe=None, write=None,
                     pending=None) -> Removal:
-    """Apply removal in place on ``model``. ``weights.own(name)`` gives a new array of a layer's current (masked)
-    values; only layers with detached units are read again and rewritten, by ``write(layer, values)`` (which
-    keeps the array) when given, else into the layer's tensor. ``before_probe`` stores every pruned weight (in the
-    model or in ``pending``) before the constant probe runs the pruned model."""
+    """Apply removal in place on ``model``, to its fixed point. ``weights.own(name)`` gives a new array of a
+    layer's current (masked) values; only layers that lose weights are read again and rewritten, by
+    ``write(layer, values)`` (which keeps the array) when given, else into the layer's tensor. ``before_probe``
+    stores every pruned weight (in the model or in ``pending``) before the constant probe runs the pruned model.
+
+    One pass is not always a fixed point: a constant input folded into its consumer's bias leaves the unit that
+    produced it reaching nothing, so the next analysis finds its bias entry (and its weights) dead. Passes repeat,
+    each on a fresh analysis of what the previous one left, until one changes no weight and no bias (at most
+    ``MAX_PASSES``): running removal again on the result then changes nothing. Counts add up over the passes;
+    ``left_in_place`` is the last pass's (what stays)."""
+    out = Removal()
+    current = _Current(weights)
+    unfoldable = {}  # layer name -> unreached input flags the probe could not fold (not probed again for those)
+    for k in range(MAX_PASSES):
+        if k:
+            res = analyse(model, layers, current, res.shapes)
+        step = _remove_once(model, res, current, before_probe, write, pending, unfoldable)
+        out.passes = k + 1
+        out.zeroed_dead_out += step.zeroed_dead_out
+        out.folded_const_in += step.folded_const_in
+        out.left_in_place = step.left_in_place
+        for name in step.biases_changed:
+            if name not in out.biases_changed:
+                out.biases_changed.append(name)
+        for name, n in step.rewritten.items():
+            out.rewritten[name] = out.rewritten.get(name, 0) + n
+        if not step.changed:
+            out.converged = True
+            break
+    else:
+        out.notes.append(f"removal still changed the model after {MAX_PASSES} passes; stopped there")
+        log.info(out.notes[-1])
+    return out
+
+
+def _remove_once(model, res: Analysis, weights, before_probe, write, pending, unfoldable) -> Removal:
+    """One removal pass on the analysis ``res`` of the current weights; ``changed`` says whether it changed a
+    weight or a bias (writes go through ``weights.new`` too, so the next pass sees them)."""
     out = Removal()
     nodes = list(model.graph.node)
     scope = _Scope(model.graph, "", None)
@@ -140,14 +200,6 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
         in_vec, out_vec = unit_flags(res, idx, node)
         if in_vec.all() and out_vec.all():
             continue  # every unit lives: nothing to remove
-        bias = _bias(model, node, lop, scope, uses, consumers)
-        plans.append((name, idx, node, lop, in_vec, out_vec, bias))
-        if not in_vec.all() and bias is not None and _foldable_conv(node, lop):
-            need_probe.append(node.input[lop.data_slot])
-    if need_probe and before_probe is not None:
-        before_probe()  # the model must hold the pruned weights when it is run
-    values = _probe(model, sorted(set(need_probe)), res.shapes, pending=pending) if need_probe else {}
-    for name, idx, node, lop, in_vec, out_vec, bias in plans:
         # counts come from the analysis' per-(group, in, out) non-zero blocks: no pass over the weight
         cnt, g = res.counts[idx], lop.groups
         outs, unreached_in = out_vec.reshape(g, -1), ~in_vec.reshape(g, -1)
@@ -155,27 +207,34 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
         for k in range(g):
             dead_out += int(per_out_counts(cnt, k)[~outs[k]].sum())
             alive_const_in += int(per_out_counts(cnt, k, unreached_in[k])[outs[k]].sum())
-        w = weights.own(name)  # a new array of the current values: modified here, then handed to ``write``
+        bias = _bias(model, node, lop, scope, uses, consumers)
+        fold = bool(alive_const_in) and bias is not None and _foldable_conv(node, lop) \
+            and unfoldable.get(name) != in_vec.tobytes()
+        plans.append((name, idx, node, lop, in_vec, out_vec, bias, dead_out, alive_const_in, fold))
+        if fold:
+            need_probe.append(node.input[lop.data_slot])
+    if need_probe and before_probe is not None:
+        before_probe()  # the model must hold the pruned weights when it is run
+    values = _probe(model, sorted(set(need_probe)), res.shapes, pending=pending) if need_probe else {}
+    for name, idx, node, lop, in_vec, out_vec, bias, dead_out, alive_const_in, fold in plans:
         b_stored = read_tensor(bias[0]) if bias is not None else None  # decoded once: values and dtype
         b_arr = b_stored.astype(np.float64).reshape(-1) if bias is not None else None
-        changed = False
-        dead = np.flatnonzero(~out_vec)
-        where = lop.out_broadcast(~out_vec) if dead.size else None
-        if where is not None:  # one contiguous pass instead of a strided scatter
-            np.copyto(w, 0, where=where)
-        else:
-            for u in dead:
-                w[lop.out_index(int(u))] = 0
-        out.zeroed_dead_out += dead_out
-        zeroed = dead_out
         if b_arr is not None and not out_vec.all():
             b_arr[~out_vec] = 0.0
-            changed = True
+        zeroed = dead_out
         unreached = np.flatnonzero(~in_vec)
-        if unreached.size:
-            alive = alive_const_in
-            consts = _constants(values.get(node.input[lop.data_slot]), lop, node, res, ~in_vec) \
-                if bias is not None and _foldable_conv(node, lop) else None
+        consts = _constants(values.get(node.input[lop.data_slot]), lop, node, res, ~in_vec) if fold else None
+        w = weights.own(name) if dead_out or consts is not None else None  # a new array: handed to ``write``
+        if dead_out:
+            dead = np.flatnonzero(~out_vec)
+            where = lop.out_broadcast(~out_vec)
+            if where is not None:  # one contiguous pass instead of a strided scatter
+                np.copyto(w, 0, where=where)
+            else:
+                for u in dead:
+                    w[lop.out_index(int(u))] = 0
+            out.zeroed_dead_out += dead_out
+        if alive_const_in:
             folded = None
             if consts is not None:
                 with np.errstate(all="ignore"):
@@ -189,23 +248,29 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
                     if not np.isfinite(folded.astype(b_stored.dtype)).all():
                         folded = None
             if folded is None:
-                out.left_in_place += alive
+                out.left_in_place += alive_const_in
+                if fold:
+                    unfoldable[name] = in_vec.tobytes()
             else:
                 for i in unreached:
                     w[lop.in_index(int(i))[0]] = 0
                 b_arr = folded
-                changed = True
-                out.folded_const_in += alive
-                zeroed += alive
-        if write is not None:
-            write(lop.layer, w)
-        else:
-            write_tensor(lop.layer.tensor, w)
-        out.rewritten[name] = zeroed
-        if changed:
-            tensor = bias[0]
-            write_tensor(tensor, b_arr.astype(b_stored.dtype).reshape([int(d) for d in tensor.dims]))
-            out.biases_changed.append(tensor.name or node.name)
+                out.folded_const_in += alive_const_in
+                zeroed += alive_const_in
+        if zeroed:
+            if write is not None:
+                write(lop.layer, w)
+            else:
+                write_tensor(lop.layer.tensor, w)
+            weights.new[name] = w
+            out.rewritten[name] = zeroed
+            out.changed = True
+        if b_arr is not None:
+            new = b_arr.astype(b_stored.dtype).reshape([int(d) for d in bias[0].dims])
+            if new.tobytes() != np.ascontiguousarray(b_stored).tobytes():
+                write_tensor(bias[0], new)
+                out.biases_changed.append(bias[0].name or node.name)
+                out.changed = True
     return out
 
 

@@ -31,6 +31,14 @@ class LayerReport:
     def sparsity_after(self) -> float:
         return self.zeros_after / self.params if self.params else 0.0
 
+    def _totals_json(self, include_excluded: bool = False) -> dict:
+        """totals(), with the sparsities null (not 0) when no layer was analysed (an error before the model was
+        read)."""
+        t = self.totals(include_excluded)
+        if not self.layers:
+            t.update(sparsity_before=None, sparsity_after=None)
+        return t
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["sparsity_before"] = self.sparsity_before
@@ -70,6 +78,9 @@ class Report:
     compaction: dict | None = None  # dead units physically deleted (applied) or what --compact would delete
     figures: dict | None = None  # before/after: file and gzip size, parameters, MACs per sample, latency
     reconstruction: dict | None = None  # calibrated reconstruction: calibration set, lambda, per-layer errors
+    # graph outputs the pruning cut off from every graph input (constant whatever the input) -> the emptied layers
+    # on their paths; empty when every output that depended on the inputs still does
+    collapsed_outputs: dict = field(default_factory=dict)
     status: str = "ok"
     exit_code: int = 0
     error: str | None = None
@@ -93,6 +104,14 @@ class Report:
             "effective_sparsity": (eff / n if n else 0.0) if eff is not None else None,
         }
 
+    def _totals_json(self, include_excluded: bool = False) -> dict:
+        """totals(), with the sparsities null (not 0) when no layer was analysed (an error before the model was
+        read)."""
+        t = self.totals(include_excluded)
+        if not self.layers:
+            t.update(sparsity_before=None, sparsity_after=None)
+        return t
+
     def to_dict(self) -> dict:
         """The report as JSON-safe data: inf/NaN (which strict parsers reject) become "inf"/"-inf"/null."""
         return _finite({
@@ -113,8 +132,8 @@ class Report:
             "already_sparser": self.already_sparser,
             "options": self.options,
             "seed": self.options.get("seed"),
-            "totals": self.totals(),
-            "totals_including_excluded": self.totals(include_excluded=True),
+            "totals": self._totals_json(),
+            "totals_including_excluded": self._totals_json(include_excluded=True),
             "layers": [l.to_dict() for l in self.layers],
             "connectivity": self.connectivity,
             "validation": self.validation,
@@ -123,6 +142,7 @@ class Report:
             "reconstruction": self.reconstruction,
             "compaction": self.compaction,
             "figures": self.figures,
+            "collapsed_outputs": self.collapsed_outputs,
             "warnings": self.warnings,
             "timings_s": self.timings,
             "sizes_bytes": self.sizes,

@@ -45,20 +45,67 @@ def _common_prefix(names: list) -> str:
 
 
 def short_names(names: list, width: int = NAME_WIDTH) -> dict:
-    """name -> display name: the prefix all names share is dropped first (so the part that tells layers apart
-    survives), then the rest is cut in the middle."""
+    """name -> display name of at most ``width`` characters that tells the names apart where it can: the prefix
+    all long names share is dropped, then path segments (split at '/') that half the names or more share are
+    elided from every name at once, most shared first, as long as the names stay distinct (the last segment
+    always stays),
+    then the rest is cut: in the middle, or keeping the tail or the head, whichever stays distinct (exported
+    names often differ only in an index deep inside: encoder.0 vs encoder.1)."""
     long = [n for n in names if len(n) > width]
     prefix = _common_prefix(long)
     dots = _t("…")
-    out = {}
-    for n in names:
-        if len(n) <= width:
-            out[n] = n
-        elif len(prefix) > len(dots) + 2 and n.startswith(prefix):
-            out[n] = shorten(dots + n[len(prefix):], width)
+    out = {n: n for n in names if len(n) <= width}
+    segs = {}
+    for n in long:
+        rest = n[len(prefix):] if len(prefix) > len(dots) + 2 and n.startswith(prefix) else n
+        segs[n] = ([dots] if rest is not n else []) + rest.split("/")
+    counts = {}
+    for parts in segs.values():
+        for seg in set(parts[:-1]):
+            counts[seg] = counts.get(seg, 0) + 1
+    gone = set()
+
+    def render(parts):
+        shown, prev = [], False
+        for i, seg in enumerate(parts):
+            if seg in gone and i < len(parts) - 1:
+                if not prev:
+                    shown.append(dots)
+                prev = True
+            else:
+                shown.append(seg)
+                prev = seg == dots
+        return "/".join(shown)
+
+    common = max(2, -(-len(long) // 2))  # a segment half the names share says little about any one of them
+    for seg in sorted((k for k, c in counts.items() if c >= common and k != dots),
+                      key=lambda k: (-counts[k], -len(k), k)):
+        if all(len(render(p)) <= width for p in segs.values()):
+            break
+        gone.add(seg)
+        shown = [render(p) for p in segs.values()]
+        if len(set(shown)) < len(shown):
+            gone.discard(seg)
+    taken = set(out.values())
+    for n in long:
+        text = render(segs[n])
+        for cand in (shorten(text, width), _cut(text, width, 0), _cut(text, width, 8), _cut(text, width, 4)):
+            if cand not in taken:
+                break
         else:
-            out[n] = shorten(n, width)
+            cand = shorten(text, width)
+        out[n] = cand
+        taken.add(cand)
     return out
+
+
+def _cut(text: str, width: int, head: int) -> str:
+    """``text`` in ``width`` characters: its first ``head`` characters, '…', and as much of its end as fits."""
+    if len(text) <= width:
+        return text
+    dots = _t("…")
+    tail = width - head - len(dots)
+    return text[:head] + dots + text[len(text) - tail:]
 
 
 def _size(n) -> str:
@@ -85,7 +132,7 @@ def escape(text: str) -> str:
 def _new_table(title: str, **kw):
     from rich import box
     from rich.table import Table
-    return Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, **kw)
+    return Table(title=title, box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False, show_edge=False, **kw)
 
 
 def print_report(report, mode: str = "auto") -> None:
@@ -117,8 +164,10 @@ def print_report(report, mode: str = "auto") -> None:
             _print_search(console, report.search)
         if report.sensitivity:
             _print_sensitivity(console, report)
-    for w in report.warnings:
-        console.print(f"[yellow]warning:[/yellow] {escape(_t(w))}")
+    if report.warnings:  # warnings go to stderr: stdout is the tables and the summary
+        err = _console(stderr=True)
+        for w in report.warnings:
+            err.print(f"[yellow]warning:[/yellow] {escape(_t(w))}")
     console.print(escape(_t(summary_line(report))))
 
 
@@ -285,6 +334,23 @@ def _print_sensitivity(console, report) -> None:
     console.print(t)
 
 
+FAR_COSINE = 0.5  # an output whose cosine to the dense one falls below this has moved far
+
+
+def damage(v: dict) -> str | None:
+    """Words for a validated model whose outputs moved far from the dense ones (collapsed, or cosine under
+    FAR_COSINE), whatever the gate says; None when none did."""
+    bad = []
+    for o in v.get("outputs") or []:
+        if o["kind"] in ("integer", "passthrough") or o.get("unreliable"):
+            continue
+        if o.get("collapsed"):
+            bad.append(f"output '{shorten(o['name'], 24)}' collapsed ({o['collapsed']})")
+        elif o.get("cosine") is not None and o["cosine"] < FAR_COSINE:
+            bad.append(f"output '{shorten(o['name'], 24)}' moved far from the dense one (cosine {o['cosine']:.3f})")
+    return "; ".join(bad) or None
+
+
 def summary_line(report) -> str:
     """One closing line: sizes before → after, time, direct and effective sparsity, the gated metric."""
     t = report.totals()
@@ -313,9 +379,10 @@ def summary_line(report) -> str:
             head += f" on '{shorten(v['output'], 20)}'"
         if v.get("passed") is not None:
             head += " (gate passed)" if v["passed"] else " (gate FAILED)"
-        if v.get("collapsed"):
-            head += f"; collapsed: {', '.join(v['collapsed'])}"
         parts.append(head)
+        harm = damage(v)
+        if harm:
+            parts.append(f"DAMAGED: {harm}")
     if report.output:
         parts.append(f"wrote {report.output}")
     return " · ".join(parts)

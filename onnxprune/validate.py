@@ -17,8 +17,8 @@ import numpy as np
 
 from .errors import ConfigError, InputError, RequestError, raise_if_interrupted
 from .io.staging import deferred_signals
-from .metrics import (Bounds, OutputStats, class_stats, classify_outputs, float_stats, judge, labels_for,
-                      plan_gate, severity)
+from .compare import class_stats, float_stats, sample_axis
+from .metrics import Bounds, OutputStats, classify_outputs, judge, labels_for, plan_gate, severity
 
 log = logging.getLogger("onnxprune")
 
@@ -157,6 +157,7 @@ class Validation:
     gate: dict | None = None  # the bounds set (None: no gate)
     latency_ms_dense: float | None = None  # median per batch, timed side by side (None: not measured)
     latency_ms_pruned: float | None = None
+    latency_runs: int | None = None  # batches each model was timed on (the timing has a time budget)
     max_drop: float | None = None
     passed: bool | None = None
     sparsity: float | None = None
@@ -172,9 +173,12 @@ class Validation:
         for o in bad:
             if o.collapsed:
                 parts.append(f"output '{o.name}' collapsed ({o.collapsed})")
+            elif o.unreliable:
+                parts.append(f"output '{o.name}': {o.unreliable}")
             else:
-                parts.append(f"output '{o.name}' {o.metric} {_fmt(o.value)} (dense {_fmt(o.dense_value)}) beyond "
-                             f"the bound {o.bound}")
+                where = f" ({o.part})" if o.part and o.metric in ("rel_error", "cosine", "snr_db") else ""
+                parts.append(f"output '{o.name}'{where} {o.metric} {_fmt(o.value)} (dense {_fmt(o.dense_value)}) "
+                             f"beyond the bound {o.bound}")
         return "; ".join(parts) or "gate failed"
 
 
@@ -202,22 +206,33 @@ def _run_all(sess, batches, progress=None, label=""):
     return outs
 
 
-def _side_by_side(sess_a, sess_b, batches, rounds: int = 2):
+LATENCY_BUDGET_S = 5.0  # the side-by-side timing stops after this long (it took 40 s of a 73 s run on YOLOv8n)
+LATENCY_MIN_RUNS = 3  # ... but not before each model ran this many times
+
+
+def _side_by_side(sess_a, sess_b, batches, rounds: int = 2, budget_s: float = LATENCY_BUDGET_S, progress=None):
     """Median milliseconds per batch of two sessions timed alternately on the same batches (whichever goes first
-    changes every batch), so background noise and the other session's worker threads hit both alike."""
+    changes every batch), so background noise and the other session's worker threads hit both alike; at most
+    ``budget_s`` seconds once each ran LATENCY_MIN_RUNS times. Returns (dense ms, pruned ms, runs each)."""
     if not batches:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0
+    start = time.perf_counter()
     sess_a.run(None, batches[0])
     sess_b.run(None, batches[0])
     ta, tb = [], []
+    total = rounds * len(batches)
     for r in range(rounds):
         for i, feed in enumerate(batches):
+            if len(ta) >= LATENCY_MIN_RUNS and time.perf_counter() - start > budget_s:
+                break
             order = ((sess_a, ta), (sess_b, tb)) if (i + r) % 2 == 0 else ((sess_b, tb), (sess_a, ta))
             for sess, acc in order:
                 t = time.perf_counter()
                 sess.run(None, feed)
                 acc.append(time.perf_counter() - t)
-    return 1000.0 * float(np.median(ta)), 1000.0 * float(np.median(tb))
+            if progress:
+                progress("latency", len(ta), total)
+    return 1000.0 * float(np.median(ta)), 1000.0 * float(np.median(tb)), len(ta)
 
 
 class Validator:
@@ -240,12 +255,23 @@ class Validator:
         del sess
         first = {n: np.asarray(self.dense_outs[0][k]) for k, n in enumerate(self.output_names)}
         rows = dataset.batch_sizes[0] if dataset.batch_sizes else None
-        if model is not None:
-            self.kinds = classify_outputs(model, weight_names or (), first, rows)
-        else:
-            self.kinds = classify_outputs(_outputs_only(self.output_names), None, first, rows)
-        self.labelled = labels_for(self.kinds, first, dataset.labels, dataset.source, self.bounds.outputs)
-        self.plan = plan_gate(self.kinds, self.labelled, self.bounds)
+        self.axes, scalars = {}, set()
+        for k, n in enumerate(self.output_names):
+            arrays = [np.asarray(b[k]) for b in self.dense_outs]
+            self.axes[n] = ax = sample_axis(arrays, dataset.batch_sizes)
+            a = arrays[0]
+            if a.size <= 1 or (ax is not None and a.shape[ax] and a.size // a.shape[ax] <= 1):
+                scalars.add(n)  # one value per sample
+        graph = model if model is not None else _outputs_only(self.output_names)
+        self.kinds = classify_outputs(graph, (weight_names or ()) if model is not None else None, first, rows,
+                                      self.axes)
+        blank = self.bounds.blank
+        for n, (kind, _) in self.kinds.items():
+            if kind == "sequence" and blank is not None and not 0 <= blank < first[n].shape[-1]:
+                raise ConfigError(f"--blank {blank} is not a class of output '{n}' ({first[n].shape[-1]} classes)")
+        self.labelled = labels_for(self.kinds, self._sample_first(first), dataset.labels, dataset.source,
+                                   self.bounds.outputs)
+        self.plan = plan_gate(self.kinds, self.labelled, self.bounds, scalars)
         # what the dense outputs alone say about this data: a comparison on them may mean nothing
         unreliable = [st for st in self._metrics(self.dense_outs).outputs if st.unreliable]
         self.notes = [f"output '{st.name}': {st.unreliable}" for st in unreliable]
@@ -269,31 +295,45 @@ class Validator:
             # for the other's spinning threads (±25 % between identical models on 2 cores)
             dense_sess = make_session(self.dense_path, self.device, self.quiet, spin=False)
             pruned_sess = make_session(pruned_path, self.device, self.quiet, spin=False)
-            lat_dense, lat_pruned = _side_by_side(dense_sess, pruned_sess, self.dataset.batches[: self.LATENCY_BATCHES],
-                                                  rounds=2)
+            lat_dense, lat_pruned, runs = _side_by_side(dense_sess, pruned_sess,
+                                                        self.dataset.batches[: self.LATENCY_BATCHES], rounds=2,
+                                                        progress=self.progress)
             del dense_sess, pruned_sess
         v = self._metrics(pruned_outs)
         v.latency_ms_dense, v.latency_ms_pruned = lat_dense, lat_pruned
+        if latency:
+            v.latency_runs = runs
         return v
+
+    def _sample_first(self, outs: dict) -> dict:
+        """Per-position outputs laid out time-first [T, N, C] turned sample-first [N, T, C]."""
+        return {n: np.moveaxis(a, 1, 0) if self.kinds.get(n, ("",))[0] == "sequence" and self.axes.get(n) == 1
+                else a for n, a in outs.items()}
 
     def _metrics(self, pruned_outs) -> Validation:
         ds, stats = self.dataset, []
         for k, name in enumerate(self.output_names):
             kind, why = self.kinds.get(name, ("dense", ""))
-            st = OutputStats(name, kind=kind, why=why, gated=name in self.plan, metric=self.plan.get(name))
+            metrics = self.plan.get(name)
+            st = OutputStats(name, kind=kind, why=why, gated=name in self.plan,
+                             metric=metrics[0] if metrics else None)
             d = [np.asarray(b[k]) for b in self.dense_outs]
             p = [np.asarray(b[k]) for b in pruned_outs]
             st.shape = list(d[0].shape) if d else None
             if kind in ("classification", "sequence", "dense"):
                 float_stats(st, d, p, ds.batch_sizes)
                 if kind != "dense" and st.collapsed != "shape changed":
-                    class_stats(st, d, p, ds.labels if name in self.labelled else None)
+                    if kind == "sequence":
+                        st.layout = "TNC" if self.axes.get(name) == 1 else "NTC"
+                        if st.layout == "TNC":
+                            d, p = [np.moveaxis(x, 1, 0) for x in d], [np.moveaxis(x, 1, 0) for x in p]
+                    class_stats(st, d, p, ds.labels if name in self.labelled else None, self.bounds.blank)
             elif [x.shape for x in d] != [x.shape for x in p] or any(not np.array_equal(a, b) for a, b in zip(d, p)):
                 st.max_abs_error = float("nan")  # an integer output changed: reported, not gated
                 st.collapsed = None
                 st.why += "; values changed"
             if st.gated:
-                judge(st, self.bounds)
+                judge(st, self.bounds, metrics)
             stats.append(st)
         gated = [s for s in stats if s.gated]
         head = max(gated, key=severity) if gated else None  # the worst gated output speaks for the model

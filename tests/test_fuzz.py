@@ -319,7 +319,7 @@ def make_case(seed: int):
 
 
 def _check_outcome(r_code, output, tmp_path, model_path, before, out):
-    assert r_code in (0, 2, 3, 4, 5), f"exit {r_code}:\n{output[-3000:]}"
+    assert r_code in (0, 1, 2, 3, 4, 5), f"exit {r_code}:\n{output[-3000:]}"  # 1: a validated output collapsed
     assert "Traceback" not in output, output[-3000:]
     assert "a bug in onnxprune" not in output, output[-3000:]
     with open(model_path, "rb") as fh:

@@ -212,7 +212,7 @@ def test_calibration_that_overflows_the_dense_model_is_exit_3_naming_the_layer(c
 def test_huge_finite_calibration_values_keep_the_moments_finite(cnn, tmp_path):
     """1e20 squared overflows float32 (the sums of squares): that accumulation step runs in float64."""
     cal = _calibration(tmp_path, 1e20)
-    code, doc, err = _json_run(cnn, "-s", "0.9", "--calibration", cal, "-o", tmp_path / "o.onnx")
+    code, doc, err = _json_run(cnn, "-s", "0.9", "--calibration", cal, "-o", tmp_path / "o.onnx", "--no-validate")
     assert code == 0, err
     assert doc["status"] == "ok" and os.path.exists(tmp_path / "o.onnx")
 

@@ -132,17 +132,21 @@ def test_signals_at_any_point_of_a_reconstructing_run(tmp_path):
     out, rep = tmp_path / "o.onnx", tmp_path / "r.json"
     cmd = [sys.executable, "-m", "onnxprune.cli", model, "-s", "0.9", "--calibration", str(calib), "--data", data,
            "-o", str(out), "--report", str(rep)]
-    t = time.monotonic()
-    subprocess.run(cmd, capture_output=True, env=env, timeout=300, check=True)
-    duration = time.monotonic() - t
-    os.unlink(out)
-    os.unlink(rep)
+    runs = []
+    for _ in range(2):  # the quicker of two (the first pays for cold caches)
+        t = time.monotonic()
+        done = subprocess.run(cmd, capture_output=True, env=env, timeout=300)
+        runs.append(time.monotonic() - t)
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        os.unlink(out)
+        os.unlink(rep)
+    duration = min(runs)
     sigs = [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGHUP, 129)]
     codes = set()
     for k in range(9):
         sig, code = sigs[k % 3]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        time.sleep(duration * (0.3 + 0.75 * k / 8))
+        time.sleep(duration * (0.15 + 0.8 * k / 8))
         p.send_signal(sig)
         _, stderr = p.communicate(timeout=300)
         stderr = stderr.decode()

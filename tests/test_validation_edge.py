@@ -118,7 +118,8 @@ def test_one_class_dense_predictions_make_agreement_meaningless(tmp_path):
 
 
 def test_one_value_per_sample_is_compared_as_a_whole_not_by_sign(tmp_path):
-    from onnxprune.metrics import OutputStats, float_stats
+    from onnxprune.compare import float_stats
+    from onnxprune.metrics import OutputStats
     st = OutputStats("p")
     d = [np.array([[0.9], [0.1], [0.5], [0.7]], np.float32)]
     p = [np.array([[0.1], [0.9], [0.5], [0.2]], np.float32)]
