@@ -141,9 +141,10 @@ def default_output(model_path: str) -> str:
 @click.option("--effective/--no-effective", default=True, show_default=True,
               help="Remove detached units after pruning (zero weights that reach no output; fold constant inputs "
                    "into biases where exact). Effective sparsity is reported either way.")
-@click.option("--target", type=click.Choice(["direct", "effective"]), default="direct", show_default=True,
-              help="What --sparsity means: the fraction of weights zeroed (direct) or of weights on no "
-                   "input-to-output path (effective).")
+@click.option("--target", type=click.Choice(["direct", "effective", "macs"]), default="direct", show_default=True,
+              help="What --sparsity means: the fraction of weights zeroed (direct), of weights on no "
+                   "input-to-output path (effective), or of the prunable layers' multiply-accumulates per sample "
+                   "removed (macs: --granularity channel; dynamic inputs sized by --input-shape).")
 @click.option("--effective-mode", type=click.Choice(["channel", "exact"]), default="channel", show_default=True,
               help="channel: unit-level reachability (exact for MLPs, a lower bound for CNNs); exact: per "
                    "(channel, position), also catching kernel taps that only read padding (slower).")
@@ -167,6 +168,9 @@ def default_output(model_path: str) -> str:
 @click.option("--compact/--no-compact", default=None,
               help="Physically delete dead units so shapes shrink (default: on with --granularity channel; "
                    "otherwise the report says what it would remove).")
+@click.option("--channel-floor", type=click.FloatRange(0, 1), default=0.25, show_default=True,
+              help="--granularity channel: every layer keeps at least this fraction of its output channels, so "
+                   "that no layer or backbone stage is emptied (0: only never every channel).")
 @click.option("--align", type=click.IntRange(1, 1024), default=1, show_default=True,
               help="Keep compacted channel counts at multiples of N (8 recommended for CPU runtimes).")
 @click.option("--reconstruct/--no-reconstruct", default=None,
@@ -217,7 +221,7 @@ def default_output(model_path: str) -> str:
 @click.version_option(__version__, prog_name="onnxprune")
 def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, effective, target, effective_mode,
          validate, data, batch_size, batches, input_shape, synthetic, granularity, compact, align, reconstruct,
-         calibration, calibration_samples,
+         calibration, channel_floor, calibration_samples,
          device, max_drop, max_rel_error, min_cosine,
          min_snr, gate_metric, blank, gate_output, keep_failed, sensitivity, plot, report_path, table_mode, as_json,
          dry_run, quiet, verbose):
@@ -264,7 +268,7 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
     config = PruneConfig(sparsity=0.0 if search else sparsity, method=method, allocation=allocation,
                          exclude=tuple(exclude), min_keep=min_keep, seed=seed, dry_run=dry_run, effective=effective,
                          target=target, effective_mode=effective_mode, granularity=granularity, compact=compact,
-                         align=align)
+                         align=align, channel_floor=channel_floor)
     try:
         config.resolve()
         parse_min_keep(min_keep, 1)
@@ -294,9 +298,6 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
                                "first --calibration-samples samples then calibrate and the rest evaluate)")
     if calibration and not reconstruct:
         raise click.UsageError("--calibration is only read by --reconstruct")
-    if reconstruct and granularity == "channel":
-        raise click.UsageError("--granularity channel removes whole channels; --reconstruct refits weight by weight: "
-                               "use one of them")
     config.reconstruct = reconstruct  # after resolve() above: the calibration data is read later
     run = Run(model, output or default_output(model), config, locals(), quiet or as_json, verbose)
     with _signals_raise() as signals:
@@ -472,6 +473,8 @@ class Run:
         evaluation = self._datasets(loaded)
         validator = self._validator(loaded, evaluation) if o["validate"] and not config.dry_run else None
         self.dense_figures = None if config.dry_run else self._figures_before(loaded, validator)
+        if getattr(self, "shapes", None):
+            config.macs_shapes = dict(self.shapes)  # --target macs counts at the validated shape, as the figures do
         curve = None
         if o["sparsity"] == "auto":
             from .search import search_sparsity

@@ -134,18 +134,32 @@ def _total_params(model) -> int:
     return n
 
 
-def _macs(model, layers, input_shapes) -> tuple:
+def layer_macs(model, layers, input_shapes: dict | None = None, batch_one: bool = False) -> dict:
+    """{layer name: multiply-accumulates per sample, or None where not known}, as ``figures`` counts them (dense:
+    zeros count). ``input_shapes``: {input name: [dims]}; inputs not named keep their declared shapes, and with
+    ``batch_one`` a symbolic first dim of such an input (rank 2 or more) is taken as a batch of 1, so that a model
+    exported with a dynamic batch and otherwise static shapes needs no shape from the user. Every weight of a
+    Conv/ConvTranspose/Gemm/MatMul layer is used the same number of times per sample, so a layer's MACs divided
+    by its weight count is what each of its weights costs (what channel planning uses)."""
+    return _macs(model, layers, input_shapes or {}, batch_one)[0]
+
+
+def _macs(model, layers, input_shapes, batch_one: bool = False) -> tuple:
     graph = model.graph
     saved = [onnx.ValueInfoProto() for _ in graph.input]
     for s, vi in zip(saved, graph.input):
         s.CopyFrom(vi)
     try:
+        inits = {t.name for t in graph.initializer}
         for vi in graph.input:
+            tt = vi.type.tensor_type
             if vi.name in input_shapes:
-                tt = vi.type.tensor_type
                 tt.ClearField("shape")
                 for d in input_shapes[vi.name]:
                     tt.shape.dim.add().dim_value = int(d)
+            elif batch_one and vi.name not in inits and tt.HasField("shape") and len(tt.shape.dim) >= 2 \
+                    and not tt.shape.dim[0].HasField("dim_value"):
+                tt.shape.dim[0].dim_value = 1
         shapes = infer_shapes(model)
     finally:
         del graph.input[:]

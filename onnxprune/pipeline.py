@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -34,7 +34,10 @@ class PruneConfig:
     dry_run: bool = False
     only: tuple | None = None  # exact weight names that may be pruned (sensitivity analysis)
     effective: bool = True  # remove detached units after pruning
-    target: str = "direct"  # "effective": --sparsity is an effective-sparsity target
+    target: str = "direct"  # "effective": --sparsity is an effective-sparsity target; "macs": a fraction of the
+    # prunable layers' multiply-accumulates per sample (--granularity channel only)
+    macs_shapes: dict | None = None  # {input name: [dims]} of the validation batch (the CLI's figures shape)
+    channel_floor: float = 0.25  # --channel-floor: every layer keeps at least this fraction of its output channels
     effective_mode: str = "channel"  # "exact": per-position analysis for convolutions
     input_shapes: dict = field(default_factory=dict)  # {input name: [dims]} (--input-shape): sizes exact mode needs
     extra: dict = field(default_factory=dict)
@@ -66,8 +69,13 @@ class PruneConfig:
             raise ValueError(f"granularity must be 'weight' or 'channel', got {self.granularity!r}")
         if not isinstance(self.align, int) or not 1 <= self.align <= 1024:
             raise ValueError(f"align must be an integer in [1, 1024], got {self.align!r}")
-        if self.granularity == "channel" and (self.reconstruct or self.target == "effective"):
-            raise ValueError("--granularity channel works with --target direct and without --reconstruct")
+        if self.granularity == "channel" and self.target == "effective":
+            raise ValueError("--granularity channel works with --target direct or macs")
+        if self.target == "macs" and self.granularity != "channel":
+            raise ValueError("--target macs needs --granularity channel: zeroed weights remove no multiply-accumulates")
+        if isinstance(self.channel_floor, bool) or not isinstance(self.channel_floor, (int, float)) \
+                or not 0 <= self.channel_floor <= 1:
+            raise ValueError(f"channel floor must be a fraction in [0, 1], got {self.channel_floor!r}")
         if not isinstance(self.sparsity, (int, float)) or not math.isfinite(self.sparsity) or not 0 <= self.sparsity < 1:
             raise ValueError(f"sparsity must be a finite number in [0, 1), got {self.sparsity!r}")
         if self.method not in METHODS:
@@ -193,7 +201,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
     if config.target == "effective" and idx:
         target = sel.effective_target(target, zeros)
     report.target_pruned = target
-    if idx and zeros > target:
+    if idx and zeros > target and config.target != "macs":  # MACs count dense: existing zeros remove none
         report.already_sparser = True
         msg = (f"model is already {zeros / total:.4%} sparse, above the {config.sparsity:.4%} asked for; "
                f"nothing more pruned")
@@ -221,6 +229,8 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
     if config.reconstruct and idx:
         for i in idx:  # refit layers get new values: keep where the dense ones were non-zero (a bit each)
             dense.before[i] = np.packbits(np.not_equal(values[i], 0).reshape(-1)) if rows[i].zeros_before else None
+        if counts is None:  # whole channels: the plan's zeros stay where they are, the rest is refit around them
+            counts = [rows[i].zeros_after for i in idx]
         _reconstruct(model, layers, values, idx, counts, kept, config, report)
         t3 = time.perf_counter()
         report.timings["reconstruct"] = report.reconstruction["time_s"]
@@ -269,24 +279,50 @@ CHANNEL_TOLERANCE = 0.02  # channel pruning lands within this of the asked spars
 
 
 def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report):
-    """Whole output channels, scored by their norms and removed with every weight that reads them."""
+    """Whole output channels, removed with every weight that reads them: chosen by what their consumers lose on
+    the calibration data with --reconstruct (which then refits the consumers), else by their weights' norms."""
     from .channels import channel_plan
     if alloc_name not in ("lamp", "global", "uniform", "erk"):
         raise ConfigError(f"--granularity channel allocates with lamp, global, uniform or erk, not {alloc_name!r}")
     active = [layers[i] for i in idx]
-    plan = channel_plan(model, active, [values[i] for i in idx], config.sparsity, alloc_name, config.align)
+    label_scores = None
+    if config.reconstruct:
+        from .channel_scores import calibrated_label_scores
+        by_name = {layers[i].name: values[i] for i in idx}
+
+        def label_scores(g):
+            return calibrated_label_scores(model, g, by_name, config.calibration)
+    try:
+        plan = channel_plan(model, active, [values[i] for i in idx], config.sparsity, alloc_name, config.align,
+                            floor=config.channel_floor, target="macs" if config.target == "macs" else "params",
+                            input_shapes={**(config.macs_shapes or {}), **config.input_shapes} or None,
+                            label_scores=label_scores)
+    except ValueError as exc:  # --target macs at shapes it cannot size
+        raise ConfigError(str(exc)) from None
     report.options["channel_plan"] = plan.to_dict()
-    if plan.target_zeros > plan.zeros_before and not plan.groups_removed:
+    wanted = plan.target_macs if plan.target == "macs" else plan.target_zeros - plan.zeros_before
+    if wanted > 0 and not plan.groups_removed:
         raise RequestError(f"--granularity channel cannot remove any channel of this model: {plan.why_short()}; "
                            f"--granularity weight prunes these layers weight by weight")
-    if abs(plan.sparsity - config.sparsity) > CHANNEL_TOLERANCE:
-        if plan.sparsity < config.sparsity:
-            msg = (f"--granularity channel reached {plan.sparsity:.2%} sparsity, short of the {config.sparsity:.2%} "
+    what = "of the MACs removed" if plan.target == "macs" else "sparsity"
+    if abs(plan.achieved - config.sparsity) > CHANNEL_TOLERANCE:
+        if plan.achieved < config.sparsity:
+            msg = (f"--granularity channel reached {plan.achieved:.2%} {what}, short of the {config.sparsity:.2%} "
                    f"asked for: {plan.why_short()}")
         else:
-            msg = (f"--granularity channel reached {plan.sparsity:.2%} sparsity, above the {config.sparsity:.2%} "
+            msg = (f"--granularity channel reached {plan.achieved:.2%} {what}, above the {config.sparsity:.2%} "
                    f"asked for: channels go whole" + (f", in aligned blocks of {config.align}" if config.align > 1
                                                         else "") + ", and the last removed overshoots")
+        report.warnings.append(msg)
+        log.warning(msg)
+    elif plan.floored:  # on target, but some layers would have lost more: say which the floor kept
+        names = ", ".join(plan.floored[:4]) + (f" and {len(plan.floored) - 4} more" if len(plan.floored) > 4 else "")
+        log.info(f"channel floor ({plan.floor:.0%} of each layer's channels) kept: {names}")
+    macs = plan.macs_removed_fraction
+    if plan.target == "params" and macs is not None and macs > config.sparsity + 0.25:
+        msg = (f"--granularity channel removed {macs:.2%} of the prunable layers' MACs for {plan.sparsity:.2%} of "
+               f"their weights (cheap-looking channels carry much of the compute); --target macs sizes the "
+               f"pruning by compute")
         report.warnings.append(msg)
         log.warning(msg)
     for i in idx:
@@ -315,8 +351,10 @@ def _reconstruct(model, layers, values, idx, counts, kept, config, report):
     """Calibrated reconstruction of every active layer; replaces ``values`` / ``kept`` of the layers it refits and
     writes the biases it changed (unless a dry run)."""
     from .reconstruct import reconstruct
-    out = reconstruct(model, layers, values, idx, counts, kept, config.calibration, config.reconstruct_options(),
-                      config.progress)
+    options = config.reconstruct_options()
+    if config.granularity == "channel":
+        options = replace(options, mask="plain")  # the channel plan's zeros, not a new support
+    out = reconstruct(model, layers, values, idx, counts, kept, config.calibration, options, config.progress)
     for i, new in out.values.items():
         values[i] = new
         kept[i] = np.packbits(np.not_equal(new, 0).reshape(-1))

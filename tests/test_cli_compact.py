@@ -50,8 +50,7 @@ def test_without_compact_the_report_says_what_it_would_remove(tmp_path):
     assert "--compact would remove" in r.stdout
 
 
-@pytest.mark.parametrize("args", [["--granularity", "channel", "--reconstruct", "--data", sample("cnn")[1]],
-                                  ["--align", "0"], ["--granularity", "channel", "--target", "effective"],
+@pytest.mark.parametrize("args", [["--align", "0"], ["--granularity", "channel", "--target", "effective"],
                                   ["--granularity", "channel", "--method", "igq"]])
 def test_channel_options_that_cannot_combine_are_usage_errors(cnn, tmp_path, args):
     r = invoke(cnn, "-s", "0.5", "-o", tmp_path / "o.onnx", *args)
@@ -116,3 +115,18 @@ def test_channel_pruning_short_of_or_above_the_target_says_so(tmp_path, cnn):
     doc = json.loads(r.stdout)
     assert r.exit_code == 0 and doc["options"]["channel_plan"]["achieved_sparsity"] > 0.52
     assert any("above the 50.00%" in w and "aligned blocks of 8" in w for w in doc["warnings"])
+
+
+def test_channel_target_macs_and_floor(tmp_path, cnn):
+    """--target macs sizes channel pruning by compute (the figures agree); --channel-floor is in the report."""
+    r = invoke(cnn, "-s", "0.4", "--granularity", "channel", "--target", "macs", "--channel-floor", "0.5",
+               "--data", sample("cnn")[1], "--json", "-q", "-o", tmp_path / "o.onnx")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    plan = doc["options"]["channel_plan"]
+    assert plan["target"] == "macs" and plan["floor"] == 0.5 and plan["macs_removed"] >= plan["target_macs"]
+    assert doc["figures"]["ratio"]["macs"] == pytest.approx(1 - plan["macs_removed_fraction"])
+    for ch in plan["channels"].values():
+        assert ch["before"] - ch["removed"] >= ch["before"] / 2
+    r = invoke(cnn, "-s", "0.4", "--target", "macs", "-o", tmp_path / "w.onnx")
+    assert r.exit_code == 2 and "--granularity channel" in r.stderr
