@@ -132,7 +132,8 @@ def classify_outputs(model, weight_names, dense: dict, rows: int | None = None, 
                                             and (_SCORE_NAME.search(o.name) or (a.shape[1] >= 10 and op in _LINEAR)))):
             kinds[o.name] = ("classification", f"[N, C] scores (C={a.shape[1]}" + (f", {src})" if src else ")"))
         elif a.ndim == 3 and a.shape[2] >= 2 and (fits or sax == 1) and (
-                op in _SOFTMAX or probs or (_SEQ_NAME.search(o.name) and not _DENSE_NAME.search(o.name))):
+                op in _SOFTMAX or probs or (not _DENSE_NAME.search(o.name) and op not in _NOT_SCORES and (
+                    _SEQ_NAME.search(o.name) or (a.shape[2] >= 10 and op in _LINEAR and sax == 1)))):
             layout = "[T, N, C]" if sax == 1 else "[N, T, C]"
             kinds[o.name] = ("sequence", f"{layout} per-position scores (C={a.shape[2]}" +
                              (f", {src})" if src else ")"))

@@ -190,6 +190,28 @@ def test_constant_dense_output_is_unreliable_and_a_gate_on_it_is_exit_2(tmp_path
     assert r.exit_code == 2 and "--data" in r.stderr and not (tmp_path / "g.onnx").exists()
 
 
+def test_a_map_of_zeros_but_for_a_few_specks_is_unreliable():
+    d = np.zeros((4, 1, 64, 64))
+    d[0, 0, 3, 5], d[2, 0, 9, 9] = 0.0345, 0.01  # what PP-OCR's det map gives on noise
+    st = OutputStats("map")
+    float_stats(st, [d], [d * 0.5], [4])
+    assert st.unreliable and "constant on these inputs" in st.unreliable
+    d[:, :, :8, :8] = 0.9  # 1.6 % text: a real map
+    st = OutputStats("map")
+    float_stats(st, [d], [d * 0.5], [4])
+    assert st.unreliable is None
+
+
+def test_time_first_raw_logits_of_a_linear_head_are_a_sequence():
+    """ddddocr's CTC head: Gemm -> Reshape to [T, N, C] logits, named by a number."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "s"], ["387"])]
+    m = make_model(nodes, [vi("x", [80, 16])], [vi("387", [20, 4, 12])],
+                   [init("w", np.ones((16, 12), np.float32)), init("s", np.array([20, 4, 12], np.int64))])
+    a = np.random.default_rng(0).standard_normal((20, 4, 12))
+    assert classify_outputs(m, None, {"387": a}, 4, {"387": 1})["387"][0] == "sequence"
+    assert classify_outputs(m, None, {"387": a.transpose(1, 0, 2)}, 4, {"387": 0})["387"][0] == "dense"
+
+
 # --- 5. a hand-written softmax ---------------------------------------------------------------------------------
 
 def handwritten_softmax():
