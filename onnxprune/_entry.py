@@ -10,4 +10,8 @@ def main():
         sys.stderr.write("onnxprune: interrupted\n")
         sys.stderr.flush()
         os._exit(130)  # nothing is staged yet; a half-imported native module may not survive interpreter shutdown
-    return cli_main()
+    try:
+        return cli_main()
+    finally:
+        from .cli import ignore_late_signals
+        ignore_late_signals()

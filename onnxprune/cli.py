@@ -674,5 +674,18 @@ def _duration(seconds: float) -> str:
     return f"{s} s" if s < 60 else f"{s // 60} min {s % 60:02d} s"
 
 
+def ignore_late_signals() -> None:
+    """The process is exiting with its outcome decided and its files in place: a signal during the interpreter's
+    teardown is ignored rather than killing it with another status."""
+    for sig in _signals_raise.SIGNALS:
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except (ValueError, OSError):
+            pass
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    try:
+        main()
+    finally:
+        ignore_late_signals()

@@ -77,6 +77,23 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+def data_digest(path: str) -> str | None:
+    """The sha256 that ``load_data`` records for ``path`` (a file, or a directory's .npy names and contents),
+    without reading any array; None when it cannot be read (loading it then says why)."""
+    try:
+        if os.path.isdir(path):
+            digest = hashlib.sha256()
+            for f in sorted(glob.glob(os.path.join(path, "*.npy"))):
+                _regular(f)
+                digest.update(os.path.basename(f).encode("utf-8", "surrogateescape") + b"\0")
+                digest.update(_file_digest(f).encode())
+            return digest.hexdigest()
+        _regular(path)
+        return _file_digest(path)
+    except (OSError, InputError):
+        return None
+
+
 def _read_arrays(path: str) -> tuple[dict, str | None]:
     """name -> array, and the sha256 of the file (of a directory: over its .npy files' names and digests). Never
     unpickles, never blocks."""

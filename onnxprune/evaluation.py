@@ -28,7 +28,7 @@ def _fixed_batch(model) -> bool:
 def prepare_data(model, data: str | None, calibration: str | None, samples: int, batch_size: int,
                  evaluate: bool, reconstruct: bool) -> RunData:
     """Read --data (evaluation) and --calibration, splitting --data when it must serve both."""
-    from .data import load_data, rebatch, take
+    from .data import data_digest, load_data, rebatch, take
     from .inputs import input_specs
     out = RunData()
     if data and (evaluate or (reconstruct and not calibration)):
@@ -37,7 +37,8 @@ def prepare_data(model, data: str | None, calibration: str | None, samples: int,
         return out
     if calibration:
         calib = load_data(calibration, input_specs(model), batch_size)
-        if out.evaluation is not None and calib.sha256 and calib.sha256 == out.evaluation.sha256:
+        data_sha = out.evaluation.sha256 if out.evaluation is not None else (data_digest(data) if data else None)
+        if calib.sha256 and calib.sha256 == data_sha:  # also when --data is not read (--no-validate, --dry-run)
             raise ConfigError("--calibration and --data are the same data: the gate would measure the calibration "
                               "set; give --data alone to split it")
         split = False

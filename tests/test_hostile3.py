@@ -427,3 +427,53 @@ def test_ctrl_c_while_the_cli_imports_exits_130_without_traceback(tmp_path):
 def test_console_script_uses_the_guarded_entry_point():
     with open(os.path.join(ROOT, "pyproject.toml")) as fh:
         assert 'onnxprune = "onnxprune._entry:main"' in fh.read()
+
+
+# --- second campaign: paths the kernel resolves differently from abspath; Resize extrapolation; --no-validate ----
+
+@pytest.mark.parametrize("target", ["r.json/", "missing/-/..", "."])
+def test_report_path_that_names_a_directory_is_refused_before_any_work(cnn, tmp_path, target, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = invoke(cnn, "-s", "0.5", "-o", "o.onnx", "--report", target)
+    assert r.exit_code == 5, r.output
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_npy_through_a_symlinked_subdirectory_and_dotdot_is_refused(cnn, data_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (data_dir / "sub").mkdir()
+    os.symlink(data_dir / "sub", tmp_path / "L")
+    r = invoke(cnn, "-s", "0.5", "--data", data_dir, "-o", "L/../new.npy")
+    assert r.exit_code == 5, r.output
+    assert sorted(os.listdir(data_dir)) == ["sub", "x.npy", "y.npy"]
+
+
+@pytest.mark.parametrize("flag", ["--no-validate", "--dry-run"])
+def test_same_data_twice_is_refused_without_validation_too(cnn, data_dir, flag):
+    r = invoke(cnn, "-s", "0.5", "--data", data_dir, "--calibration", data_dir, flag)
+    assert r.exit_code == 2 and "same data" in r.output
+
+
+def test_resize_extrapolation_makes_a_dead_channel_vary(tmp_path):
+    """tf_crop_and_resize with an extrapolation value: a constant channel is not constant after it, so its
+    constant must not be folded (the compacted model computed something else)."""
+    r = np.random.default_rng(0)
+    w1 = r.standard_normal((6, 3, 1, 1)).astype(np.float32)
+    w1[:3] = 0
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="c1"),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("Resize", ["a", "roi", "scales"], ["z"], mode="linear",
+                              coordinate_transformation_mode="tf_crop_and_resize", extrapolation_value=-3.0),
+             helper.make_node("Conv", ["z", "w2"], ["y"], name="c2")]
+    m = make_model(nodes, [vi("x", [2, 3, 6, 6])], [vi("y", None)],
+                   [init("w1", w1), init("b1", np.full(6, 2.0, np.float32)),
+                    init("roi", np.array([0, 0, -0.2, -0.2, 1, 1, 1.2, 1.2], np.float32)),
+                    init("scales", np.array([1, 1, 2, 2], np.float32)),
+                    init("w2", r.standard_normal((4, 6, 1, 1)).astype(np.float32))])
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    a, b = tmp_path / "a.onnx", tmp_path / "b.onnx"
+    assert invoke(path, "-s", "0.3", "--compact", "-o", a, "--no-validate", "-q").exit_code == 0
+    assert invoke(path, "-s", "0.3", "--no-compact", "-o", b, "--no-validate", "-q").exit_code == 0
+    x = r.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    np.testing.assert_allclose(run(str(a), {"x": x})[0], run(str(b), {"x": x})[0], rtol=1e-4, atol=1e-4)

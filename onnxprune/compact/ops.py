@@ -87,6 +87,7 @@ def propagate(g: Graph, idx, node, ins) -> bool:
         elif op in ("Pad", "Resize", "Upsample"):
             if not _resize_ok(g, node, chan):
                 return False
+            val = _spatial_val(g, node, val)
         elif any(c is not None for c in ins[1:]):
             return False
         _out_chan(g, out, chan.axis, chan.lab, val)
@@ -159,6 +160,30 @@ def _unary_val(g, node, chan):
             padded = not unpadded(node)
             return np.full_like(v, np.nan) if padded and node_attr(node, "count_include_pad", 0) else v
     return np.full_like(v, np.nan)
+
+
+def _spatial_val(g, node, val):
+    """A constant channel stays constant through Pad/Resize unless they bring in other values: Pad's constant
+    fill (where it differs), Resize's extrapolation in tf_crop_and_resize mode."""
+    ix = g.index
+    if node.op_type == "Pad":
+        mode = node_attr(node, "mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode != "constant":
+            return val
+        pads = ix.const(node.input[1]) if len(node.input) > 1 else None
+        if pads is None or not np.any(pads):
+            return val
+        fill = ix.const(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        v = 0.0 if fill is None or fill.size == 0 else float(fill.reshape(-1)[0])
+        return np.where(val == v, val, np.nan)
+    if node.op_type == "Resize":
+        mode = node_attr(node, "coordinate_transformation_mode", b"half_pixel")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode == "tf_crop_and_resize":
+            v = float(node_attr(node, "extrapolation_value", 0.0))
+            return np.where(val == v, val, np.nan)
+    return val
 
 
 def _resize_ok(g, node, chan):

@@ -180,6 +180,11 @@ def _same_file(a: str, b: str) -> bool:
         return False
 
 
+def _parent(path: str) -> str:
+    """The directory ``path`` lands in, resolved like the kernel does (symlinks first, then '..')."""
+    return os.path.realpath(os.path.dirname(path) or ".")
+
+
 def check_write_target(path: str, label: str = "output") -> None:
     """Refuse (OutputError) a destination that is not a regular file when it exists (device, FIFO, socket,
     directory, or a symlink to one), whose directory is missing, or which cannot be written."""
@@ -204,7 +209,10 @@ def check_write_target(path: str, label: str = "output") -> None:
         lst = None
     if lst is not None and not stat.S_ISREG(lst.st_mode) and not stat.S_ISLNK(lst.st_mode):
         raise OutputError(f"{path}: {label} is not a regular file; refusing to replace it")
-    out_dir = os.path.dirname(os.path.abspath(path))
+    if path.endswith(("/", os.sep)) or os.path.basename(path) in ("", ".", ".."):
+        raise OutputError(f"{path}: {label} is not a file name (it ends in a directory)")
+    # the directory as the kernel will resolve it (a symlink followed by '..' is not what abspath says)
+    out_dir = _parent(path)
     if not os.path.isdir(out_dir):
         raise OutputError(f"{path}: directory {out_dir} does not exist")
     if not os.access(out_dir, os.W_OK | os.X_OK):
@@ -263,7 +271,7 @@ def check_write_targets(writes: dict, reads=(), loaded: LoadedModel | None = Non
             if _same_file(p, r):
                 raise OutputError(f"{p}: {label} is the same file as the input {r}; refusing to overwrite it")
         for d in folders:
-            if p.endswith(DATA_DIR_SUFFIX) and _same_file(os.path.dirname(os.path.abspath(p)), d):
+            if p.endswith(DATA_DIR_SUFFIX) and _same_file(_parent(p), d):
                 raise OutputError(f"{p}: {label} would add a {DATA_DIR_SUFFIX} file to the data directory {d}, "
                                   f"which is read as input; write it elsewhere")
         for label2, p2 in items[:i]:
