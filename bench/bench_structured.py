@@ -113,8 +113,11 @@ def outputs(path, feeds, batch=32):
 
 
 def float_params(path):
+    """Float weights of the main graph: initializers and Constant(value) tensors (Paddle exports use the latter)."""
     m = onnx.load(path)
-    return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer
+    tensors = list(m.graph.initializer) + [a.t for n in m.graph.node if n.op_type == "Constant"
+                                           for a in n.attribute if a.name == "value"]
+    return int(sum(int(np.prod(t.dims)) for t in tensors
                    if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)))
 
 
