@@ -42,7 +42,8 @@ import time
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from onnxprune.compare import ctc_greedy
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -131,15 +132,6 @@ def macs(path, feeds):
         return None
 
 
-def greedy(seq, blank=0):
-    out, prev = [], None
-    for c in seq.tolist():
-        if c != prev and c != blank:
-            out.append(c)
-        prev = c
-    return out
-
-
 # ---- data --------------------------------------------------------------------------------------------------------
 def sample_data(name):
     """(cal.npz, eval.npz, labels or None) for a sample model, written under bench/.real/structured/data."""
@@ -178,7 +170,7 @@ def task(name, model, path, ev, dense_out):
         return {"task": float((first.argmax(1) == labels).mean()), "task_name": "top-1"}
     if name == "crnn":
         arg = first.argmax(-1)
-        return {"task": float(np.mean([greedy(a) == greedy(t) for a, t in zip(arg, labels)])),
+        return {"task": float(np.mean([ctc_greedy(a, 0) == ctc_greedy(t, 0) for a, t in zip(arg, labels)])),
                 "task_name": "lines decoded", "position_acc": float((arg == labels).mean())}
     sys.path.insert(0, HERE)
     import bench_real as br

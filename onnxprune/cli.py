@@ -274,7 +274,7 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
         parse_min_keep(min_keep, 1)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    gated = any(x is not None for x in (max_drop, max_rel_error, min_cosine, min_snr))
+    gated = _bounded(locals())
     if search and (not gated or not validate or dry_run):
         raise click.UsageError("--sparsity auto needs a gate bound (--max-drop, --max-rel-error, --min-cosine or "
                                "--min-snr) and validation (not --no-validate/--dry-run)")
@@ -502,8 +502,7 @@ class Run:
         report.warnings[:0] = [w for w in self.report.warnings if w not in report.warnings]
         self.report = report
         report.sizes = {"before": self.size_before}
-        gated = any(o[k] is not None for k in ("max_drop", "max_rel_error", "min_cosine", "min_snr"))
-        if report.collapsed_outputs and gated:  # a gate cannot pass an output no input reaches any more
+        if report.collapsed_outputs and _bounded(o):  # a gate cannot pass an output no input reaches any more
             names = ", ".join(f"'{n}' ({', '.join(layers)})" for n, layers in report.collapsed_outputs.items())
             raise RequestError(f"pruning to {config.sparsity:.4g} cuts output(s) {names} off from the inputs (an "
                                f"emptied layer on every path); nothing written: lower --sparsity or --exclude "
@@ -593,8 +592,7 @@ class Run:
         from .metrics import METRIC_ALIASES, Bounds
         from .validate import skipped
         o = self.o
-        gate_needed = o["sparsity"] == "auto" or o["sensitivity"] or any(
-            o[k] is not None for k in ("max_drop", "max_rel_error", "min_cosine", "min_snr"))
+        gate_needed = o["sparsity"] == "auto" or o["sensitivity"] or _bounded(o)
         bounds = Bounds(max_drop=o["max_drop"], max_rel_error=o["max_rel_error"], min_cosine=o["min_cosine"],
                         min_snr=o["min_snr"], outputs=tuple(o["gate_output"]), blank=o["blank"],
                         metric=None if o["gate_metric"] == "auto" else METRIC_ALIASES[o["gate_metric"]])
@@ -663,6 +661,11 @@ class Run:
             traceback.print_exc()
         click.echo(f"onnxprune: error: {r.error}", err=True)
         return code
+
+
+def _bounded(o: dict) -> bool:
+    """Whether the run's options set a gate bound."""
+    return any(o[k] is not None for k in ("max_drop", "max_rel_error", "min_cosine", "min_snr"))
 
 
 def _num(x) -> str:

@@ -77,17 +77,29 @@ def _file_digest(path: str) -> str:
     return digest.hexdigest()
 
 
+def _npy_files(path: str) -> list:
+    """The .npy files a data directory is read from, in order (each checked to be a regular file)."""
+    files = sorted(glob.glob(os.path.join(path, "*.npy")))
+    for f in files:
+        _regular(f)
+    return files
+
+
+def _dir_digest(files: list) -> str:
+    """sha256 over the files' names and contents: the same data under another path is the same data."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(os.path.basename(f).encode("utf-8", "surrogateescape") + b"\0")
+        digest.update(_file_digest(f).encode())
+    return digest.hexdigest()
+
+
 def data_digest(path: str) -> str | None:
     """The sha256 that ``load_data`` records for ``path`` (a file, or a directory's .npy names and contents),
     without reading any array; None when it cannot be read (loading it then says why)."""
     try:
         if os.path.isdir(path):
-            digest = hashlib.sha256()
-            for f in sorted(glob.glob(os.path.join(path, "*.npy"))):
-                _regular(f)
-                digest.update(os.path.basename(f).encode("utf-8", "surrogateescape") + b"\0")
-                digest.update(_file_digest(f).encode())
-            return digest.hexdigest()
+            return _dir_digest(_npy_files(path))
         _regular(path)
         return _file_digest(path)
     except (OSError, InputError):
@@ -99,18 +111,11 @@ def _read_arrays(path: str) -> tuple[dict, str | None]:
     unpickles, never blocks."""
     try:
         if os.path.isdir(path):
-            files = sorted(glob.glob(os.path.join(path, "*.npy")))
+            files = _npy_files(path)
             if not files:
                 raise InputError(f"{path}: no .npy files")
-            arrays = {}
-            digest = hashlib.sha256()  # of the names and contents: the same data under another path is the same
-            for f in files:
-                _regular(f)
-                name = os.path.basename(f)
-                digest.update(name.encode("utf-8", "surrogateescape") + b"\0")
-                digest.update(_file_digest(f).encode())
-                arrays[os.path.splitext(name)[0]] = np.load(f, allow_pickle=False)
-            return arrays, digest.hexdigest()
+            arrays = {os.path.splitext(os.path.basename(f))[0]: np.load(f, allow_pickle=False) for f in files}
+            return arrays, _dir_digest(files)
         _regular(path)
         digest = _file_digest(path)
         if path.endswith(".npy"):

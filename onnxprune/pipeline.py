@@ -286,12 +286,11 @@ def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, r
         raise ConfigError(f"--granularity channel allocates with lamp, global, uniform or erk, not {alloc_name!r}")
     active = [layers[i] for i in idx]
     label_scores = None
-    if config.reconstruct:
+    if config.reconstruct:  # channels chosen by what their consumers lose on the calibration data
+        from functools import partial
         from .channel_scores import calibrated_label_scores
-        by_name = {layers[i].name: values[i] for i in idx}
-
-        def label_scores(g):
-            return calibrated_label_scores(model, g, by_name, config.calibration)
+        label_scores = partial(calibrated_label_scores, model, values={layers[i].name: values[i] for i in idx},
+                               calibration=config.calibration)
     try:
         plan = channel_plan(model, active, [values[i] for i in idx], config.sparsity, alloc_name, config.align,
                             floor=config.channel_floor, target="macs" if config.target == "macs" else "params",
@@ -554,10 +553,10 @@ class _Dense:
 
 
 def _connectivity(model, layers, rows, weights, config, report, shapes=None, flush=None, write=None,
-                  pending=None, dense=None) -> dict:
-    """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run); outputs the
-    pruning cut off from the inputs (``dense``: the weights before pruning). Returns the layers removal wrote
-    (name -> weights it zeroed)."""
+                  pending=None, dense=None) -> None:
+    """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run), its new
+    values stored through ``write``; outputs the pruning cut off from the inputs (``dense``: the weights before
+    pruning)."""
     from .connectivity import collapsed_outputs, effective_counts
     from .removal import remove_detached
     res = effective_counts(model, layers, weights, shapes)
@@ -595,4 +594,3 @@ def _connectivity(model, layers, rows, weights, config, report, shapes=None, flu
         for msg in collapse.warnings():
             report.warnings.append(msg)
             log.warning(msg)
-    return removal.rewritten if config.effective and not config.dry_run else {}

@@ -31,14 +31,6 @@ class LayerReport:
     def sparsity_after(self) -> float:
         return self.zeros_after / self.params if self.params else 0.0
 
-    def _totals_json(self, include_excluded: bool = False) -> dict:
-        """totals(), with the sparsities null (not 0) when no layer was analysed (an error before the model was
-        read)."""
-        t = self.totals(include_excluded)
-        if not self.layers:
-            t.update(sparsity_before=None, sparsity_after=None)
-        return t
-
     def to_dict(self) -> dict:
         d = asdict(self)
         d["sparsity_before"] = self.sparsity_before
