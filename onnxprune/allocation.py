@@ -21,7 +21,8 @@ class LayerInfo:
     zeros: int
     shape: tuple
     is_conv: bool
-    values: np.ndarray = field(repr=False)  # the weight (flat or shaped), any float dtype
+    values: np.ndarray = field(default=None, repr=False)  # the weight (flat or shaped), any float dtype; or
+    # None when the Context's ``values`` holds them
 
 
 @dataclass
@@ -32,6 +33,13 @@ class Context:
     buffer: S.MagnitudeBuffer = field(default_factory=S.MagnitudeBuffer, repr=False)
     # optional per-layer magnitude thresholds that make the final selection cheaper (see select.prune_mask)
     hints: list = field(default_factory=list, repr=False)
+    # the layers' weights in order when not in ``LayerInfo.values``: a sequence read one layer at a time
+    # (``io.mapped.Values``: mapped weights stay resident one at a time)
+    values: object = field(default=None, repr=False)
+
+    @property
+    def weights(self):
+        return self.values if self.values is not None else [l.values for l in self.layers]
 
     @property
     def sizes(self):
@@ -96,13 +104,13 @@ def fit_counts(desired: np.ndarray, lo: np.ndarray, hi: np.ndarray, total: int, 
 
 def alloc_global(ctx: Context) -> np.ndarray:
     """Global magnitude: one threshold on |w| over all layers."""
-    counts, ctx.hints = global_prune_counts([l.values for l in ctx.layers], "magnitude", ctx.prune_total, ctx.buffer)
+    counts, ctx.hints = global_prune_counts(ctx.weights, "magnitude", ctx.prune_total, ctx.buffer)
     return counts
 
 
 def alloc_lamp(ctx: Context) -> np.ndarray:
     """LAMP: one threshold on layer-normalised scores (section 2)."""
-    counts, ctx.hints = global_prune_counts([l.values for l in ctx.layers], "lamp", ctx.prune_total, ctx.buffer)
+    counts, ctx.hints = global_prune_counts(ctx.weights, "lamp", ctx.prune_total, ctx.buffer)
     return counts
 
 

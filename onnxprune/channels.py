@@ -95,7 +95,7 @@ class ChannelPlan:
 
 def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp", align: int = 1, *,
                  floor: float = DEFAULT_FLOOR, target: str = "params", input_shapes: dict | None = None,
-                 label_scores=None) -> ChannelPlan:
+                 label_scores=None, pending: dict | None = None) -> ChannelPlan:
     """Choose whole channels to prune so that about ``sparsity`` of the prunable weights (``target="params"``) or
     of their multiply-accumulates (``target="macs"``) go.
 
@@ -139,7 +139,7 @@ def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp
         raise ValueError(f"floor must be a fraction in [0, 1], got {floor!r}")
     if not isinstance(values, dict):
         values = {l.name: v for l, v in zip(layers, values)}
-    g = build(model, layers)
+    g = build(model, layers, pending)  # pending: weights held outside the protobuf (mapped ones included)
     roots = g.roots()
     fixed = g.fixed_roots()
     active = [l for l in layers if not l.excluded]

@@ -77,6 +77,27 @@ class BoundType(click.ParamType):
         return v
 
 
+class SizeType(click.ParamType):
+    """A byte count with an optional K/M/G/T suffix (powers of 1024), or 'never' (None)."""
+    name = "SIZE"
+    UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("IB").removesuffix("B")
+        if text == "NEVER":
+            return None
+        unit = text[-1:] if text[-1:] in self.UNITS else ""
+        try:
+            number = float(text[: len(text) - len(unit)])
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < 0 or number * self.UNITS[unit] > 1 << 62:
+            self.fail(f"{value!r} is not a size (e.g. 0, 512M, 2G) or 'never'", param, ctx)
+        return int(number * self.UNITS[unit])
+
+
 class JsonAwareCommand(click.Command):
     """With --json, a usage error still prints one JSON document on stdout (and Click's message on stderr)."""
 
@@ -182,6 +203,9 @@ def default_output(model_path: str) -> str:
 @click.option("--calibration-samples", type=click.IntRange(1, 1 << 20), default=128, show_default=True,
               help="Use the first N calibration samples (with --data alone: the first N calibrate, the rest "
                    "evaluate).")
+@click.option("--stream-above", type=SizeType(), default="256M", show_default=True, metavar="SIZE|never",
+              help="A model with at least this much external data keeps its weights in the data file and "
+                   "writes them block by block (memory stays near one tensor); same output either way.")
 @click.option("--device", type=click.Choice(list(DEVICES)), default="auto", show_default=True,
               help="ONNX Runtime device: auto uses CUDA when a session really runs on it, else the CPU.")
 @click.option("--max-drop", type=FractionType(), default=None,
@@ -221,7 +245,7 @@ def default_output(model_path: str) -> str:
 @click.version_option(__version__, prog_name="onnxprune")
 def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, effective, target, effective_mode,
          validate, data, batch_size, batches, input_shape, synthetic, granularity, compact, align, reconstruct,
-         calibration, channel_floor, calibration_samples,
+         calibration, channel_floor, calibration_samples, stream_above,
          device, max_drop, max_rel_error, min_cosine,
          min_snr, gate_metric, blank, gate_output, keep_failed, sensitivity, plot, report_path, table_mode, as_json,
          dry_run, quiet, verbose):
@@ -268,7 +292,7 @@ def main(model, sparsity, method, allocation, exclude, min_keep, seed, output, e
     config = PruneConfig(sparsity=0.0 if search else sparsity, method=method, allocation=allocation,
                          exclude=tuple(exclude), min_keep=min_keep, seed=seed, dry_run=dry_run, effective=effective,
                          target=target, effective_mode=effective_mode, granularity=granularity, compact=compact,
-                         align=align, channel_floor=channel_floor)
+                         align=align, channel_floor=channel_floor, stream_above=stream_above)
     try:
         config.resolve()
         parse_min_keep(min_keep, 1)
@@ -463,7 +487,7 @@ class Run:
         from .pipeline import prune_loaded
         o, config, fb = self.o, self.config, self.feedback
         with fb.stage("loading model"):
-            loaded = load_model(self.model)
+            loaded = load_model(self.model, config.stream_above)
         self._write_targets(loaded)  # fail before any work
         self.report.timings["load"] = t_load = time.perf_counter() - self.t0
         from .figures import disk_bytes
@@ -520,7 +544,9 @@ class Run:
             report.timings["total"] = time.perf_counter() - self.t0
             return
         t1 = time.perf_counter()
-        with fb.stage("writing"), stage_model(loaded, self.out_path, digest=bool(o["report_path"] or o["as_json"])) \
+        with fb.stage("writing") as st, stage_model(
+                loaded, self.out_path, digest=bool(o["report_path"] or o["as_json"]),
+                progress=lambda k, n, name: st(f"writing: tensor {k} of {n} ({name}) from its data file")) \
                 as staged:
             report.timings["save"] = time.perf_counter() - t1
             gate_error = None

@@ -14,9 +14,11 @@ from .allocation import ALLOCATIONS, Context, LayerInfo
 from .errors import ConfigError, InputError, RequestError
 from .graph import find_layers, find_quantized_ops
 from .io import LoadedModel, hold, load_model, read_tensor, write_tensor
+from .io.mapped import Streamed, Values, mask_values
+from .io.model import STREAM_ABOVE
 from .report import LayerReport, Report
 from .scores import SCORES, MagnitudeBuffer
-from .select import apply_mask, layout_perm, prune_mask
+from .select import BLOCK, apply_mask, layout_perm, magnitude_mask, prune_mask
 
 log = logging.getLogger("onnxprune")
 
@@ -56,6 +58,8 @@ class PruneConfig:
     reconstruct_max_rows: int = 32768  # cap on sample rows per layer (evenly strided; 0: all)
     reconstruct_cache_bytes: int = 1 << 25  # captured values held in memory; the rest wait in temporary files
     progress: object = None  # reconstruction: called with (layer position, layers, name, elapsed s, ETA s or None)
+    stream_above: int | None = STREAM_ABOVE  # loading by path: external data of at least this many bytes keeps
+    # its prunable weights in the file (io.load_model); None: never
 
     def resolve(self) -> tuple:
         """(allocation, score) names, checking the combination."""
@@ -134,7 +138,7 @@ def prune(model_or_path, sparsity: float, method: str = "lamp", **options):
         from .io import check_structure
         check_structure(copy)
     else:
-        loaded = load_model(str(model_or_path))
+        loaded = load_model(str(model_or_path), config.stream_above)
     report = prune_loaded(loaded, config)
     return loaded.model, report
 
@@ -172,20 +176,29 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
         what = "every prunable layer is excluded" if layers else "no prunable weights (Conv, ConvTranspose, Gemm, MatMul with a constant operand)"
         raise RequestError(f"nothing to prune: {what}")
 
-    values, rows = [], []
+    # mapped weights (a streamed model) are read through it one layer at a time
+    values, rows = Values(residency=loaded.mapper.residency if loaded.mapper is not None else None), []
     scratch = MagnitudeBuffer()  # reused buffers for every pass over a layer (no fresh pages per layer)
     raw, loaded.raw = loaded.raw, {}  # the bytes the load checks read: stale once anything is written
     for layer in layers:
-        w = read_tensor(layer.tensor, raw.pop(layer.tensor.name, None) if layer.main_initializer else None)
+        held = loaded.pending.get(layer.tensor.name) if layer.main_initializer else None
+        if isinstance(held, Streamed) and held.kept is None:
+            values.append(held.source)
+            w = held.source.view()
+        else:
+            w = read_tensor(layer.tensor, raw.pop(layer.tensor.name, None) if layer.main_initializer else None)
+            values.append(w)
         if not _all_finite(w):
             bad = int(w.size - np.count_nonzero(np.isfinite(w)))
             raise InputError(f"tensor '{layer.name}' holds {bad} NaN/Inf value(s); refusing to prune it")
         zeros = int(np.count_nonzero(np.equal(w, 0, out=scratch.bools(w.size).reshape(w.shape))))
-        values.append(w)
         rows.append(LayerReport(name=layer.name, op=layer.op, shape=list(layer.shape), dtype=layer.dtype,
                                 kind=layer.kind, graph=layer.graph, consumers=[c.node for c in layer.consumers],
                                 params=int(w.size), zeros_before=zeros, zeros_after=zeros, excluded=layer.excluded))
     report.layers = rows
+    if loaded.mapper is not None:
+        report.options["streamed"] = {"tensors": loaded.mapper.tensors, "bytes": loaded.mapper.bytes,
+                                      "stream_above": config.stream_above}
     t1 = time.perf_counter()
 
     idx = [i for i, l in enumerate(layers) if not l.excluded]
@@ -194,8 +207,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
     report.options["min_keep_count"] = parse_min_keep(config.min_keep, total)
     report.options["target"] = config.target
     infos = [LayerInfo(size=rows[i].params, zeros=rows[i].zeros_before, shape=tuple(layers[i].shape),
-                       is_conv=any(c.op in ("Conv", "ConvTranspose") for c in layers[i].consumers),
-                       values=values[i]) for i in idx]
+                       is_conv=any(c.op in ("Conv", "ConvTranspose") for c in layers[i].consumers)) for i in idx]
     sel = _Selector(model, layers, values, idx, infos, alloc_name, score_name, config, report, scratch)
     target = int(round(config.sparsity * total))
     if config.target == "effective" and idx:
@@ -211,7 +223,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
     if config.granularity == "channel":
         counts = None
         t2 = time.perf_counter()
-        _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report)
+        _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report, loaded.pending)
     else:
         counts, hints = sel.allocate(target)
         t2 = time.perf_counter()
@@ -243,19 +255,30 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
             write_tensor(layer.tensor, w)
 
     def flush():
-        """Store every pruned layer not stored yet."""
+        """Store every pruned layer not stored yet (a mapped one as its source and keep flags: saving writes it
+        block by block)."""
         for i in kept:
             if i not in written and not config.dry_run:
-                store(layers[i], weights.masked(i, fresh=True), owned=True)
+                source = values.source(i)
+                if source is not None:
+                    loaded.pending[layers[i].tensor.name] = Streamed(source, kept[i])
+                else:
+                    store(layers[i], weights.masked(i, fresh=True), owned=True)
                 written.add(i)
 
     position = {id(l): i for i, l in enumerate(layers)}
 
     def write_removed(layer, w):
         """Removal's new values of a layer: stored, and never overwritten by ``flush`` (a later removal pass may
-        flush before its probe)."""
-        store(layer, w, owned=True)
-        written.add(position[id(layer)])
+        flush before its probe). Removal only zeroes weights, so a mapped layer keeps its source with the flags
+        of what is left."""
+        i = position[id(layer)]
+        source = values.source(i)
+        if source is not None:
+            loaded.pending[layer.tensor.name] = Streamed(source, np.packbits(np.not_equal(w, 0).reshape(-1)))
+        else:
+            store(layer, w, owned=True)
+        written.add(i)
 
     _connectivity(model, layers, rows, weights, config, report, sel.shapes, flush, write_removed, loaded.pending,
                   dense)
@@ -278,7 +301,7 @@ def _all_finite(w: np.ndarray) -> bool:
 CHANNEL_TOLERANCE = 0.02  # channel pruning lands within this of the asked sparsity, else it says so
 
 
-def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report):
+def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, report, loaded_pending=None):
     """Whole output channels, removed with every weight that reads them: chosen by what their consumers lose on
     the calibration data with --reconstruct (which then refits the consumers), else by their weights' norms."""
     from .channels import channel_plan
@@ -295,7 +318,7 @@ def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, r
         plan = channel_plan(model, active, [values[i] for i in idx], config.sparsity, alloc_name, config.align,
                             floor=config.channel_floor, target="macs" if config.target == "macs" else "params",
                             input_shapes={**(config.macs_shapes or {}), **config.input_shapes} or None,
-                            label_scores=label_scores)
+                            label_scores=label_scores, pending=loaded_pending)
     except ValueError as exc:  # --target macs at shapes it cannot size
         raise ConfigError(str(exc)) from None
     report.options["channel_plan"] = plan.to_dict()
@@ -355,8 +378,8 @@ def _reconstruct(model, layers, values, idx, counts, kept, config, report):
         options = replace(options, mask="plain")  # the channel plan's zeros, not a new support
     out = reconstruct(model, layers, values, idx, counts, kept, config.calibration, options, config.progress)
     for i, new in out.values.items():
-        values[i] = new
-        kept[i] = np.packbits(np.not_equal(new, 0).reshape(-1))
+        values[i] = new  # an array, or for a streamed model a mapped Source (refit weights moved to a file)
+        kept[i] = np.packbits(np.not_equal(values[i], 0).reshape(-1))
     if not config.dry_run:
         from .reconstruct.problems import Graph
         graph = Graph(model)
@@ -411,7 +434,7 @@ class _Selector:
         if self.zeros.sum() >= target:
             return self.zeros.copy(), []
         ctx = Context(layers=self.infos, prune_total=target, min_keep=self.report.options["min_keep_count"],
-                      buffer=self.buffer)
+                      buffer=self.buffer, values=self.values.subset(self.idx))
         counts = ALLOCATIONS[self.alloc_name](ctx)
         assert int(counts.sum()) == target, (counts.sum(), target)
         return counts, ctx.hints
@@ -427,12 +450,17 @@ class _Selector:
             w = self.values[i]
             layout = self.layers[i].layout
             perm = layout_perm(w.shape, layout.out_axis, layout.in_axis)
+            hint = hints[k] if self.score_name == "magnitude" and k < len(hints) else None
+            if hint is not None and w.size > BLOCK:  # a large layer: block by block, no magnitude array
+                pruned = magnitude_mask(w, n_prune, w.shape, perm, hint, out=self.buffer.bools(w.size))
+                if pruned is not None:
+                    yield k, i, pruned
+                    continue
             if self.score_name == "lap":
                 scores = self.lap_scores(i)
             else:
                 mag = self.buffer.of(w) if self.score_name == "magnitude" else None
                 scores = score_fn(w, self.config.seed, k, perm, mag=mag)
-            hint = hints[k] if self.score_name == "magnitude" and k < len(hints) else None
             yield k, i, prune_mask(scores, n_prune, w.shape, perm, hint=hint, out=self.buffer.bools(w.size))
 
     def lap_scores(self, i):
@@ -509,13 +537,7 @@ class _Weights:
         if i not in self.kept:
             return w
         out = np.empty_like(w) if fresh else self.buffer.like(w)
-        if w.dtype in (np.float32, np.float64, np.float16):
-            np.multiply(w, self._flags(i), out=out)  # pruned entries become ±0.0 ...
-            np.add(out, 0.0, out=out)  # ... and +0.0 (x + 0.0 == x for every kept x)
-        else:
-            out.fill(0)
-            np.copyto(out, w, where=self._flags(i))
-        return out
+        return mask_values(w, self._flags(i), out)
 
     def __getitem__(self, name):
         return self.masked(self.index[name])

@@ -14,7 +14,7 @@ log = logging.getLogger("onnxprune")
 
 def evaluate(model_path: str, config: PruneConfig, validator, out_path: str):
     """Prune a fresh copy of the model with ``config``, validate it from a staged file, discard the file."""
-    loaded = load_model(model_path)
+    loaded = load_model(model_path, config.stream_above)
     report = prune_loaded(loaded, config, defer_writes=True)
     with stage_model(loaded, out_path, digest=False) as staged:
         v = validator.compare(staged.model_path, latency=False)

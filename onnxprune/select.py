@@ -57,6 +57,39 @@ def prune_mask(scores: np.ndarray, n_prune: int, shape: tuple | None = None, per
     return pruned
 
 
+BLOCK = 1 << 20  # values per block of ``magnitude_mask``'s passes
+
+
+def magnitude_mask(w: np.ndarray, n_prune: int, shape: tuple, perm: tuple | None, hint: float,
+                   out: np.ndarray) -> np.ndarray | None:
+    """``prune_mask(magnitude(w), n_prune, shape, perm, hint, out)`` computed block by block (no array of
+    magnitudes as large as the layer), or None when ``hint`` is not a valid threshold (the caller then takes the
+    full route)."""
+    from .scores import magnitude
+    flat = np.asarray(w).reshape(-1)
+    n = flat.size
+    if n_prune <= 0 or n_prune >= n:
+        return None  # the full route's trivial cases
+    t = None
+    count = ties = 0
+    for start in range(0, n, BLOCK):
+        a = magnitude(flat[start:start + BLOCK])
+        if t is None:
+            t = a.dtype.type(hint)
+        part = np.less(a, t, out=out[start:start + a.size])
+        count += int(np.count_nonzero(part))
+        ties += int(np.count_nonzero(a == t))
+    short = n_prune - count
+    if short < 0 or short > ties:
+        return None
+    if short:
+        found = [np.flatnonzero(magnitude(flat[start:start + BLOCK]) == t) + start for start in range(0, n, BLOCK)]
+        at = np.concatenate(found)
+        at = at[np.argsort(canonical_index(at, shape, perm), kind="stable")]
+        out[at[:short]] = True
+    return out
+
+
 def apply_mask(w: np.ndarray, pruned: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """``w`` with the pruned entries set to +0.0, same dtype and shape, written into ``out`` if given
     (a reused buffer avoids fresh pages on large models, which cost more than the copy itself)."""

@@ -128,6 +128,23 @@ def global_prune_counts(layers: list, kind: str, prune_total: int, buffer: Magni
         half *= 8
 
 
+BLOCK = 1 << 20  # values per block of a pass over a layer: the scratch stays small whatever the layer's size
+
+
+def _at_least(w, m_lo, buffer):
+    """(|w| values >= m_lo in flat order, as float32 or float64 like ``scores.magnitude``; the layer's size),
+    computed block by block."""
+    flat = np.asarray(w).reshape(-1)
+    if flat.size <= BLOCK:
+        a = buffer.of(flat)
+        return a[np.greater_equal(a, m_lo, out=buffer.bools(a.size, 0))], flat.size
+    parts = []
+    for start in range(0, flat.size, BLOCK):
+        a = buffer.of(flat[start:start + BLOCK])
+        parts.append(a[np.greater_equal(a, m_lo, out=buffer.bools(a.size, 0))])
+    return np.concatenate(parts), flat.size
+
+
 def _bracket_scores(br, kind, s_above):
     if kind == "lamp":
         sq = br * br
@@ -143,15 +160,15 @@ def _bracket_scores(br, kind, s_above):
 def _try(layers, buffer, kind, prune_total, samples, cuts, half):
     below, above, brackets, lo_bound, hi_bound, sorted_mags, m_los = [], [], [], [], [], [], []
     for w, s, c in zip(layers, samples, cuts):
-        a = buffer.of(w)
         if half is None:
             m_lo, m_hi = -np.inf, np.inf
         else:
             m_lo = s[c - half] if c - half > 0 else -np.inf
             m_hi = s[c + half] if c + half < s.size else np.inf
-        # three passes over the layer (abs, compare, compress); the rest works on the small part at or above m_lo
-        upper = a[np.greater_equal(a, m_lo, out=buffer.bools(a.size, 0))]
-        n_below = a.size - upper.size
+        # one pass over the layer, block by block (abs, compare, compress); the rest works on the small part at or
+        # above m_lo
+        upper, size = _at_least(w, m_lo, buffer)
+        n_below = size - upper.size
         top_mask = upper >= m_hi
         n_above = int(np.count_nonzero(top_mask))
         br = np.sort(upper[~top_mask]).astype(np.float64)

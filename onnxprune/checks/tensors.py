@@ -2,6 +2,7 @@
 and the model's traversal (every graph and tensor)."""
 from __future__ import annotations
 
+import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto
 
@@ -128,7 +129,8 @@ def check_pending(tensor: TensorProto, arr, what: str, error) -> None:
             or len(tensor.raw_data) or tensor.data_type not in _FLOATS:
         raise error(f"{what}: pending data but the tensor is not an empty raw_data placeholder")
     want = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-    if arr.dtype != want or arr.size != n or not arr.flags.c_contiguous:
+    contiguous = arr.flags.c_contiguous if isinstance(arr, np.ndarray) else True  # io.mapped.Streamed: blocks
+    if arr.dtype != want or arr.size != n or not contiguous:
         raise error(f"{what}: pending array {arr.dtype} x {arr.size} does not fit {want} dims {list(tensor.dims)}")
 
 

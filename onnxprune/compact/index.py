@@ -7,6 +7,7 @@ from onnx import numpy_helper
 
 from ..connectivity import node_reads
 from ..io import hold, write_tensor
+from ..io.mapped import Streamed
 
 
 class Index:
@@ -75,14 +76,20 @@ class Index:
         """A layer's weight values, read once."""
         key = id(layer.tensor)
         if key not in self._weights:
+            if self._streamed(layer) is not None:  # a mapped weight: built on each read, never kept (memory)
+                return self._stored(layer.tensor)
             self._weights[key] = self._stored(layer.tensor) if layer.main_initializer \
                 else numpy_helper.to_array(layer.tensor)
         return self._weights[key]
 
+    def _streamed(self, layer):
+        held = self.pending.get(layer.tensor.name) if layer.main_initializer else None
+        return held if isinstance(held, Streamed) else None
+
     def _stored(self, tensor) -> np.ndarray:
         """A main-graph initializer's values (pending or in the protobuf)."""
-        arr = self.pending.get(tensor.name)
-        return arr if arr is not None else numpy_helper.to_array(tensor)
+        arr = self.pending.get(tensor.name)  # an io.mapped.Streamed (mapped weight) is read into memory here
+        return np.asarray(arr) if arr is not None else numpy_helper.to_array(tensor)
 
     def store(self, layer, values: np.ndarray) -> None:
         """Replace a weight's values (and dims): held aside again when they were pending (only a main-graph
@@ -101,7 +108,8 @@ class Index:
         weight serves both its output rows and its (input channel, output unit) reader matrix."""
         key = id(layer.tensor)
         if key not in self._blocks:
-            nz = self.weight(layer) != 0
+            streamed = self._streamed(layer)
+            nz = streamed.nonzero() if streamed is not None else self.weight(layer) != 0
             self._blocks[key] = nz.reshape(nz.shape[0], nz.shape[1], -1).any(axis=2) if nz.ndim > 2 else nz
         return self._blocks[key]
 

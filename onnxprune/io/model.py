@@ -43,6 +43,9 @@ class LoadedModel:
     # main-graph initializer name -> its new values, not copied into the protobuf (whose raw_data is left empty;
     # ``hold`` puts them here): saving splices them into the file (``wire``); ``materialize`` writes them into it
     pending: dict = field(default_factory=dict, repr=False)
+    # the mapped tensors (``mapped.Mapper``) when the model streams: weights left in their data file, held in
+    # ``pending`` as ``mapped.Streamed`` (see ``load_model``'s ``stream_above``); None when everything is in memory
+    mapper: object = field(default=None, repr=False)
 
     def materialize(self, only=None) -> None:
         """Write the pending arrays (those named in ``only``; default: all, after which the protobuf alone holds the
@@ -91,9 +94,17 @@ def _read_regular(path: str) -> bytes:
         os.close(fd)
 
 
-def load_model(path: str) -> LoadedModel:
+STREAM_ABOVE = 256 << 20  # external data at least this large: its prunable weights stay in the file (mapped)
+
+
+def load_model(path: str, stream_above: int | None = STREAM_ABOVE) -> LoadedModel:
     """Load ``path`` and every external tensor, refusing anything unsafe or malformed (InputError), before any
-    work: see ``checks.check_model`` for what is refused."""
+    work: see ``checks.check_model`` for what is refused.
+
+    ``stream_above``: when the model's external data holds at least this many bytes, the prunable weights stored
+    there (main-graph float initializers of Conv/ConvTranspose/Gemm/MatMul) are not read into memory but mapped
+    from their file (``mapped.Streamed`` in ``LoadedModel.pending``), checked for location and bounds the same
+    way; None never streams. Everything downstream gives the same bytes either way."""
     payload = _read_regular(path)
     try:
         model = onnx.load_model_from_string(payload)
@@ -107,6 +118,7 @@ def load_model(path: str) -> LoadedModel:
     loaded = LoadedModel(model=model, path=path, raw=views)
     base_dir = os.path.dirname(os.path.abspath(path))
     files = set()
+    streamed = _streamed_names(model, stream_above)
     # onnx validates every location (relative, no '..', no symlink or hardlink, inside base_dir, in bounds);
     # training_info tensors (which onnx's own traversal skips) go through the same reader and stay external
     for index, (tensor, what) in enumerate(checks.all_tensors(model)):
@@ -116,13 +128,85 @@ def load_model(path: str) -> LoadedModel:
             loaded.external[index] = ExternalInfo(info.get("location", ""), [e.key for e in tensor.external_data])
             location = info.get("location", "")
             try:
-                load_external_data_for_tensor(tensor, base_dir)
+                if index in streamed:
+                    _map_external(loaded, tensor, base_dir)
+                else:
+                    load_external_data_for_tensor(tensor, base_dir)
+            except InputError as exc:
+                raise InputError(f"{path}: external data of {what} rejected ({exc})") from None
             except Exception as exc:
                 raise InputError(f"{path}: external data of {what} rejected ({first_line(exc)})") from exc
             files.add(location)
     loaded.external_files = sorted(os.path.realpath(os.path.join(base_dir, f)) for f in files)
-    checks.check_data(model, path, InputError, keep=loaded.raw)
+    checks.check_data(model, path, InputError, keep=loaded.raw, pending=loaded.pending)
     return loaded
+
+
+def _streamed_names(model: onnx.ModelProto, stream_above: int | None) -> set:
+    """Positions (``checks.all_tensors`` order) of the external tensors to map instead of loading: the prunable
+    weights among the main graph's float initializers, when the external data totals ``stream_above`` bytes or
+    more. Other tensors (biases, scales, tables) are read by the analyses and always load."""
+    if stream_above is None or sys.byteorder != "little" or _open_external is None:
+        return set()
+    external, total = [], 0
+    for index, (tensor, _, main) in enumerate(checks.tensor_places(model)):
+        if uses_external_data(tensor):
+            n = checks.tensor_elements(tensor, tensor.name)
+            bits = 16 if tensor.data_type in (TensorProto.FLOAT16, TensorProto.BFLOAT16) else 64 \
+                if tensor.data_type == TensorProto.DOUBLE else 32
+            total += n * bits // 8
+            if main and tensor.data_type in _PLAIN and checks.big_float(tensor):
+                external.append((index, tensor.name))
+    if not external or total < stream_above:
+        return set()
+    try:
+        from ..graph import find_layers
+        layers, _ = find_layers(model)
+    except Exception:  # a malformed graph: the checks that follow say what is wrong with it
+        return set()
+    weights = {l.tensor.name for l in layers if l.main_initializer}
+    return {index for index, name in external if name in weights}
+
+
+try:  # onnx's validated opener (relative, no '..', no symlink or hardlink, inside the model's directory)
+    from onnx.external_data_helper import _open_external_data_fd as _open_external
+except ImportError:  # pragma: no cover - another onnx: every tensor loads
+    _open_external = None
+
+
+def _map_external(loaded: LoadedModel, tensor: TensorProto, base_dir: str) -> None:
+    """Map the tensor's external bytes (opened and bounds-checked as onnx's loader does; the length must be
+    exactly what the dims need) and leave the tensor an empty raw_data placeholder, its data in ``pending``."""
+    from .mapped import Mapper, Streamed
+    info = {e.key: e.value for e in tensor.external_data}
+    dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    want = checks.tensor_elements(tensor, tensor.name) * dtype.itemsize
+    try:
+        offset = int(info.get("offset") or 0)
+        length = int(info["length"]) if info.get("length") not in (None, "") else None
+    except ValueError:
+        raise InputError(f"offset/length {info.get('offset')!r}/{info.get('length')!r} are not integers") from None
+    if offset < 0 or (length is not None and length < 0):
+        raise InputError(f"negative offset or length ({offset}, {length})")
+    fd = _open_external(base_dir, info.get("location", ""), tensor.name, True)
+    try:
+        size = os.fstat(fd).st_size
+        available = size - offset
+        if offset > size or (length is not None and length > available):
+            raise InputError(f"offset {offset} + length {length} beyond the file's {size} bytes")
+        got = length if length is not None else available
+        if got != want:
+            raise InputError(f"{got} bytes, but dims {list(tensor.dims)} of "
+                             f"{TensorProto.DataType.Name(tensor.data_type)} need {want}")
+        if loaded.mapper is None:
+            loaded.mapper = Mapper()
+        source = loaded.mapper.map(fd, offset, dtype, tuple(int(d) for d in tensor.dims))
+    finally:
+        os.close(fd)
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.DEFAULT
+    tensor.raw_data = b""
+    loaded.pending[tensor.name] = Streamed(source)
 
 
 def check_structure(model: onnx.ModelProto, where: str = "model") -> None:

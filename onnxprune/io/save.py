@@ -8,6 +8,7 @@ import os
 import stat
 import sys
 
+import numpy as np
 import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import uses_external_data
@@ -15,6 +16,7 @@ from onnx.external_data_helper import uses_external_data
 from .. import checks, wire
 from ..errors import OutputError, first_line
 from . import staging
+from .mapped import Streamed
 from .model import LoadedModel
 from .staging import (DATA_SUFFIX, _HEX, _data_pattern, _existing_mode, _fsync_dir, _remove, _same_file,
                       check_output_path, check_write_target, clean_stale_staging, deferred_signals)
@@ -140,14 +142,16 @@ class Staged:
         self.discard()
 
 
-def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: bool = True) -> Staged:
+def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: bool = True,
+                progress=None) -> Staged:
     """Write the model into a fresh staging directory next to ``out_path`` (nothing at the destination yet).
 
     Refuses (OutputError) a destination that is not a regular file or that is the input or its data. With
     ``check`` (default) the model first passes ``checks.check_model`` (the ONNX checker included): a failure is an
     OutputError (nothing is staged). Tensors that were external stay external, in ``<out>.<hash>.data``. The staged
     file can be opened by path (ONNX Runtime, the checker) before it is committed; leaving the ``with`` block or
-    an exception (interrupts included) removes the staging directory.
+    an exception (interrupts included) removes the staging directory. ``progress(k, n, name)``: called as each
+    streamed weight is written.
     """
     check_output_path(out_path, loaded)
     model = loaded.model
@@ -169,7 +173,7 @@ def stage_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: 
         inline = loaded.pending
         if loaded.external:
             data_tmp = os.path.join(tmp, base + DATA_SUFFIX)
-            data_sha = _externalize(model, loaded.external, data_tmp, loaded.pending, stashed)
+            data_sha = _externalize(model, loaded.external, data_tmp, loaded.pending, stashed, progress)
             moved = {t.name for t, raw in stashed if raw is None}
             inline = {k: v for k, v in loaded.pending.items() if k not in moved}
             data_name = f"{base}.{data_sha[:_HEX]}{DATA_SUFFIX}"
@@ -236,34 +240,48 @@ def save_model(loaded: LoadedModel, out_path: str, digest: bool = True, check: b
         return staged.commit()
 
 
-def _externalize(model, external: dict, data_path: str, pending: dict, stashed: list) -> str:
+def _externalize(model, external: dict, data_path: str, pending: dict, stashed: list, progress=None) -> str:
     """Move the tensors that were external into one data file (64-byte aligned); returns the file's sha256.
     Each tensor moved is appended to ``stashed`` as it goes, (tensor, raw bytes, or None for a pending tensor whose
     array was written), so that the caller can restore every one even when this fails part-way. Locations are
-    set by the caller once the name (its hash) is known."""
-    offset = 0
+    set by the caller once the name (its hash) is known. ``progress(k, n, name)`` is called before each of the n
+    streamed tensors (``mapped.Streamed``) is written."""
+    offset = done = 0
+    streamed = sum(isinstance(v, Streamed) for v in pending.values())
     h = hashlib.sha256()
     with open(data_path, "wb") as fh:
         for index, (tensor, _, main) in enumerate(checks.tensor_places(model)):
             if index not in external:
                 continue
             held = pending.get(tensor.name) if main else None
-            raw = wire.payload(held) if held is not None else tensor.raw_data
             pad = (-offset) % 64
             if pad:
                 fh.write(b"\0" * pad)
                 h.update(b"\0" * pad)
                 offset += pad
-            fh.write(raw)
-            h.update(raw)
-            stashed.append((tensor, None if held is not None else raw))
+            if isinstance(held, Streamed):  # block by block from its data file, pruned on the way
+                if progress is not None:
+                    progress(done := done + 1, streamed, tensor.name)
+                length = 0
+                for block in held.blocks():
+                    part = memoryview(block.reshape(-1).view(np.uint8))
+                    fh.write(part)
+                    h.update(part)
+                    length += len(part)
+                stashed.append((tensor, None))
+            else:
+                raw = wire.payload(held) if held is not None else tensor.raw_data
+                fh.write(raw)
+                h.update(raw)
+                length = len(raw)
+                stashed.append((tensor, None if held is not None else raw))
             tensor.ClearField("raw_data")
             del tensor.external_data[:]
-            for key, value in (("location", ""), ("offset", str(offset)), ("length", str(len(raw)))):
+            for key, value in (("location", ""), ("offset", str(offset)), ("length", str(length))):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
             tensor.data_location = TensorProto.EXTERNAL
-            offset += len(raw)
+            offset += length
         fh.flush()
         os.fsync(fh.fileno())
     return h.hexdigest()

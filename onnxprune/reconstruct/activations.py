@@ -29,7 +29,7 @@ def _replaced(tensor, values):
 
 
 def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, overrides: dict | None = None,
-                 carry=None) -> tuple:
+                 carry=None, fed=()) -> tuple:
     """(serialised model computing ``names``, the inputs it must be fed, the node positions it runs, the extra
     outputs it computes).
 
@@ -37,8 +37,10 @@ def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, o
     which become inputs of the prefix: values already captured need not be recomputed. ``overrides``: constant
     tensor (initializer or Constant node output) name -> the values the prefix uses instead of the stored ones.
     ``carry(name, nodes) -> bool``: which other values the prefix's nodes produce it also returns (those later
-    prefixes will start from)."""
+    prefixes will start from). ``fed``: initializer names the prefix declares as inputs instead of holding them
+    (a streamed model's weights: fed on every run from their mapped file); they join the inputs returned."""
     overrides = overrides or {}
+    fed = set(fed)
     cut = cut or {}
     g = model.graph
     producer = {}
@@ -83,18 +85,23 @@ def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, o
             node = copy
         out.graph.node.append(node)
     out.graph.initializer.extend(_replaced(t, overrides[t.name]) if t.name in overrides else t
-                                 for t in g.initializer if t.name in used)
+                                 for t in g.initializer if t.name in used and t.name not in fed)
     feeds = [i for i in g.input if i.name in used and i.name not in inits]
     out.graph.input.extend(feeds)
     for n in cut_used:
         arr = cut[n]
         out.graph.input.append(helper.make_tensor_value_info(
             n, helper.np_dtype_to_tensor_dtype(arr.dtype), [f"d{k}" for k in range(arr.ndim)]))
-    out.graph.input.extend(i for i in g.input if i.name in used and i.name in inits)
+    fed_used = []
+    for t in g.initializer:
+        if t.name in used and t.name in fed and t.name not in fed_used:
+            out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+            fed_used.append(t.name)
+    out.graph.input.extend(i for i in g.input if i.name in used and i.name in inits and i.name not in fed)
     out.graph.value_info.extend(v for v in g.value_info if v.name in used and v.name not in cut_used)
     for n in list(names) + extra:
         out.graph.output.append(onnx.ValueInfoProto(name=n))
-    return out.SerializeToString(), [i.name for i in feeds] + cut_used, needed_nodes, extra
+    return out.SerializeToString(), [i.name for i in feeds] + cut_used + fed_used, needed_nodes, extra
 
 
 class Capture:
@@ -105,7 +112,8 @@ class Capture:
     next state (``Frontier.commit`` makes it current once every batch has run)."""
 
     def __init__(self, model: onnx.ModelProto, names: list, feeds: list, threads: int = 0,
-                 frontier: "Frontier | None" = None, overrides: dict | None = None, advance: bool = False):
+                 frontier: "Frontier | None" = None, overrides: dict | None = None, advance: bool = False,
+                 fed: dict | None = None):
         self.names = list(dict.fromkeys(names))
         graph_inputs = {i.name for i in model.graph.input}
         # a graph input no node produces (checks refuse a value produced twice)
@@ -120,13 +128,15 @@ class Capture:
         self.kept = []  # the asked-for values the frontier also keeps (a node not yet run reads them)
         self.nodes = set()
         self.advance = bool(advance and frontier is not None)
+        self.fed = fed or {}  # initializer name -> a function giving its values (fed as an input on every run)
         if self.computed:
             from ..validate import import_ort
             ort = import_ort()
             carry = frontier.wanted if self.advance else None
             try:
                 payload, self.inputs, self.nodes, self.carried = prefix_model(
-                    model, self.computed, frontier.examples() if frontier is not None else None, overrides, carry)
+                    model, self.computed, frontier.examples() if frontier is not None else None, overrides, carry,
+                    self.fed)
             except ValueError as exc:  # protobuf refuses to serialise more than 2 GiB
                 raise RequestError(f"reconstruction cannot hand this model's prefix to ONNX Runtime "
                                    f"({first_line(exc)}); models over 2 GiB are not reconstructed yet") from exc
@@ -149,7 +159,7 @@ class Capture:
 
     def run(self, feed: dict, j: int = -1) -> dict:
         cut = self.frontier.batch(j, self.inputs + self.stored) if self.frontier is not None else {}
-        missing = [n for n in self.direct + self.inputs if n not in feed and n not in cut]
+        missing = [n for n in self.direct + self.inputs if n not in feed and n not in cut and n not in self.fed]
         if missing:
             raise InputError(f"calibration data has no array for input(s) {', '.join(missing)}")
         out = {n: feed[n] for n in self.direct}
@@ -157,7 +167,8 @@ class Capture:
         if self.session is not None:
             try:
                 res = self.session.run(self.computed + self.carried,
-                                       {k: cut[k] if k in cut else feed[k] for k in self.inputs})
+                                       {k: cut[k] if k in cut else self.fed[k]() if k in self.fed else feed[k]
+                                        for k in self.inputs})
             except Exception as exc:
                 raise InputError(f"reconstruction: ONNX Runtime failed on a calibration batch: "
                                  f"{first_line(exc)}") from exc

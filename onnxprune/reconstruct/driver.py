@@ -10,6 +10,7 @@ import numpy as np
 
 from ..connectivity import node_reads
 from ..errors import InputError, first_line
+from ..io.mapped import Source, spill
 from ..select import layout_perm, prune_mask
 from .activations import Capture, Frontier
 from .moments import Moments, accumulate, row_moments
@@ -150,6 +151,27 @@ def _work(layer) -> float:
 def _reconstruct(model, layers, values, idx, counts, kept, calibration, options, graph, dense_front, front, res,
                  t0, progress):
     overrides = {}
+    # a streamed model (io.mapped): its mapped weights and every refit weight are fed to the prefixes as inputs
+    # (never copied into a protobuf), and refit weights go to unnamed temporary files (memory stays near a layer)
+    sources = {layers[i].tensor.name: values.source(i) for i in range(len(layers))
+               if getattr(values, "source", None) and values.source(i) is not None and layers[i].main_initializer}
+    residency = getattr(values, "residency", None) if sources else None
+
+    def dense_fed():
+        return {n: src.view for n, src in sources.items()}
+
+    def current_fed():
+        fed = dense_fed()
+        fed.update((n, v.view if isinstance(v, Source) else (lambda v=v: v))
+                   for n, v in overrides.items() if n in sources)
+        return fed
+
+    def held(i, arr):
+        """What the reconstructed model keeps of layer ``i``'s new values: mapped from a file when streamed."""
+        if residency is not None and layers[i].tensor.name in sources:
+            return spill(arr, residency)
+        return arr
+
     changed = False
     records = []
     underdetermined = []
@@ -189,10 +211,11 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             if d > options.max_inputs:
                 raise Unsupported(f"{d} inputs per output row > {options.max_inputs}: H would not fit")
             names = [s.act for s in sites]
-            dense = Capture(model, names, calibration, options.threads, dense_front, advance=True)
+            dense = Capture(model, names, calibration, options.threads, dense_front, advance=True,
+                            fed=dense_fed())
             # a tied weight's later inputs depend on itself: the reconstructed model's frontier waits
             current = Capture(model, names, calibration, options.threads, front, overrides,
-                              advance=len(sites) == 1) if changed else None
+                              advance=len(sites) == 1, fed=current_fed()) if changed else None
             scale = sites[0].scale
             sink = sites[0].bias
             R = w.reshape(-1).astype(np.float64)[index] * scale  # [g, og, d]
@@ -231,6 +254,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                 raise Unsupported(f"the solver failed on these moments ({first_line(exc)})") from None
             del mom, R, Wt
             out, bias, fields = solved
+            out = held(i, out)
             res.values[i] = out
             overrides[layer.name] = out
             if bias is not None:
@@ -250,7 +274,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             if gains:  # the next layers must see this layer pruned
                 masked = np.where(plain_pruned.reshape(w.shape), np.zeros((), w.dtype), w)
                 if graph.stored(layer.name) is not None:
-                    overrides[layer.name] = masked
+                    overrides[layer.name] = held(i, masked)
                     front.invalidate([layer.name])
                 changed = True
         _trim_heap()
