@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def calibrated_label_scores(model, g, values: dict, calibration: list, threads: int = 0) -> np.ndarray:
+def calibrated_label_scores(model, g, values: dict, calibration: list, threads: int = 0,
+                            fed: dict | None = None) -> np.ndarray:
     """One score per label of the unit graph ``g`` (compact.labels.build): a channel group removed first is the
     one whose consumers lose least.
 
@@ -14,7 +15,8 @@ def calibrated_label_scores(model, g, values: dict, calibration: list, threads: 
     axis over the calibration batches, W_k: the weights reading it), exact for Gemm, MatMul and 1x1 Conv, the
     diagonal of the k x k taps' Gram for larger kernels. Each consumer's energies are divided by their sum (the
     share of that consumer's output, so that consumers of different scales compare), summed per coupled
-    channel group (a residual stream's channel is read by every block) and given to each of its labels."""
+    channel group (a residual stream's channel is read by every block) and given to each of its labels.
+    ``fed``: initializer name -> a function giving its values, for weights held outside the protobuf (mapped)."""
     from .reconstruct.activations import Capture
     roots = g.roots()
     readers = [r for r in g.readers if g.chans.get(r.data) is not None and r.layer.name in values]
@@ -22,7 +24,7 @@ def calibrated_label_scores(model, g, values: dict, calibration: list, threads: 
     square = {n: None for n in names}
     count = {n: 0 for n in names}
     if names:
-        cap = Capture(model, names, calibration, threads)
+        cap = Capture(model, names, calibration, threads, fed=fed)
         try:
             for j, feed in enumerate(calibration):
                 out = cap.run(feed, j)

@@ -312,8 +312,10 @@ def _channel_masks(model, layers, values, idx, rows, kept, alloc_name, config, r
     if config.reconstruct:  # channels chosen by what their consumers lose on the calibration data
         from functools import partial
         from .channel_scores import calibrated_label_scores
+        from .io.mapped import Streamed
+        fed = {n: v.source.view for n, v in (loaded_pending or {}).items() if isinstance(v, Streamed)}
         label_scores = partial(calibrated_label_scores, model, values={layers[i].name: values[i] for i in idx},
-                               calibration=config.calibration)
+                               calibration=config.calibration, fed=fed)
     try:
         plan = channel_plan(model, active, [values[i] for i in idx], config.sparsity, alloc_name, config.align,
                             floor=config.channel_floor, target="macs" if config.target == "macs" else "params",

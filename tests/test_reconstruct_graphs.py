@@ -60,7 +60,7 @@ def test_prefix_feeds_or_computes_each_value_once():
     rng = np.random.default_rng(1)
     m = _split_model(rng)
     cut = {"s1": np.zeros((0, 4, 0, 0), np.float32)}
-    payload, inputs, nodes, extra = activations.prefix_model(m, ["cat"], cut)
+    payload, inputs, nodes, extra, handed = activations.prefix_model(m, ["cat"], cut)
     pm = onnx.load_from_string(payload)
     assert "s1" not in inputs and "s1" not in [i.name for i in pm.graph.input]  # Split runs anyway for s0
     defined = [i.name for i in pm.graph.input] + [o for n in pm.graph.node for o in n.output]
@@ -274,7 +274,7 @@ class _Checked(activations.Capture):
         names = [n for n in self.names if n not in self.direct]
         if names:
             over = dict(self._overrides or {})
-            payload, inputs, _, _ = activations.prefix_model(self._model, names, None, over)
+            payload, inputs, _, _, _ = activations.prefix_model(self._model, names, None, over)
             import onnxruntime as ort
             ref = ort.InferenceSession(payload, providers=["CPUExecutionProvider"]).run(
                 names, {k: feed[k] for k in inputs})
@@ -283,8 +283,8 @@ class _Checked(activations.Capture):
                     _Checked.bad.append(n)
         return out
 
-    def __init__(self, model, names, feeds, threads=0, frontier=None, overrides=None, advance=False):
-        super().__init__(model, names, feeds, threads, frontier, overrides, advance)
+    def __init__(self, model, names, feeds, threads=0, frontier=None, overrides=None, advance=False, fed=None):
+        super().__init__(model, names, feeds, threads, frontier, overrides, advance, fed)
         self._model, self._overrides = model, overrides
 
 
@@ -364,10 +364,10 @@ def test_a_prefix_onnx_runtime_cannot_build_falls_back_for_that_layer(monkeypatc
     real = activations.prefix_model
 
     def broken(model, names, *a, **kw):
-        payload, inputs, nodes, extra = real(model, names, *a, **kw)
+        payload, inputs, nodes, extra, handed = real(model, names, *a, **kw)
         if "cat" in names:  # the last layer's capture: a model ONNX Runtime refuses
             payload = b"not a model"
-        return payload, inputs, nodes, extra
+        return payload, inputs, nodes, extra, handed
     monkeypatch.setattr(activations, "prefix_model", broken)
     path, data = tmp_path / "m.onnx", tmp_path / "cal.npz"
     onnx.save(m, path)

@@ -119,13 +119,42 @@ def test_streamed_fp16_and_validation(tmp_path):
     ("cnn_torch.onnx", "digits_cnn_test.npz", ["--granularity", "channel", "-s", "0.5"]),
 ])
 def test_streamed_reconstruction_matches(name, calib, extra, tmp_path):
-    """Mapped weights and spilled refit weights are fed to the prefixes as inputs: the same refit, the same bytes."""
+    """Mapped weights and spilled refit weights are handed to the prefix sessions as external initializers: the same
+    refit, the same bytes."""
     src = external_copy(os.path.join(SAMPLES, name), tmp_path)
     (s_dir, s_rep), (m_dir, _) = run_both(src, tmp_path, "-s", "0.9", "--calibration", os.path.join(SAMPLES, calib),
                                           "--calibration-samples", "64", "--no-validate", *extra)
     assert tree(s_dir) == tree(m_dir)
     layers = s_rep["reconstruction"]["layers"]
     assert layers and not [r for r in layers if "fallback" in r]
+
+
+def test_large_initializers_are_handed_not_serialised(tmp_path, monkeypatch):
+    """Every initializer handed to the prefix sessions (as one over HANDED is, so that a prefix never meets
+    protobuf's 2 GiB): ONNX Runtime computes exactly what it computes from the serialised weights."""
+    import onnxprune.reconstruct.activations as activations
+    src = os.path.join(SAMPLES, "cnn.onnx")
+    args = ["-s", "0.9", "--calibration", os.path.join(SAMPLES, "digits_cnn_test.npz"), "--calibration-samples",
+            "32", "--no-validate", "-q"]
+    sizes = []
+    real = activations.prefix_model
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        sizes.append((len(r[0]), len(r[4])))
+        return r
+    monkeypatch.setattr(activations, "prefix_model", spy)
+    outs, default = {}, activations.HANDED
+    for handed in (default, 1):
+        monkeypatch.setattr(activations, "HANDED", handed)
+        d = tmp_path / f"h{handed}"
+        d.mkdir()
+        assert invoke(src, "-o", d / "m.onnx", *args).exit_code == 0
+        outs[handed] = tree(d)
+    assert outs[1] == outs[default]
+    half = len(sizes) // 2
+    assert not any(n for _, n in sizes[:half]) and all(n for _, n in sizes[half:])
+    assert sum(b for b, _ in sizes[half:]) < sum(b for b, _ in sizes[:half]) / 10  # the weights left the protobuf
 
 
 def test_only_prunable_weights_are_mapped(tmp_path):

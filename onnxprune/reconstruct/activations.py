@@ -31,16 +31,20 @@ def _replaced(tensor, values):
 def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, overrides: dict | None = None,
                  carry=None, fed=()) -> tuple:
     """(serialised model computing ``names``, the inputs it must be fed, the node positions it runs, the extra
-    outputs it computes).
+    outputs it computes, the initializers handed to the session: name -> a function giving the values).
 
     The walk back from ``names`` stops at graph inputs and at the tensors in ``cut`` (name -> an example array),
     which become inputs of the prefix: values already captured need not be recomputed. ``overrides``: constant
     tensor (initializer or Constant node output) name -> the values the prefix uses instead of the stored ones.
     ``carry(name, nodes) -> bool``: which other values the prefix's nodes produce it also returns (those later
-    prefixes will start from). ``fed``: initializer names the prefix declares as inputs instead of holding them
-    (a streamed model's weights: fed on every run from their mapped file); they join the inputs returned."""
+    prefixes will start from). ``fed``: initializer name -> a function giving its values, for weights held outside
+    the protobuf (a streamed model's mapped weights). Those, and every initializer or override of at least
+    ``HANDED`` bytes, are declared as external initializers without values and returned as name -> a function
+    giving the array the session is handed (``SessionOptions.add_external_initializers``): large weights are never
+    copied into the prefix's protobuf, which then stays far under protobuf's 2 GiB whatever the model's size, and
+    the numerics stay those of an initializer (a graph input would be optimised differently)."""
     overrides = overrides or {}
-    fed = set(fed)
+    fed = dict(fed or {})
     cut = cut or {}
     g = model.graph
     producer = {}
@@ -84,24 +88,64 @@ def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, o
                     a.t.CopyFrom(_replaced(a.t, overrides[node.output[0]]))
             node = copy
         out.graph.node.append(node)
-    out.graph.initializer.extend(_replaced(t, overrides[t.name]) if t.name in overrides else t
-                                 for t in g.initializer if t.name in used and t.name not in fed)
+    handed = {}
+    for t in g.initializer:
+        if t.name not in used or t.name in handed:
+            continue
+        getter = fed.get(t.name) or _handed(t, overrides.get(t.name))
+        if getter is not None:
+            out.graph.initializer.append(_placeholder(t))
+            handed[t.name] = getter
+        else:
+            out.graph.initializer.append(_replaced(t, overrides[t.name]) if t.name in overrides else t)
     feeds = [i for i in g.input if i.name in used and i.name not in inits]
     out.graph.input.extend(feeds)
     for n in cut_used:
         arr = cut[n]
         out.graph.input.append(helper.make_tensor_value_info(
             n, helper.np_dtype_to_tensor_dtype(arr.dtype), [f"d{k}" for k in range(arr.ndim)]))
-    fed_used = []
-    for t in g.initializer:
-        if t.name in used and t.name in fed and t.name not in fed_used:
-            out.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-            fed_used.append(t.name)
-    out.graph.input.extend(i for i in g.input if i.name in used and i.name in inits and i.name not in fed)
+    out.graph.input.extend(i for i in g.input if i.name in used and i.name in inits)
     out.graph.value_info.extend(v for v in g.value_info if v.name in used and v.name not in cut_used)
     for n in list(names) + extra:
         out.graph.output.append(onnx.ValueInfoProto(name=n))
-    return out.SerializeToString(), [i.name for i in feeds] + cut_used + fed_used, needed_nodes, extra
+    return out.SerializeToString(), [i.name for i in feeds] + cut_used, needed_nodes, extra, handed
+
+
+HANDED = 1 << 24  # initializers from this size on are handed to the prefix sessions, not serialised
+_HANDED_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _handed(tensor, override):
+    """A function giving the values of a large float initializer (its override's, cast as ``_replaced`` casts
+    them), or None for one the prefix holds itself."""
+    if tensor.data_type not in _HANDED_TYPES or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return None
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    dims = tuple(int(d) for d in tensor.dims)
+    if override is not None:
+        if np.size(override) * dtype.itemsize < HANDED:
+            return None
+
+        def cast(values=override):
+            with np.errstate(over="ignore", invalid="ignore"):
+                return np.ascontiguousarray(values, dtype=dtype).reshape(dims)
+        return cast
+    if not tensor.HasField("raw_data") or len(tensor.raw_data) < HANDED \
+            or len(tensor.raw_data) != int(np.prod(dims, dtype=np.int64)) * dtype.itemsize:
+        return None
+    return lambda: np.frombuffer(tensor.raw_data, dtype=dtype.newbyteorder("<")).reshape(dims)
+
+
+def _placeholder(tensor) -> onnx.TensorProto:
+    """``tensor``'s name, type and shape marked as external data the session is handed from memory."""
+    out = onnx.TensorProto(name=tensor.name, data_type=tensor.data_type, dims=list(tensor.dims))
+    out.data_location = onnx.TensorProto.EXTERNAL
+    itemsize = helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    size = int(np.prod(list(tensor.dims), dtype=np.int64)) * itemsize
+    for key, value in (("location", "onnxprune-fed-by-session"), ("offset", "0"), ("length", str(size))):
+        entry = out.external_data.add()
+        entry.key, entry.value = key, value
+    return out
 
 
 class Capture:
@@ -128,20 +172,25 @@ class Capture:
         self.kept = []  # the asked-for values the frontier also keeps (a node not yet run reads them)
         self.nodes = set()
         self.advance = bool(advance and frontier is not None)
-        self.fed = fed or {}  # initializer name -> a function giving its values (fed as an input on every run)
+        fed = fed or {}  # initializer name -> a function giving its values (handed to the session once)
+        self._held = []  # the OrtValues the session reads the fed initializers from: alive as long as it is
         if self.computed:
             from ..validate import import_ort
             ort = import_ort()
             carry = frontier.wanted if self.advance else None
             try:
-                payload, self.inputs, self.nodes, self.carried = prefix_model(
+                payload, self.inputs, self.nodes, self.carried, handed = prefix_model(
                     model, self.computed, frontier.examples() if frontier is not None else None, overrides, carry,
-                    self.fed)
-            except ValueError as exc:  # protobuf refuses to serialise more than 2 GiB
+                    fed)
+            except ValueError as exc:  # protobuf refuses to serialise more than 2 GiB (of tensors under HANDED)
                 raise RequestError(f"reconstruction cannot hand this model's prefix to ONNX Runtime "
-                                   f"({first_line(exc)}); models over 2 GiB are not reconstructed yet") from exc
+                                   f"({first_line(exc)}): over 2 GiB of tensors under 16 MB each") from exc
             so = session_options(threads=threads, spin=False)
             so.enable_cpu_mem_arena = False  # a batch's buffers go back to the heap (trimmed after each layer)
+            if handed:
+                arrays = [np.ascontiguousarray(get()) for get in handed.values()]
+                self._held = [arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]]
+                so.add_external_initializers(list(handed), self._held[1])
             try:
                 with quiet_native_stderr():
                     self.session = ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
@@ -159,7 +208,7 @@ class Capture:
 
     def run(self, feed: dict, j: int = -1) -> dict:
         cut = self.frontier.batch(j, self.inputs + self.stored) if self.frontier is not None else {}
-        missing = [n for n in self.direct + self.inputs if n not in feed and n not in cut and n not in self.fed]
+        missing = [n for n in self.direct + self.inputs if n not in feed and n not in cut]
         if missing:
             raise InputError(f"calibration data has no array for input(s) {', '.join(missing)}")
         out = {n: feed[n] for n in self.direct}
@@ -167,8 +216,7 @@ class Capture:
         if self.session is not None:
             try:
                 res = self.session.run(self.computed + self.carried,
-                                       {k: cut[k] if k in cut else self.fed[k]() if k in self.fed else feed[k]
-                                        for k in self.inputs})
+                                       {k: cut[k] if k in cut else feed[k] for k in self.inputs})
             except Exception as exc:
                 raise InputError(f"reconstruction: ONNX Runtime failed on a calibration batch: "
                                  f"{first_line(exc)}") from exc
@@ -182,6 +230,7 @@ class Capture:
 
     def close(self):
         self.session = None
+        self._held = []
 
 
 class Frontier:
