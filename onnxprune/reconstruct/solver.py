@@ -218,6 +218,8 @@ class Group:
     def _quad(self, full: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """Per-row w^T H w (undamped), on each row's support when that is cheaper than the dense product."""
         d = self.d
+        if self.X is not None:  # H = mean of x~ x~^T over the m kept sample rows: an [out, m] product
+            return self._quad_rows(full)
         sizes = keep.sum(axis=1) + 1
         damp = self.lam * np.einsum("ri,ri->r", full[:, :d], full[:, :d])
         # a gathered entry costs about as much as 50-100 multiply-adds of a dense product
@@ -228,6 +230,21 @@ class Group:
             w = full[r[:, None], c]
             q[r] = np.einsum("ni,nij,nj->n", w, self._gather(c), w)
         return q - damp
+
+    def _quad_rows(self, full: np.ndarray) -> np.ndarray:
+        """Per-row w^T H w (undamped) from the sample rows, H being their mean of x~ x~^T: with a bias
+        ||A w||^2 + (w.mu + b)^2 (A centred), without (1/m) sum_i (w.x_i + b)^2 = ||A w + b / sqrt(m)||^2."""
+        d, A = self.d, self.A
+        q = np.zeros(full.shape[0])
+        for a in range(0, full.shape[0], 1024):  # no [out, m] temporary beyond a block of rows
+            w, b = full[a:a + 1024, :d], full[a:a + 1024, d]
+            t = A @ w.T
+            if self.mu is not None:
+                q[a:a + 1024] = np.einsum("mr,mr->r", t, t) + (w @ self.mu + b) ** 2
+            else:
+                t += b / np.sqrt(A.shape[0])
+                q[a:a + 1024] = np.einsum("mr,mr->r", t, t)
+        return q
 
     def correct(self, rows: Rows) -> Rows:
         """Mean and variance correction per output row (never mean-only). Without a bias only the scale."""
