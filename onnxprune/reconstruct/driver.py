@@ -16,6 +16,7 @@ from .activations import Capture, Frontier
 from .moments import Moments, accumulate, row_moments
 from .problems import Graph, Unsupported, build_sites
 from .solver import Group, admm_support
+from .wide import LayerRows, by_blocks, solve_wide
 
 log = logging.getLogger("onnxprune")
 
@@ -141,6 +142,17 @@ def reconstruct(model, layers, values, idx, counts, kept, calibration, options: 
             front.close()
 
 
+def _peak_rss() -> int | None:
+    """The process's peak resident memory so far (ONNX Runtime's sessions included), or None where unknown."""
+    try:
+        import resource
+        import sys
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(peak) * (1 if sys.platform == "darwin" else 1024)
+    except (ImportError, OSError, ValueError):
+        return None
+
+
 def _work(layer) -> float:
     """A layer's expected share of the time (outputs x inputs^2: its moments and its refit), for the ETA."""
     shape = layer.shape
@@ -218,9 +230,13 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                               advance=len(sites) == 1, fed=current_fed()) if changed else None
             scale = sites[0].scale
             sink = sites[0].bias
-            R = w.reshape(-1).astype(np.float64)[index] * scale  # [g, og, d]
-            Wt = np.concatenate([R, (sink.dense.reshape(g, og, 1) if sink is not None else np.zeros((g, og, 1)))],
-                                axis=2)
+            mask_used = _mask_for(options, g, og, d)
+            if by_blocks(g, og, d, sites, mask_used):  # rows built a block at a time, never [out, p] at once
+                R, Wt = None, LayerRows(w, index[0], scale, sink.dense if sink is not None else None)
+            else:
+                R = w.reshape(-1).astype(np.float64)[index] * scale  # [g, og, d]
+                Wt = np.concatenate([R, (sink.dense.reshape(g, og, 1) if sink is not None
+                                         else np.zeros((g, og, 1)))], axis=2)
             try:
                 # wide layers: at least 2 p rows (then at least p after the stride's rounding; fewer rows than
                 # inputs would take the held-out choice, four solves), so the Gram costs what H's inverse costs
@@ -242,16 +258,20 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             rec["time_capture_s"] = t_gram - t
             layer_options = options
             try:
-                if mom.held is not None:
+                if R is None:  # (no held-out choice: its four whole-layer solves are what a wide layer avoids)
+                    solved = solve_wide(layer, w, sites[0], mom, Wt, n_prune, plain_pruned, options, mask_used)
+                elif mom.held is not None:
                     factor, held_fields = _holdout(layer, w, sites, mom, R, Wt, n_prune, plain_pruned, options)
                     rec.update(held_fields)
                     if factor is None:
                         raise Unsupported(f"{m} sample rows for {d + 1} inputs: on held-out rows the refit "
                                           f"predicts worse than plain selection")
                     layer_options = replace(options, damping=options.damping * factor)
-                solved = _solve(layer, w, sites, mom, R, n_prune, plain_pruned, layer_options)
+                if R is not None:
+                    solved = _solve(layer, w, sites, mom, R, n_prune, plain_pruned, layer_options)
             except np.linalg.LinAlgError as exc:  # moments too ill-conditioned for the factorisations
                 raise Unsupported(f"the solver failed on these moments ({first_line(exc)})") from None
+            moments_bytes = int(mom.H.nbytes + mom.GW.nbytes)  # what the layer holds besides a row block
             del mom, R, Wt
             out, bias, fields = solved
             out = held(i, out)
@@ -261,7 +281,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                 res.biases[sites[0].bias.tensor] = bias
                 overrides[sites[0].bias.tensor] = bias
             front.invalidate([layer.name] + ([sites[0].bias.tensor] if bias is not None else []))
-            rec.update(fields, rows=int(m))
+            rec.update(fields, rows=int(m), moments_bytes=moments_bytes)
             if sites[0].kind != "conv" and m < fields["inputs"] + 1:
                 underdetermined.append(layer.name)
             changed = True
@@ -288,9 +308,15 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
         log.warning(msg)
     res.info = {"batches": len(calibration), "damping": float(options.damping),
                 "correction": options.correction, "mask": options.mask, "max_rows": options.max_rows,
-                "time_s": time.perf_counter() - t0,
+                "time_s": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss(),
                 "layers": records}
     return res
+
+
+def _mask_for(options, g: int, og: int, d: int) -> str:
+    if options.mask == "admm" and (g * og * d * d > options.admm_cost or d > options.admm_max_inputs):
+        return "obs"  # ADMM's O(T * out * d^2) iterations would dominate: one-shot OBS mask
+    return options.mask
 
 
 def _solve(layer, w, sites, mom, R, n_prune, plain_pruned, options):
@@ -320,9 +346,7 @@ def _solve(layer, w, sites, mom, R, n_prune, plain_pruned, options):
         out[index.reshape(-1)] = rows_mask.reshape(-1)
         return out
 
-    mask_used = options.mask
-    if mask_used == "admm" and (g * og * d * d > options.admm_cost or d > options.admm_max_inputs):
-        mask_used = "obs"  # ADMM's O(T * out * d^2) iterations would dominate: one-shot OBS mask
+    mask_used = _mask_for(options, g, og, d)
     if mask_used == "admm":
         pruned = storage(admm_support(groups, select))
     elif mask_used == "obs":

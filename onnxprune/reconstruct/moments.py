@@ -54,7 +54,8 @@ def _add_gram(H: np.ndarray, x: np.ndarray) -> None:
 
 
 def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: int, Wt: np.ndarray) -> Moments:
-    """Accumulate the layer's ``Moments`` over the calibration batches; ``Wt`` [g, og, p]: the dense rows [W | b].
+    """Accumulate the layer's ``Moments`` over the calibration batches; ``Wt`` [g, og, p]: the dense rows [W | b]
+    (or a ``wide.LayerRows`` giving them a block of rows at a time).
 
     Only H is p x p: the cross terms with the dense inputs are taken through the dense outputs y_d (p x og), which
     is all the objective, the targets and the mean/variance correction need of G and Hdd. Sample rows are copied
@@ -67,8 +68,11 @@ def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: 
     GW = np.zeros((g, p, og))
     ysum = np.zeros((g, og))
     ysq = np.zeros((g, og))
-    WtT = np.ascontiguousarray(Wt.transpose(0, 2, 1))
-    w_l1 = float(np.abs(Wt).sum(axis=2).max(initial=0))  # bounds |y_d| / max |x|
+    if isinstance(Wt, np.ndarray):
+        WtT = np.ascontiguousarray(Wt.transpose(0, 2, 1))
+        w_l1 = float(np.abs(Wt).sum(axis=2).max(initial=0))  # bounds |y_d| / max |x|
+    else:  # a wide layer's rows (wide.LayerRows): built a block at a time, never whole
+        WtT, w_l1 = Wt, Wt.l1()
     Bd = Bp = None
     fill, rows, flushes, cap = 0, 0, 0, 0
     stride = None
@@ -158,17 +162,22 @@ def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: 
 def _add_products(xd, xp, WtT, H, GW, ysum, ysq) -> None:
     """Add one accumulation step's sums to the float64 moments: x_p^T x_p, x_p^T y_d, sum y_d, sum y_d^2."""
     g, p = H.shape[0], H.shape[1]
-    yd = xd @ WtT.astype(xd.dtype, copy=False)  # [g, n, og]: the dense layer's outputs
     if p <= SMALL_GRAM:  # many small groups (depthwise): one batched product
         t = xp.transpose(0, 2, 1) @ xp
         H[...] += (t + t.transpose(0, 2, 1)) / 2
     else:
         for gi in range(g):
             _add_gram(H[gi], xp[gi])
-    GW[...] += xp.transpose(0, 2, 1) @ yd
-    yd = yd.astype(np.float64, copy=False)
-    ysum[...] += yd.sum(axis=1)
-    ysq[...] += np.einsum("gnr,gnr->gr", yd, yd)
+    if isinstance(WtT, np.ndarray):
+        blocks = [(slice(None), WtT)]
+    else:  # a wide layer (one group): its output rows by blocks
+        blocks = ((slice(a, b), WtT.block(a, b).T[None]) for a, b in WtT.spans())
+    for cols, wt in blocks:
+        yd = xd @ wt.astype(xd.dtype, copy=False)  # [g, n, rows]: the dense layer's outputs
+        GW[:, :, cols] += xp.transpose(0, 2, 1) @ yd
+        yd = yd.astype(np.float64, copy=False)
+        ysum[:, cols] += yd.sum(axis=1)
+        ysq[:, cols] += np.einsum("gnr,gnr->gr", yd, yd)
 
 
 def row_moments(xd: np.ndarray, xp: np.ndarray, Wt: np.ndarray) -> Moments:

@@ -296,7 +296,8 @@ def build_sites(graph: Graph, layer, shape: tuple) -> list:
         raise Unsupported("weight lives in a subgraph (If/Loop/Scan body)")
     sites = []
     size = int(np.prod(shape)) if shape else 1
-    base = np.arange(size, dtype=np.int64).reshape(shape)
+    # storage positions (int32 below 2^31 values: an LLM's 11008 x 4096 weight's index is then 180 MB, not 360)
+    base = np.arange(size, dtype=np.int32 if size < 2 ** 31 else np.int64).reshape(shape)
     for cons in layer.consumers:
         if cons.graph:
             raise Unsupported(f"read inside a subgraph ({cons.graph}): its input there cannot be captured")

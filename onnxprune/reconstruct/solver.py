@@ -58,29 +58,38 @@ class Group:
     pruned prefix's sample rows, ones column last) is given when there are fewer rows than inputs: H_lambda is then
     lambda*I plus a rank-m term and its inverse comes from an m x m system (Woodbury)."""
 
-    def __init__(self, R, bias, H, GW, ymean, ysq, delta: float, X=None):
+    def __init__(self, R, bias, H, GW, ymean, ysq, delta: float, X=None, like: "Group | None" = None):
+        """``like``: a Group of the same layer over other output rows (a wide layer is solved a block of rows at a
+        time): its damped H, sample rows and cached inverse are shared, not prepared again."""
         self.R, self.bias = R, bias
         d = R.shape[1]
         self.d = d
         self.has_bias = bias is not None
         self.Wt = np.concatenate([R, (bias if bias is not None else np.zeros(R.shape[0]))[:, None]], axis=1)
-        diag = np.diag(H)[:d]
-        lam = delta * float(diag.mean()) if d else 0.0
-        if not np.isfinite(lam) or lam <= 0:
-            lam = max(delta, 1e-12) * 1e-6
-        self.lam = lam
         self.vars = np.arange(d + 1) if self.has_bias else np.arange(d)
-        H[np.arange(d), np.arange(d)] += lam  # in place: H is H_lambda from here on (bias entry undamped)
-        self.Hd = H  # [p, p] damped, ones row/column last
-        self.Hl = H if self.has_bias else H[:d, :d]  # the system over the refit's variables (a view)
+        if like is None:
+            diag = np.diag(H)[:d]
+            lam = delta * float(diag.mean()) if d else 0.0
+            if not np.isfinite(lam) or lam <= 0:
+                lam = max(delta, 1e-12) * 1e-6
+            self.lam = lam
+            H[np.arange(d), np.arange(d)] += lam  # in place: H is H_lambda from here on (bias entry undamped)
+            self.Hd = H  # [p, p] damped, ones row/column last
+            self.Hl = H if self.has_bias else H[:d, :d]  # the system over the refit's variables (a view)
+            self.cache = {}  # the unconstrained solve's inverse, once per layer
+        else:
+            self.lam, self.Hd, self.Hl, self.cache = like.lam, like.Hd, like.Hl, like.cache
+        lam = self.lam
         self._GW = GW  # [p, out] = E[x~_p y_d^T]
         C = GW[self.vars].copy()
         C[:d] += lam * R.T
         self.C = C  # [vars, out]
         self._mu_d = ymean  # E[y_d] per row
         self._sq_d = ysq  # E[y_d^2] per row
-        self.X = X
-        if X is not None:
+        self.X, self.A, self.mu = X, None, None
+        if like is not None:
+            self.X, self.A, self.mu = like.X, like.A, like.mu
+        elif X is not None:
             self._prepare_lowrank()
         self._energy = float(np.sum(ysq))
 
@@ -108,31 +117,45 @@ class Group:
         if self._use_lowrank(d):
             A, mu = self.A, self.mu
             m = A.shape[0]
-            K = A @ A.T
-            K[np.arange(m), np.arange(m)] += self.lam
-            K = np.linalg.inv(K)
-            hdiag = np.empty(d)
-            for a in range(0, d, 1024):  # diag(A^T K A) by column blocks: no m x d temporary
-                hdiag[a:a + 1024] = np.einsum("ij,ij->j", K @ A[:, a:a + 1024], A[:, a:a + 1024])
-            hdiag = (1.0 - hdiag) / self.lam
+            if "K" not in self.cache:
+                K = A @ A.T
+                K[np.arange(m), np.arange(m)] += self.lam
+                K = np.linalg.inv(K)
+                hdiag = np.empty(d)
+                for a in range(0, d, 1024):  # diag(A^T K A) by column blocks: no m x d temporary
+                    hdiag[a:a + 1024] = np.einsum("ij,ij->j", K @ A[:, a:a + 1024], A[:, a:a + 1024])
+                self.cache["K"], self.cache["hdiag"] = K, (1.0 - hdiag) / self.lam
+            K, hdiag = self.cache["K"], self.cache["hdiag"]
             cw = self.C[:d]
             if mu is not None:
                 cw = cw - np.outer(mu, self.C[d])
             t = K @ (A @ cw)
-            del K
             ww = (cw - A.T @ t) / self.lam  # [d, out]
             if mu is None:
                 return ww.T.copy(), hdiag
             b = self.C[d] - mu @ ww
             return np.concatenate([ww, b[None]], axis=0).T.copy(), hdiag
-        try:
-            Hinv = spd_inverse(self.Hl) if self.Hl.shape[0] > SPD_BLOCKED else np.linalg.inv(self.Hl)
-        except np.linalg.LinAlgError:
-            Hinv = np.linalg.pinv(self.Hl)
+        Hinv = self.cache.get("Hinv")
+        if Hinv is None:
+            try:
+                Hinv = spd_inverse(self.Hl) if self.Hl.shape[0] > SPD_BLOCKED else np.linalg.inv(self.Hl)
+            except np.linalg.LinAlgError:
+                Hinv = np.linalg.pinv(self.Hl)
         Wstar = (Hinv @ self.C).T
         hdiag = np.diag(Hinv)[:d].copy()
-        del Hinv
         return Wstar, hdiag
+
+    def keep_inverse(self) -> None:
+        """Keep the unconstrained solve's p x p inverse for the other row blocks of the layer (``release``)."""
+        if self.X is None and "Hinv" not in self.cache:
+            try:
+                self.cache["Hinv"] = spd_inverse(self.Hl) if self.Hl.shape[0] > SPD_BLOCKED \
+                    else np.linalg.inv(self.Hl)
+            except np.linalg.LinAlgError:
+                self.cache["Hinv"] = np.linalg.pinv(self.Hl)
+
+    def release(self) -> None:
+        self.cache.pop("Hinv", None)
 
     def saliency(self):
         """OBS saliency (w*_j)^2 / [H^-1]_jj of every weight entry [out, d] (bias eliminated by the Schur
@@ -273,8 +296,11 @@ class Group:
 
     def error(self, rows: Rows) -> float:
         """sum over rows of E||w~ x~_d - w^ x~_p||^2 (>= 0 up to rounding)."""
-        e = self.energy() - 2 * float(np.einsum("ir,ri->", self._GW, rows.w)) + float(np.sum(rows.q))
-        return max(e, 0.0)
+        return max(self.error_terms(rows), 0.0)
+
+    def error_terms(self, rows: Rows) -> float:
+        """``error`` before the clamp at 0 (row blocks of one layer add up)."""
+        return self.energy() - 2 * float(np.einsum("ir,ri->", self._GW, rows.w)) + float(np.sum(rows.q))
 
 
 def admm_support(groups: list, select, max_iter: int = 30) -> np.ndarray:
