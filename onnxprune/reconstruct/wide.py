@@ -171,6 +171,7 @@ def solve_wide(layer, w, site, mom, rows: LayerRows, n_prune: int, plain_pruned:
             files.remove(scores)
             pruned = np.empty(w.size, dtype=bool)
             pruned[index] = pruned_rows
+            del pruned_rows
         else:
             pruned = plain_pruned
         energy = err_plain = 0.0
