@@ -235,6 +235,49 @@ def _side_by_side(sess_a, sess_b, batches, rounds: int = 2, budget_s: float = LA
     return 1000.0 * float(np.median(ta)), 1000.0 * float(np.median(tb)), len(ta)
 
 
+def _one_at_a_time(make_a, make_b, batches, rounds: int = 2, budget_s: float = LATENCY_BUDGET_S, progress=None):
+    """``_side_by_side`` for models too large to hold twice: each session built, timed (half the budget) and
+    released before the other. Returns (dense ms, pruned ms, runs of the one that ran fewer times)."""
+    if not batches:
+        return 0.0, 0.0, 0
+    med, runs = [], []
+    total = rounds * len(batches)
+    for make in (make_a, make_b):
+        sess = make()
+        start = time.perf_counter()
+        sess.run(None, batches[0])
+        times = []
+        for r in range(rounds):
+            for feed in batches:
+                if len(times) >= LATENCY_MIN_RUNS and time.perf_counter() - start > budget_s / 2:
+                    break
+                t = time.perf_counter()
+                sess.run(None, feed)
+                times.append(time.perf_counter() - t)
+                if progress:
+                    progress("latency", len(times), total)
+        del sess
+        med.append(1000.0 * float(np.median(times)))
+        runs.append(len(times))
+    return med[0], med[1], min(runs)
+
+
+def _weight_bytes(model) -> int:
+    """Bytes of the main graph's initializers, from their dims (external data never read)."""
+    from onnx import helper
+    total = 0
+    for t in model.graph.initializer:
+        try:
+            item = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:  # strings and unknown types: count them as 4 bytes a value
+            item = 4
+        total += int(np.prod(list(t.dims), dtype=np.int64)) * item
+    return total
+
+
+TOGETHER_BYTES = 1 << 30  # models with more weights than this are timed one session at a time (``_one_at_a_time``)
+
+
 class Validator:
     """Runs the dense model once; ``compare(pruned_path)`` runs a pruned model and compares every output."""
 
@@ -248,6 +291,8 @@ class Validator:
             raise InputError(f"{dataset.source}: no samples to validate on")
         self.dataset, self.device, self.quiet, self.progress = dataset, device, quiet, progress
         self.dense_path, self.bounds = dense_path, bounds or Bounds()
+        # a large model is never held twice: timed one session at a time (ONNX Runtime holds one copy at once)
+        self.one_at_a_time = model is not None and _weight_bytes(model) > TOGETHER_BYTES
         sess = make_session(dense_path, device, quiet)
         self.providers = sess.get_providers()
         self.output_names = [o.name for o in sess.get_outputs()]
@@ -293,12 +338,18 @@ class Validator:
         if latency:
             # both models side by side in sessions whose idle threads do not spin, or the one timed second pays
             # for the other's spinning threads (±25 % between identical models on 2 cores)
-            dense_sess = make_session(self.dense_path, self.device, self.quiet, spin=False)
-            pruned_sess = make_session(pruned_path, self.device, self.quiet, spin=False)
-            lat_dense, lat_pruned, runs = _side_by_side(dense_sess, pruned_sess,
-                                                        self.dataset.batches[: self.LATENCY_BATCHES], rounds=2,
-                                                        progress=self.progress)
-            del dense_sess, pruned_sess
+            batches = self.dataset.batches[: self.LATENCY_BATCHES]
+            if self.one_at_a_time:
+                lat_dense, lat_pruned, runs = _one_at_a_time(
+                    lambda: make_session(self.dense_path, self.device, self.quiet, spin=False),
+                    lambda: make_session(pruned_path, self.device, self.quiet, spin=False), batches,
+                    progress=self.progress)
+            else:
+                dense_sess = make_session(self.dense_path, self.device, self.quiet, spin=False)
+                pruned_sess = make_session(pruned_path, self.device, self.quiet, spin=False)
+                lat_dense, lat_pruned, runs = _side_by_side(dense_sess, pruned_sess, batches, rounds=2,
+                                                            progress=self.progress)
+                del dense_sess, pruned_sess
         v = self._metrics(pruned_outs)
         v.latency_ms_dense, v.latency_ms_pruned = lat_dense, lat_pruned
         if latency:

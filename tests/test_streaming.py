@@ -304,3 +304,31 @@ def test_a_model_without_external_data_never_streams(tmp_path):
     shutil.copy(os.path.join(SAMPLES, "cnn.onnx"), src)
     loaded = load_model(src, stream_above=0)
     assert loaded.mapper is None and loaded.pending == {}
+
+
+def test_large_models_are_timed_one_session_at_a_time(tmp_path, monkeypatch):
+    """Above TOGETHER_BYTES of weights the latency timing never holds the dense and the pruned model at once."""
+    import onnxprune.validate as validate
+    monkeypatch.setattr(validate, "TOGETHER_BYTES", 0)
+    live, most = [0], [0]
+    real = validate.make_session
+
+    class Held:
+        def __init__(self, sess):
+            self.sess = sess
+            live[0] += 1
+            most[0] = max(most[0], live[0])
+
+        def __getattr__(self, name):
+            return getattr(self.sess, name)
+
+        def __del__(self):
+            live[0] -= 1
+    monkeypatch.setattr(validate, "make_session", lambda *a, **kw: Held(real(*a, **kw)))
+    monkeypatch.setattr(validate, "_side_by_side", None)  # never called
+    src = external_copy(os.path.join(SAMPLES, "mlp_matmul.onnx"), tmp_path)
+    r = invoke(src, "-o", tmp_path / "o.onnx", "-s", "0.5", "--stream-above", "0", "--json")
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.output)["validation"]
+    assert v["latency_ms_dense"] > 0 and v["latency_ms_pruned"] > 0
+    assert most[0] == 1

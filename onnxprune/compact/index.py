@@ -9,6 +9,8 @@ from ..connectivity import node_reads
 from ..io import hold, write_tensor
 from ..io.mapped import Streamed
 
+PACKED_BLOCKS = 1 << 24  # non-zero flag matrices above this many values are cached as packed bits
+
 
 class Index:
     """Where each main-graph name comes from and who reads it; reads and rewrites constant inputs."""
@@ -110,8 +112,14 @@ class Index:
         if key not in self._blocks:
             streamed = self._streamed(layer)
             nz = streamed.nonzero() if streamed is not None else self.weight(layer) != 0
-            self._blocks[key] = nz.reshape(nz.shape[0], nz.shape[1], -1).any(axis=2) if nz.ndim > 2 else nz
-        return self._blocks[key]
+            nz = nz.reshape(nz.shape[0], nz.shape[1], -1).any(axis=2) if nz.ndim > 2 else nz
+            # a large one is kept as packed bits (an LLM's every MatMul would otherwise stay here byte per value)
+            self._blocks[key] = (np.packbits(nz.reshape(-1)), nz.shape) if nz.size > PACKED_BLOCKS else nz
+        held = self._blocks[key]
+        if isinstance(held, tuple):
+            bits, shape = held
+            return np.unpackbits(bits, count=int(np.prod(shape))).view(bool).reshape(shape)
+        return held
 
     def unique(self, base: str) -> str:
         name, k = f"{base}_compact", 1
