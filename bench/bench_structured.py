@@ -11,7 +11,7 @@ evaluation samples each).
 
 Contenders, each a fresh `onnxprune MODEL -s S --granularity channel --json -o TMP --data EVAL` process at every
 sparsity S: norm (that alone), calib (+ `--reconstruct --calibration CAL`), macs (+ `--target macs`, only when
-`onnxprune --help` offers it), on the sample models norm-align8 (+ `--align 8`); and on the sample models onnxsim 0.8.1's `onnxsim.pruning.apply_structured_pruning`
+`onnxprune --help` offers it) and macs-calib (both), on the sample models norm-align8 (+ `--align 8`); and on the sample models onnxsim 0.8.1's `onnxsim.pruning.apply_structured_pruning`
 (l2) and `apply_structured_wanda_pruning` (calibrated on CAL) at sparsity S, after `onnxsim.simplify` (which folds
 BatchNormalization into the convs, as those passes expect). onnxsim is installed only for this benchmark, with
 `pip install --no-deps --target bench/.real/onnxsim_site onnxsim==0.8.1`, and runs in a subprocess with that on
@@ -275,7 +275,8 @@ def bench_model(name, args, tmp, has_macs):
           f"{dense['bytes']} bytes", file=sys.stderr, flush=True)
     contenders = [("norm", []), ("calib", ["--reconstruct", "--calibration", cal])]
     if has_macs:
-        contenders.append(("macs", ["--target", "macs"]))
+        contenders += [("macs", ["--target", "macs"]),
+                       ("macs-calib", ["--target", "macs", "--reconstruct", "--calibration", cal])]
     if name in SAMPLE_MODELS:  # compacted channel counts at multiples of 8 (ORT's blocked NCHWc conv kernels)
         contenders.append(("norm-align8", ["--align", "8"]))
     if args.onnxsim and name in SAMPLE_MODELS:

@@ -12,10 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .layout import node_attr
-from .shapefold import fold
+from .shapes import _numel, infer_shapes  # noqa: F401 - infer_shapes: also imported from here
 from .unitops import BINARY, HANDLED, UNARY, Mode, Shapes, Units, backward, flatten_back, forward
 from .unitops import _mix as mix
 
@@ -23,92 +22,6 @@ BOOL = Mode(True)
 
 
 # ---------------------------------------------------------------- shapes
-
-def infer_shapes(model: onnx.ModelProto) -> Shapes:
-    """Dims of every main-graph tensor, by ONNX shape inference on a copy without large weight payloads."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    g = light.graph
-    g.input.extend(model.graph.input)
-    g.output.extend(model.graph.output)
-    g.value_info.extend(model.graph.value_info)
-    g.node.extend(model.graph.node)
-    consts = {}
-    declared = {i.name for i in model.graph.input}
-    for t in model.graph.initializer:
-        small = _numel(t.dims) <= 64 or t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
-        if small:
-            g.initializer.append(t)
-            try:
-                consts[t.name] = numpy_helper.to_array(t)
-            except Exception:
-                pass
-        elif t.name not in declared:  # shape inference needs its shape, not its payload: declare it as an input
-            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            for a in n.attribute:
-                if a.name == "value" and _numel(a.t.dims) <= 64:
-                    consts[n.output[0]] = numpy_helper.to_array(a.t)
-                elif a.name == "value_ints":
-                    consts[n.output[0]] = np.array(a.ints)
-    dims, types = _inferred(light)
-    injected, values = set(), dict(consts)
-    for _ in range(FOLD_ROUNDS):  # shape arithmetic inference could not see through, folded and inferred again
-        missing = _unknown(light, dims)
-        folded = {k: v for k, v in fold(light.graph.node, dims, values).items() if k not in injected}
-        if not missing or not folded:
-            break
-        renamed = {k: f"{k}::folded" for k in folded}
-        for node in light.graph.node:
-            for j, name in enumerate(node.input):
-                if name in renamed:
-                    node.input[j] = renamed[name]
-        g.initializer.extend(numpy_helper.from_array(v, renamed[k]) for k, v in folded.items())
-        values.update((renamed[k], v) for k, v in folded.items())
-        injected |= set(folded)
-        again, again_types = _inferred(light)
-        if len(_unknown(light, again)) >= len(missing):
-            break
-        dims, types = again, again_types
-    dims = {k: v for k, v in dims.items() if not k.endswith("::folded")}
-    for t in model.graph.initializer:
-        dims[t.name] = [int(d) for d in t.dims]
-    return Shapes(dims, consts, types)
-
-
-FOLD_ROUNDS = 4  # passes of shape folding + inference (each uncovers the Reshapes the previous one fed)
-
-
-def _inferred(light):
-    """(dims, elem types) of every tensor ONNX shape inference gives for ``light``."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
-    except Exception:
-        inferred = light
-    dims, types = {}, {}
-    for vi in list(inferred.graph.input) + list(inferred.graph.output) + list(inferred.graph.value_info):
-        if vi.type.HasField("tensor_type"):
-            types[vi.name] = vi.type.tensor_type.elem_type
-        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
-            dims[vi.name] = [int(d.dim_value) if d.HasField("dim_value") else (d.dim_param or None)
-                             for d in vi.type.tensor_type.shape.dim]
-    return dims, types
-
-
-def _unknown(light, dims) -> list:
-    """Node outputs whose dims are not all known numbers."""
-    return [o for n in light.graph.node for o in n.output
-            if o and not (o in dims and all(isinstance(d, int) for d in dims[o]))]
-
-
-def _numel(dims) -> int:
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
-
 
 # ---------------------------------------------------------------- one prunable node as a block matrix
 

@@ -149,7 +149,7 @@ def shapes_with_inputs(model: onnx.ModelProto, input_shapes: dict):
 
     from onnx import helper
 
-    from .connectivity import infer_shapes
+    from .shapes import infer_shapes
 
     def typed(vi):
         if not vi.type.HasField("tensor_type"):

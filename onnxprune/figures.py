@@ -7,7 +7,7 @@ import os
 import numpy as np
 import onnx
 
-from .connectivity import _numel, infer_shapes
+from .shapes import _numel, infer_shapes
 from .graph import find_layers
 from .io import read_tensor
 

@@ -473,7 +473,7 @@ class _Selector:
 
     def _shapes(self):
         if self.shapes is None:
-            from .connectivity import infer_shapes
+            from .shapes import infer_shapes
             self.shapes = infer_shapes(self.model)
         return self.shapes
 

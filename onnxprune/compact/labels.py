@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..connectivity import infer_shapes
+from ..shapes import infer_shapes
 from ..layout import node_attr
 from ..connectivity import node_reads
 from ..layout import unpadded

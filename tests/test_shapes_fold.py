@@ -1,12 +1,11 @@
-"""Shape arithmetic folded for shape inference (onnxprune/shapefold.py): a Paddle-style attention Reshape whose
+"""Shape arithmetic folded for shape inference (onnxprune/shapes.py): a Paddle-style attention Reshape whose
 target is built from Shape -> Cast -> Slice (Constant bounds) -> Concat with float Constants cast to int64."""
 import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import init, invoke, make_model, vi
-from onnxprune.connectivity import infer_shapes
+from onnxprune.shapes import fold, infer_shapes
 from onnxprune.exact import shapes_with_inputs
-from onnxprune.shapefold import fold
 
 
 def _const(name, values, dtype=np.int64):
