@@ -148,6 +148,8 @@ def solve_wide(layer, w, site, mom, rows: LayerRows, n_prune: int, plain_pruned:
 
     def group(a, b):
         nonlocal first
+        if first is not None and (a, b) == spans[0]:
+            return first  # the first block's problem is built once (it damps H, which every block shares)
         grp = Group(rows.weights(a, b), sink.dense[a:b] if sink is not None else None, mom.H[0],
                     mom.GW[0][:, a:b], mom.ymean[0][a:b], mom.ysq[0][a:b], options.damping, X, like=first)
         first = first or grp
