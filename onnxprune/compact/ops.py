@@ -9,6 +9,7 @@ import numpy as np
 from ..layout import node_attr, unpadded
 from ..unitops import _axis_map, norm_axis
 from .labels import Graph, Rewrite, _out_chan, _rank
+from .reshape import reshape
 
 # ---------------------------------------------------------------- constant values through element-wise ops
 
@@ -101,7 +102,7 @@ def propagate(g: Graph, idx, node, ins) -> bool:
     if op == "Slice":
         return _slice(g, idx, node, chan) if chan is not None and all(c is None for c in ins[1:]) else False
     if op in ("Flatten", "Reshape"):
-        return _reshape(g, idx, node, chan) if chan is not None and all(c is None for c in ins[1:]) else False
+        return reshape(g, idx, node, chan) if chan is not None and all(c is None for c in ins[1:]) else False
     if op in ("Transpose", "Squeeze", "Unsqueeze"):
         if chan is None or any(c is not None for c in ins[1:]):
             return False
@@ -114,20 +115,13 @@ def propagate(g: Graph, idx, node, ins) -> bool:
               "ReduceL2", "ReduceProd"):
         return _along(g, idx, node, ins)
     if op == "MatMul":
-        b = ins[1] if len(ins) > 1 else None
-        rb, ro = _rank(g, node.input[1]), _rank(g, out)
-        if b is None or rb is None or ro is None or rb < 2 or b.axis != rb - 1:
-            return False
-        if ins[0] is not None:
-            g.fix(ins[0].lab, "MatMul")
-        _out_chan(g, out, ro - 1, b.lab, np.full(b.lab.size, np.nan))
-        return True
+        return _matmul(g, node, ins)
     if op == "Shape":
         r = chan.rank
         start = norm_axis(node_attr(node, "start", 0), r)
         end = node_attr(node, "end", None)
         end = r if end is None else min(norm_axis(end, r), r)
-        return not (start <= chan.axis < end)
+        return not (start <= chan.axis < end) or _dims_read(g, out, chan.axis - start, end - start)
     return False
 
 
@@ -366,50 +360,57 @@ def _slice(g, idx, node, chan) -> bool:
     return True
 
 
-def _reshape(g, idx, node, chan) -> bool:
-    din, dout = g.shapes.dims.get(node.input[0]), g.shapes.dims.get(node.output[0])
-    if din is None or dout is None:
+def _dims_read(g, shape_out, pos, n) -> bool:
+    """Every reader of a Shape output (``n`` dims) takes single dims by constant Gather indices other than ``pos``
+    (the channel axis): the channel count is never read (an export's Reshape targets read batch and sequence)."""
+    ix = g.index
+    readers = ix.readers.get(shape_out, [])
+    if not readers or shape_out in ix.outputs or ix.uses.get(shape_out, 0) != len(readers):
         return False
-    a = chan.axis
-    shape = None
-    if node.op_type == "Reshape":
-        shape = g.index.const(node.input[1])
-        if shape is None:
+    for k in readers:
+        rd = ix.nodes[k]
+        if rd.op_type != "Gather" or rd.input[0] != shape_out or len(rd.input) < 2 or node_attr(rd, "axis", 0) != 0:
             return False
-        shape = shape.reshape(-1).tolist()
-        if len(shape) != len(dout):
+        idx = ix.const(rd.input[1])
+        if idx is None or idx.dtype.kind not in "iu" or idx.size == 0:
             return False
-    # the channel axis and everything before it stay: [N, C, H, W] -> [N, C, H*W]
-    if len(dout) > a and list(din[:a + 1]) == list(dout[:a + 1]) and isinstance(din[a], int) \
-            and all(d is not None for d in din[:a]) and (shape is None or shape[a] in (0, -1, din[a])):
-        _out_chan(g, node.output[0], a, chan.lab, chan.val)
-        if shape is not None and shape[a] > 0:
-            g.rewrites.append(Rewrite("reshape", idx, axis=a, tensor=node.output[0]))
+        if any(not -n <= v < n or v % n == pos for v in idx.reshape(-1).tolist()):
+            return False
+    return True
+
+
+def _matmul(g, node, ins) -> bool:
+    """MatMul of two activations. Attention heads: labels on a batch axis (scores = Q @ K^T, context = P @ V) are
+    tied between the inputs and carried to the output on that axis; an unlabelled input must broadcast there.
+    Otherwise B's features (its last axis, V in P @ V) pass on, and A's channels, contracted away, stay."""
+    out = node.output[0]
+    ranks = [_rank(g, n) for n in node.input[:2]]
+    ro = _rank(g, out)
+    if ro is None or len(ranks) != 2 or any(r is None or r < 2 for r in ranks):
+        return False
+    labelled = [(c, c.axis + ro - r) for c, r in zip(ins[:2], ranks) if c is not None]
+    batch = [x for c, x in labelled if x < ro - 2]
+    if batch:
+        if len(batch) != len(labelled) or len(set(batch)) != 1 or len({c.lab.size for c, _ in labelled}) != 1:
+            return False
+        ax = batch[0]
+        for name, c, r in zip(node.input[:2], ins[:2], ranks):
+            pos = ax - (ro - r)
+            if c is None and pos >= 0:
+                dims = g.shapes.dims.get(name)
+                if dims is None or dims[pos] != 1:
+                    return False
+        if len(labelled) == 2:
+            g.union(labelled[0][0].lab, labelled[1][0].lab)
+        lab = labelled[0][0].lab
+        _out_chan(g, out, ax, lab, np.full(lab.size, np.nan))
         return True
-    # dims [k:] merged into one axis k: each channel becomes a group of features
-    if node.op_type == "Flatten":
-        k = norm_axis(node_attr(node, "axis", 1), len(din))
-    else:
-        k = len(dout) - 1
-        if k > len(din) or any(not (shape[j] in (0, -1) or shape[j] == din[j]) for j in range(k)):
-            return False
-        if shape[k] == -1 and -1 in shape[:k]:
-            return False
-    rest = din[k:]
-    if a < k or len(dout) != k + 1 or not all(isinstance(d, int) for d in rest):
+    b = ins[1]
+    if b is None or b.axis != ranks[1] - 1:
         return False
-    if isinstance(dout[k], int) and dout[k] != int(np.prod(rest)):
-        return False
-    if shape is not None and shape[k] not in (-1, int(np.prod(rest))):
-        return False
-    c = a - k
-    grid = [1] * len(rest)
-    grid[c] = rest[c]
-    lab = np.broadcast_to(chan.lab.reshape(grid), rest).reshape(-1)
-    val = np.broadcast_to(chan.val.reshape(grid), rest).reshape(-1)
-    _out_chan(g, node.output[0], k, lab, val)
-    if shape is not None and shape[k] > 0:
-        g.rewrites.append(Rewrite("reshape", idx, axis=k, tensor=node.output[0]))
+    if ins[0] is not None:
+        g.fix(ins[0].lab, "MatMul")
+    _out_chan(g, out, ro - 1, b.lab, np.full(b.lab.size, np.nan))
     return True
 
 

@@ -9,6 +9,7 @@ from ..layout import node_attr, set_attr
 from .index import drop_orphans
 from .labels import Graph
 from .ops import slice_params
+from .reshape import set_target
 
 
 class _Weights:
@@ -177,9 +178,7 @@ def _rewrite(g, rw, keep):
                 ix.set_input(rw.idx, 2, ends)
                 break
     elif rw.kind == "reshape":
-        shape = ix.const(node.input[1]).reshape(-1).copy()
-        shape[rw.axis] = int(k.sum())
-        ix.set_input(rw.idx, 1, shape)
+        set_target(ix, g.shapes, rw.idx, rw.axis, int(k.sum()))
 
 
 def _value_info(g, keep, changed_w):
