@@ -236,3 +236,35 @@ def test_cli_channel_pruning_with_calibration_removes_heads(tmp_path):
     assert _w(pm, "o.w").shape[0] == _w(pm, "v.w").shape[1]
     y = run(pm, _feeds())[0]
     assert np.isfinite(y).all() and y.shape == (2, 5, D)
+
+
+def test_a_reshape_that_regroups_the_dims_around_the_channel_axis_keeps_the_channels():
+    """[2, 6, 4, 4] -> [-1, 6, 4, 8]: axis 1 still has 6 entries but holds other data (found by a fuzzer)."""
+    rng = np.random.default_rng(0)
+    w2 = rng.standard_normal((3, 6, 1, 1)).astype(np.float32)
+    w2[:, 1] = 0  # the second conv does not read channel 1 of the reshaped tensor
+    m = make_model([helper.make_node("Conv", ["x", "c1.w"], ["a"]),
+                    helper.make_node("Reshape", ["a", "tgt"], ["r"]),
+                    helper.make_node("Conv", ["r", "c2.w"], ["y"])],
+                   [vi("x", [2, 4, 4, 4])], [vi("y", None)],
+                   [init("c1.w", rng.standard_normal((6, 4, 1, 1)).astype(np.float32)), init("c2.w", w2),
+                    init("tgt", np.array([-1, 6, 4, 8], np.int64))])
+    res = compact(m)
+    assert _w(res.model, "c1.w").shape == (6, 4, 1, 1)
+    f = {"x": rng.standard_normal((2, 4, 4, 4)).astype(np.float32)}
+    np.testing.assert_allclose(run(res.model, f)[0], run(m, f)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_shape_with_start_below_minus_rank_that_reads_the_channel_count_keeps_it():
+    """ONNX clamps Shape's start to 0: Gather index 2 of Shape(q, start=-10) is q's channel count."""
+    m = mha_block(mask=False)
+    m.graph.node.extend([helper.make_node("Shape", ["q"], ["sq"], start=-10),
+                         helper.make_node("Gather", ["sq", "two"], ["dim"], axis=0)])
+    m.graph.initializer.append(init("two", np.array(2, np.int64)))
+    m.graph.output.append(vi("dim", [], TensorProto.INT64))
+    assert _groups(m)["q.w"][1].all()
+    w = _w(m, "o.w").copy()
+    w[:DH] = 0
+    _set(m, "o.w", w)
+    out = compact(m).model
+    assert run(out, _feeds(mask=False))[1] == D

@@ -118,9 +118,9 @@ def propagate(g: Graph, idx, node, ins) -> bool:
         return _matmul(g, node, ins)
     if op == "Shape":
         r = chan.rank
-        start = norm_axis(node_attr(node, "start", 0), r)
+        start = min(max(norm_axis(node_attr(node, "start", 0), r), 0), r)  # ONNX clamps both to [0, rank]
         end = node_attr(node, "end", None)
-        end = r if end is None else min(norm_axis(end, r), r)
+        end = r if end is None else min(max(norm_axis(end, r), 0), r)
         return not (start <= chan.axis < end) or _dims_read(g, out, chan.axis - start, end - start)
     return False
 

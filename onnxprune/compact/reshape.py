@@ -65,6 +65,18 @@ def _same(t, j, din, dout) -> bool:
     return v in (0, -1, din[j])
 
 
+def _keeps_axis(din, dout, a) -> bool:
+    """Axis ``a`` holds the same channels before and after: its dim is unchanged and so is the product of the
+    dims after it (every element then keeps its channel index), or, with symbolic dims there, the dims before
+    it are the same ones (as inferred)."""
+    if len(dout) <= a or not isinstance(din[a], int) or dout[a] != din[a]:
+        return False
+    rin, rout = din[a + 1:], dout[a + 1:]
+    if all(isinstance(x, int) for x in list(rin) + list(rout)):
+        return int(np.prod(rin)) == int(np.prod(rout))
+    return all(d is not None for d in din[:a]) and list(din[:a]) == list(dout[:a])
+
+
 def reshape(g: Graph, idx, node, chan) -> bool:
     din, dout = g.shapes.dims.get(node.input[0]), g.shapes.dims.get(node.output[0])
     if din is None or dout is None:
@@ -76,11 +88,10 @@ def reshape(g: Graph, idx, node, chan) -> bool:
         if t is None or len(t) != len(dout):
             return False
     out = node.output[0]
-    # the channel axis and everything before it stay: [N, C, H, W] -> [N, C, H*W]
-    if len(dout) > a and isinstance(din[a], int) and dout[a] == din[a] and all(d is not None for d in din[:a]) \
-            and (list(din[:a]) == list(dout[:a]) if t is None else all(_same(t, j, din, dout) for j in range(a + 1))):
-        if t is not None and t[a][0] is None:
-            return False  # a run-time channel count: it would not follow the removal
+    # the channel axis stays, what comes after it is regrouped: [N, C, H, W] -> [N, C, H*W]
+    if _keeps_axis(din, dout, a):
+        if t is not None and (t[a][0] is None or t[a][0] not in (0, -1, din[a])):
+            return False  # a run-time channel count would not follow the removal
         _out_chan(g, out, a, chan.lab, chan.val)
         if t is not None and t[a][0] > 0:
             g.rewrites.append(Rewrite("reshape", idx, axis=a, tensor=out))
