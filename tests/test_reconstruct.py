@@ -410,6 +410,34 @@ def test_low_rank_solves_match_the_dense_ones(bias):
     assert lo.error(r1) == pytest.approx(e[0], rel=1e-6) and hi.error(r2) == pytest.approx(e[1], rel=1e-6)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_refit_through_the_pruned_columns_matches_the_direct_solve(bias):
+    """Rows keeping most inputs are solved through the pruned ones with H_lambda^-1 (kept after the OBS
+    saliency): the same optimum as the direct |S| x |S| solve, zeros exactly where pruned."""
+    from onnxprune.reconstruct.solver import Group
+    rng = np.random.default_rng(8)
+    m, d, out = 200, 30, 9
+    X = np.concatenate([rng.standard_normal((m, d)) @ rng.standard_normal((d, d)) * 0.3 + 0.2,
+                        np.ones((m, 1))], axis=1)
+    R = rng.standard_normal((out, d))
+    b = rng.standard_normal(out) if bias else None
+    Y = X @ np.concatenate([R, (b if bias else np.zeros(out))[:, None]], axis=1).T
+    H, GW = X.T @ X / m, X.T @ Y / m
+
+    def group():
+        return Group(R, b, H.copy(), GW.copy(), Y.mean(0), (Y ** 2).mean(0), 0.03)
+    keep = rng.random((out, d)) < np.linspace(0.2, 0.97, out)[:, None]
+    keep[-1] = True  # nothing pruned
+    direct, via = group(), group()
+    via.saliency()  # computes (and keeps) the inverse
+    assert "Hinv" in via.cache and "Hinv" not in direct.cache
+    r1, r2 = direct.refit(keep), via.refit(keep)
+    assert (keep.sum(1) + bias > 2 / 3 * (d + bias)).sum() >= 3  # some rows take the complement path
+    np.testing.assert_allclose(r2.w, r1.w, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(r2.q, r1.q, rtol=1e-8, atol=1e-10)
+    assert np.all(r2.w[:, :d][~keep] == 0)
+
+
 def test_im2col_row_step_keeps_every_step_th_row():
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3, 4, 7, 6)).astype(np.float32)

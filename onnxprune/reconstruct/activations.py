@@ -187,6 +187,7 @@ class Capture:
                                    f"({first_line(exc)}): over 2 GiB of tensors under 16 MB each") from exc
             so = session_options(threads=threads, spin=False)
             so.enable_cpu_mem_arena = False  # a batch's buffers go back to the heap (trimmed after each layer)
+            so.enable_mem_pattern = False  # ... each as soon as it is read (a planned block holds them all)
             if handed:
                 arrays = [np.ascontiguousarray(get()) for get in handed.values()]
                 self._held = [arrays, [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]]

@@ -11,7 +11,7 @@ from .activations import Capture
 from ..errors import InputError
 from .problems import Unsupported
 
-ACC_BYTES = 1 << 26  # bytes of buffered sample rows per accumulation step (per model: dense and pruned prefix)
+ACC_BYTES = 1 << 23  # bytes of buffered sample rows per accumulation step (per model: dense and pruned prefix)
 GRAM_BLOCK = 1024  # columns of H updated per product
 SMALL_GRAM = 64  # inputs per group up to which every group's H is updated in one batched product
 HOLDOUT_BELOW = 0.5  # layers with fewer sample rows than this many times their inputs choose on held-out rows

@@ -17,6 +17,8 @@ from typing import NamedTuple
 import numpy as np
 
 SOLVE_BYTES = 1 << 25  # batched refit: at most this many bytes of stacked sub-matrices at once
+ADMM_SETTLED = 0.002  # ADMM stops once fewer than this fraction of the kept weights changed in 3 iterations
+KEEP_INVERSE_BYTES = 1 << 26  # H_lambda^-1 up to this size stays for the refit (rows keeping most inputs)
 SPD_BLOCKED = 1024  # wider damped systems are inverted by blocks in one copy (``spd_inverse``), not by LAPACK
 
 
@@ -135,15 +137,22 @@ class Group:
                 return ww.T.copy(), hdiag
             b = self.C[d] - mu @ ww
             return np.concatenate([ww, b[None]], axis=0).T.copy(), hdiag
+        Hinv = self._inverse()
+        Wstar = (Hinv @ self.C).T
+        hdiag = np.diag(Hinv)[:d].copy()
+        return Wstar, hdiag
+
+    def _inverse(self) -> np.ndarray:
+        """H_lambda^-1 over the refit's variables; kept for the refit's complement solves when it is small."""
         Hinv = self.cache.get("Hinv")
         if Hinv is None:
             try:
                 Hinv = spd_inverse(self.Hl) if self.Hl.shape[0] > SPD_BLOCKED else np.linalg.inv(self.Hl)
             except np.linalg.LinAlgError:
-                Hinv = np.linalg.pinv(self.Hl)
-        Wstar = (Hinv @ self.C).T
-        hdiag = np.diag(Hinv)[:d].copy()
-        return Wstar, hdiag
+                return np.linalg.pinv(self.Hl)  # (not kept: the complement solves need the true inverse)
+            if Hinv.nbytes <= KEEP_INVERSE_BYTES:
+                self.cache["Hinv"] = Hinv
+        return Hinv
 
     def keep_inverse(self) -> None:
         """Keep the unconstrained solve's p x p inverse for the other row blocks of the layer (``release``)."""
@@ -191,13 +200,23 @@ class Group:
         return np.take(self.Hd.reshape(-1), flat)
 
     def refit(self, keep: np.ndarray) -> Rows:
-        """Exact least squares per output row over the kept columns (and the bias)."""
+        """Exact least squares per output row over the kept columns (and the bias). A row that keeps more than
+        two thirds of its variables is solved through the pruned ones when H_lambda^-1 is at hand (the OBS
+        identity: w_S = w*_S - [H^-1]_SP [H^-1]_PP^-1 w*_P, a |P| x |P| system instead of |S| x |S|)."""
         out, d = keep.shape
         full = np.zeros((out, d + 1))
+        Hinv = self.cache.get("Hinv") if self.X is None else None
+        Wstar = None
+        n_vars = len(self.vars)
         for r, c in self._supports(keep):
             k = c.shape[1] - (1 if self.has_bias else 0)
             if k and self._use_lowrank(k):
                 full[r[:, None], c] = self._refit_lowrank(r, c[:, :k])
+                continue
+            if Hinv is not None and 20 * c.shape[1] > 11 * n_vars:
+                if Wstar is None:
+                    Wstar = (Hinv @ self.C).T  # [out, vars]
+                full[r[:, None], self.vars] = self._refit_complement(Hinv, Wstar[r], keep[r])
                 continue
             A = self._gather(c)
             rhs = self.C[c, r[:, None]]
@@ -210,6 +229,20 @@ class Group:
         v = self.vars
         q = np.einsum("vr,rv->r", self.C, full[:, v]) - self.lam * np.einsum("ri,ri->r", full[:, :d], full[:, :d])
         return Rows(full, q)
+
+    def _refit_complement(self, Hinv, ws, kept):
+        """Rows whose kept weights ``kept`` [n, d] leave q = d - k pruned each: the unconstrained optimum ``ws``
+        [n, vars] corrected by the pruned columns (exact: the constrained optimum of the damped problem)."""
+        n, d = kept.shape
+        P = np.nonzero(~kept)[1].reshape(n, -1)  # [n, q]
+        out = ws.copy()
+        if P.shape[1]:
+            v = np.take_along_axis(ws, P, axis=1)  # [n, q]
+            flat = P[:, :, None] * Hinv.shape[0] + P[:, None, :]
+            t = np.linalg.solve(np.take(Hinv.reshape(-1), flat), v[:, :, None])  # [n, q, 1]
+            out -= (Hinv[:, P].transpose(1, 0, 2) @ t)[:, :, 0]
+            np.put_along_axis(out, P, 0.0, axis=1)
+        return out
 
     def _refit_lowrank(self, r, c):
         """The refit of rows ``r`` whose supports ``c`` [n, k] are wider than twice the sample rows: per row
@@ -305,7 +338,8 @@ class Group:
 
 def admm_support(groups: list, select, max_iter: int = 30) -> np.ndarray:
     """ALPS-like ADMM for the support under one layer-wide count (the ADMM support of section 6.3, step 2; at
-    most 30 iterations: the prototype found nothing changed beyond that, and each costs 4 out d^2).
+    most 30 iterations: the prototype found nothing changed beyond that, and each costs 4 out d^2; it stops
+    earlier once a check finds fewer than ADMM_SETTLED of the kept weights changed in the last 3).
 
     ``select(scores [g, out, d]) -> pruned bool [g, out, d]`` applies the exact layer-wide count (existing zeros
     first, deterministic ties). Returns the final pruned mask [g, out, d].
@@ -343,7 +377,7 @@ def admm_support(groups: list, select, max_iter: int = 30) -> np.ndarray:
         if it % 3 == 0:
             kept = max(int((~pruned).sum()), 1)
             change = int(np.count_nonzero(pruned != last)) / 2 / kept
-            if change == 0:
+            if change < ADMM_SETTLED:
                 break
             rho *= 1.3 if change >= 0.1 else 1.2 if change >= 0.005 else 1.1
             last = pruned
