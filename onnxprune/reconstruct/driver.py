@@ -37,8 +37,8 @@ class ReconstructOptions:
     max_rows: int = 32768  # cap on sample rows per layer, evenly strided (0: all; Conv rows are N * positions)
     rows_per_input: int = 16  # ... and per input of a group: at most max(min_rows / groups, 16 p) rows for p
     min_rows: int = 16384  #     inputs (depthwise layers of real exports had 32768 rows for 26 inputs; 0: no cap)
-    wide_inputs: int = 2048  # layers with more inputs than this take wide_max_rows
-    wide_max_rows: int = 2048  # the cap for layers wider than wide_inputs, whose p x p solves dominate (the
+    wide_inputs: int = 2048  # layers over admm_max_inputs and up to this wide get at least 4 p rows, wider ones 2 p
+    wide_max_rows: int = 2048  # the cap for layers wider than admm_max_inputs, whose p x p solves dominate (the
     #                            30 M benchmark model: 36 s with 8192 rows, 28-31 s with 4096, 20-24 s with 2048,
     #                            where the Woodbury route applies from 4096 inputs; damping keeps H solvable)
     threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
@@ -240,9 +240,11 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                                          else np.zeros((g, og, 1)))], axis=2)
             try:
                 # wide layers: at least 2 p rows (then at least p after the stride's rounding; fewer rows than
-                # inputs would take the held-out choice, four solves), so the Gram costs what H's inverse costs
-                wide = max(options.wide_max_rows, 2 * (d + 1))
-                rows = options.max_rows if d <= options.wide_inputs else min(options.max_rows or wide, wide)
+                # inputs would take the held-out choice, four solves), so the Gram costs what H's inverse costs;
+                # up to wide_inputs, 4 p: with 2 p magika's 1280-input Conv fitted its calibration files and
+                # predicted others no better than plain selection (error ratio 1.02; 0.74-0.78 from 4 p to 13 p)
+                wide = max(options.wide_max_rows, (4 if d <= options.wide_inputs else 2) * (d + 1))
+                rows = options.max_rows if d <= options.admm_max_inputs else min(options.max_rows or wide, wide)
                 if rows and options.rows_per_input:  # H of p inputs is well estimated from some multiple of p rows
                     rows = min(rows, max(-(-options.min_rows // g), options.rows_per_input * (d + 1)))
                 mom = accumulate(sites, calibration, dense, current, rows, Wt)
