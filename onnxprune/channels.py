@@ -265,8 +265,10 @@ def _hits(g, own) -> dict:
 
 
 def _blocks(g, cand, align) -> list:
-    """Candidates in removal order, ``align`` at a time among groups that hit the same layers (so that each
-    removal keeps channel counts aligned); a block is scored by its highest member, ties by graph order."""
+    """Candidates in removal order, blocked among groups that hit the same layers so that each removal keeps
+    channel counts aligned (``align`` single channels at a time, or as many multi-channel groups such as
+    attention heads as make a multiple of ``align``); a block is scored by its highest member, ties by graph
+    order."""
     if align == 1:
         return [[c] for c in cand]
     by_sig = {}
@@ -275,8 +277,14 @@ def _blocks(g, cand, align) -> list:
         by_sig.setdefault(sig, []).append(c)
     blocks = []
     for k, (sig, items) in enumerate(by_sig.items()):
-        for j in range(0, len(items) - align + 1, align):
-            chunk = items[j:j + align]
+        # groups per block: the fewest whose channels are a multiple of align in every layer they hit (align
+        # single channels; fewer attention heads of several channels each)
+        per = 1
+        for _, c in sig:
+            need = align // math.gcd(align, c)
+            per = per * need // math.gcd(per, need)
+        for j in range(0, len(items) - per + 1, per):
+            chunk = items[j:j + per]
             blocks.append(((chunk[-1][0], chunk[0][1], j), chunk))
     blocks.sort(key=lambda b: b[0])
     return [b for _, b in blocks]

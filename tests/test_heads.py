@@ -268,3 +268,20 @@ def test_a_shape_with_start_below_minus_rank_that_reads_the_channel_count_keeps_
     _set(m, "o.w", w)
     out = compact(m).model
     assert run(out, _feeds(mask=False))[1] == D
+
+
+def test_align_keeps_head_widths_aligned():
+    m = mha_block()
+    layers, _ = find_layers(m)
+    vals = {l.name: _w(m, l.name) for l in layers}
+    plan = channel_plan(m, layers, vals, 0.6, align=8, floor=0.0)
+    masked = m.__class__()
+    masked.CopyFrom(m)
+    for name, mask in plan.masks.items():
+        _set(masked, name, np.where(mask, 0, vals[name]))
+    res = compact(masked, align=8)
+    for name in ("q.w", "k.w", "v.w", "ff1.w"):
+        width = _w(res.model, name).shape[1]
+        assert width % 8 == 0 or width == _w(m, name).shape[1], (name, width)
+    assert _w(res.model, "q.w").shape[1] < D  # two heads (8 channels) went
+    np.testing.assert_allclose(run(res.model, _feeds())[0], run(masked, _feeds())[0], rtol=1e-5, atol=1e-5)
