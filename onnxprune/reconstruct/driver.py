@@ -34,6 +34,8 @@ class ReconstructOptions:
     max_inputs: int = 16384  # layers with more inputs per output row fall back to plain selection
     admm_cost: float = 5e8  # ADMM where groups * out * d^2 stays below this, the one-shot OBS mask above
     admm_max_inputs: int = 1024  # ... and where d stays below this (its eigendecomposition is O(d^3))
+    admm_fast_cost: float = 5e7  # above this cost ADMM's penalty grows faster (MiniLM -18 % time, same error;
+    #                               small layers keep the slower schedule, which is cheap and a little better there)
     max_rows: int = 32768  # cap on sample rows per layer, evenly strided (0: all; Conv rows are N * positions)
     rows_per_input: int = 16  # ... and per input of a group: at most max(min_rows / groups, 16 p) rows for p
     min_rows: int = 16384  #     inputs (depthwise layers of real exports had 32768 rows for 26 inputs; 0: no cap)
@@ -351,7 +353,7 @@ def _solve(layer, w, sites, mom, R, n_prune, plain_pruned, options):
 
     mask_used = _mask_for(options, g, og, d)
     if mask_used == "admm":
-        pruned = storage(admm_support(groups, select))
+        pruned = storage(admm_support(groups, select, fast=g * og * d * d > options.admm_fast_cost))
     elif mask_used == "obs":
         pruned = storage(select(np.stack([grp.saliency() for grp in groups])))
     else:
