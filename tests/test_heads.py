@@ -285,3 +285,14 @@ def test_align_keeps_head_widths_aligned():
         assert width % 8 == 0 or width == _w(m, name).shape[1], (name, width)
     assert _w(res.model, "q.w").shape[1] < D  # two heads (8 channels) went
     np.testing.assert_allclose(run(res.model, _feeds())[0], run(masked, _feeds())[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compaction_realigns_by_whole_heads():
+    """Three of four heads dead with --align 8: one head (4 channels) comes back, not every head."""
+    m = mha_block()
+    w = _w(m, "o.w").copy()
+    w[:3 * DH] = 0
+    _set(m, "o.w", w)
+    res = compact(m, align=8)
+    assert _w(res.model, "q.w").shape[1] == 8 and _w(res.model, "o.w").shape[0] == 8
+    np.testing.assert_allclose(run(res.model, _feeds())[0], run(m, _feeds())[0], rtol=1e-5, atol=1e-5)

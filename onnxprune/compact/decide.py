@@ -82,12 +82,19 @@ class _Lazy:
 
 
 def _undrop_best(dropped, roots, labs, lazy_norms, count):
-    """Keep the ``count`` highest-norm removed channels among ``labs`` (ties: the lower index)."""
+    """Keep at least ``count`` more of the removed channels among ``labs``, highest norm first (ties: the lower
+    index); a group of several channels there (an attention head) comes back whole and counts them all."""
     norms = lazy_norms()
-    cand = np.flatnonzero(dropped[roots[labs]])
+    at = roots[labs]
+    cand = np.flatnonzero(dropped[at])
     order = cand[np.lexsort((cand, -norms[labs[cand]]))]
-    for k in order[:count]:
-        dropped[roots[labs[k]]] = False
+    restored = 0
+    for k in order:
+        if restored >= count:
+            break
+        if dropped[at[k]]:
+            dropped[at[k]] = False
+            restored += int(np.count_nonzero(at == at[k]))
 
 
 def _keep_some(g, roots, dropped, norms, align):
