@@ -258,7 +258,6 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                     current.close()
             dense_front.commit(len(calibration))
             front.commit(len(calibration))
-            _trim_heap()  # the captures' buffers, before the solve allocates its own
             t_gram = time.perf_counter()
             m = mom.rows
             rec["time_capture_s"] = t_gram - t
