@@ -8,16 +8,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .layout import node_attr
 from .unitops import Shapes
 
 MAX_VALUES = 64  # only small integer tensors (shapes, axes, indices) are ever folded
-
-
-def _attr(node, name, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
 
 
 def _ints(values):
@@ -46,14 +40,14 @@ def _eval(node, get, dims):
         d = dims.get(node.input[0])
         if d is None or not all(isinstance(x, int) for x in d):
             return None
-        start, end = _attr(node, "start", 0), _attr(node, "end", None)
+        start, end = node_attr(node, "start", 0), node_attr(node, "end", None)
         return np.array(d, dtype=np.int64)[start:end]
     if op == "Constant":
-        t = _attr(node, "value")
+        t = node_attr(node, "value")
         if t is not None:
             return numpy_helper.to_array(t)
         for key in ("value_ints", "value_int"):
-            v = _attr(node, key)
+            v = node_attr(node, key)
             if v is not None:
                 return np.array(v, dtype=np.int64)
         return None
@@ -73,13 +67,13 @@ def _eval(node, get, dims):
     if op == "Gather":
         if len(ins) < 2 or ins[1] is None:
             return None
-        return np.take(ins[0], ins[1], axis=_attr(node, "axis", 0))
+        return np.take(ins[0], ins[1], axis=node_attr(node, "axis", 0))
     if op == "Concat":
         if any(v is None for v in ins):
             return None
-        return np.concatenate([np.atleast_1d(v) for v in ins], axis=_attr(node, "axis", 0))
+        return np.concatenate([np.atleast_1d(v) for v in ins], axis=node_attr(node, "axis", 0))
     if op in ("Unsqueeze", "Squeeze"):
-        axes = _attr(node, "axes")
+        axes = node_attr(node, "axes")
         if axes is None and len(ins) > 1:
             if ins[1] is None:
                 return None
@@ -92,7 +86,7 @@ def _eval(node, get, dims):
             data = np.expand_dims(data, a)
         return data
     if op == "Cast":
-        to = np.dtype(helper.tensor_dtype_to_np_dtype(_attr(node, "to")))
+        to = np.dtype(helper.tensor_dtype_to_np_dtype(node_attr(node, "to")))
         if to.kind not in "iuf" or (to.kind in "iu" and not np.all(np.isfinite(ins[0]))):
             return None
         return ins[0].astype(to)

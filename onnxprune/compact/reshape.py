@@ -90,7 +90,7 @@ def reshape(g: Graph, idx, node, chan) -> bool:
     out = node.output[0]
     # the channel axis stays, what comes after it is regrouped: [N, C, H, W] -> [N, C, H*W]
     if _keeps_axis(din, dout, a):
-        if t is not None and (t[a][0] is None or t[a][0] not in (0, -1, din[a])):
+        if t is not None and t[a][0] not in (0, -1, din[a]):
             return False  # a run-time channel count would not follow the removal
         _out_chan(g, out, a, chan.lab, chan.val)
         if t is not None and t[a][0] > 0:
@@ -138,7 +138,7 @@ def _split_heads(g, idx, node, chan, din, dout, t) -> bool:
     if not isinstance(h, int) or not isinstance(d, int) or h < 2 or h * d != chan.lab.size:
         return False
     hv, dv = t[a][0], t[a + 1][0]
-    if hv not in (-1, h) or dv not in (-1, d) or hv == dv == -1 or (hv == h and t[a][1] is None):
+    if hv not in (-1, h) or dv not in (-1, d) or hv == dv == -1:
         return False
     heads = chan.lab.reshape(h, d)
     for j in range(1, d):

@@ -144,26 +144,27 @@ class Group:
         hdiag = np.diag(Hinv)[:d].copy()
         return Wstar, hdiag
 
+    def _invert(self):
+        """(H_lambda^-1 over the refit's variables, True), or its pseudo-inverse and False where it is singular."""
+        try:
+            return (spd_inverse(self.Hl) if self.Hl.shape[0] > SPD_BLOCKED else np.linalg.inv(self.Hl)), True
+        except np.linalg.LinAlgError:
+            return np.linalg.pinv(self.Hl), False
+
     def _inverse(self) -> np.ndarray:
-        """H_lambda^-1 over the refit's variables; kept for the refit's complement solves when it is small."""
+        """H_lambda^-1; kept for the refit's complement solves when it is small and a true inverse."""
         Hinv = self.cache.get("Hinv")
         if Hinv is None:
-            try:
-                Hinv = spd_inverse(self.Hl) if self.Hl.shape[0] > SPD_BLOCKED else np.linalg.inv(self.Hl)
-            except np.linalg.LinAlgError:
-                return np.linalg.pinv(self.Hl)  # (not kept: the complement solves need the true inverse)
-            if Hinv.nbytes <= KEEP_INVERSE_BYTES:
+            Hinv, exact = self._invert()
+            if exact and Hinv.nbytes <= KEEP_INVERSE_BYTES:
                 self.cache["Hinv"] = Hinv
         return Hinv
 
     def keep_inverse(self) -> None:
         """Keep the unconstrained solve's p x p inverse for the other row blocks of the layer (``release``)."""
         if self.X is None and "Hinv" not in self.cache:
-            try:
-                self.cache["Hinv"] = spd_inverse(self.Hl) if self.Hl.shape[0] > SPD_BLOCKED \
-                    else np.linalg.inv(self.Hl)
-            except np.linalg.LinAlgError:
-                self.cache["Hinv"] = np.linalg.pinv(self.Hl)
+            self.cache["Hinv"], exact = self._invert()
+            if not exact:
                 self.cache["pinv"] = True  # good enough for scores, not for the refit's complement solves
 
     def release(self) -> None:
@@ -211,7 +212,6 @@ class Group:
         out, d = keep.shape
         full = np.zeros((out, d + 1))
         Hinv = self.cache.get("Hinv") if self.X is None and not self.cache.get("pinv") else None
-        Wstar = None
         via = np.zeros(out, dtype=bool)
         n_vars = len(self.vars)
         for r, c in self._supports(keep):
@@ -220,9 +220,8 @@ class Group:
                 full[r[:, None], c] = self._refit_lowrank(r, c[:, :k])
                 continue
             if Hinv is not None and 20 * c.shape[1] > 11 * n_vars:
-                if Wstar is None:
-                    Wstar = (Hinv @ self.C).T  # [out, vars]
-                full[r[:, None], self.vars] = self._refit_complement(Hinv, Wstar[r], keep[r])
+                ws = (Hinv @ self.C[:, r]).T  # these rows' unconstrained optimum [n, vars]
+                full[r[:, None], self.vars] = self._refit_complement(Hinv, ws, keep[r])
                 via[r] = True
                 continue
             A = self._gather(c)
