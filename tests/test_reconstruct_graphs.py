@@ -377,3 +377,60 @@ def test_a_prefix_onnx_runtime_cannot_build_falls_back_for_that_layer(monkeypatc
     layers = {l["name"]: l for l in json.loads((tmp_path / "r.json").read_text())["reconstruction"]["layers"]}
     assert layers["w3"]["method"] == "plain" and "ONNX Runtime cannot run" in layers["w3"]["fallback"]
     assert layers["w1"]["method"] != "plain" and layers["w2"]["method"] != "plain"
+
+
+def _bias_kinds_model(rng):
+    """Four Convs, each after a change upstream: own bias B, no bias then BatchNormalization, no bias then an Add of
+    a per-channel constant, and a grouped strided Conv without any bias."""
+    c = lambda *s: rng.standard_normal(s).astype(np.float32)  # noqa: E731
+    inits = [init("w0", c(8, 3, 3, 3)), init("w1", c(8, 8, 3, 3)), init("b1", c(8)), init("w2", c(8, 8, 3, 3)),
+             init("sc", c(8) + 2), init("bb", c(8)), init("mu", c(8)), init("var", np.abs(c(8)) + 0.5),
+             init("w3", c(8, 8, 1, 1)), init("ab", c(1, 8, 1, 1)), init("w4", c(8, 2, 3, 3))]
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["a0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "w1", "b1"], ["a1"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "w2"], ["a2"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["a2", "sc", "bb", "mu", "var"], ["n2"]),
+             helper.make_node("Relu", ["n2"], ["r2"]),
+             helper.make_node("Conv", ["r2", "w3"], ["a3"]),
+             helper.make_node("Add", ["a3", "ab"], ["s3"]),
+             helper.make_node("Relu", ["s3"], ["r3"]),
+             helper.make_node("Conv", ["r3", "w4"], ["y"], group=4, strides=[2, 2], pads=[1, 1, 1, 1])]
+    return make_model(nodes, [vi("x", ["N", 3, 8, 8])], [vi("y", ["N", 8, 4, 4])], inits)
+
+
+def test_dense_outputs_read_from_the_model_give_the_computed_moments(monkeypatch):
+    """Once the pruned prefix differs, a Conv's dense outputs are read from the dense model's own Conv output
+    (no dense im2col): the moments equal those from y_d = W~ x~_d whatever carries the bias."""
+    from onnxprune.reconstruct import driver, moments
+    rng = np.random.default_rng(7)
+    m = _bias_kinds_model(rng)
+    x = rng.standard_normal((48, 3, 8, 8)).astype(np.float32)
+    cal = [{"x": x[:24]}, {"x": x[24:]}]
+    got, read = {}, []
+    real_acc, real_rows = moments.accumulate, moments._output_rows
+
+    def spy_acc(sites, *a, **kw):
+        mom = real_acc(sites, *a, **kw)
+        got.setdefault(sites[0].node.input[1], []).append(mom)
+        return mom
+
+    def spy_rows(y, *a, **kw):
+        read.append(y.shape)
+        return real_rows(y, *a, **kw)
+    monkeypatch.setattr(driver, "accumulate", spy_acc)
+    monkeypatch.setattr(moments, "_output_rows", spy_rows)
+    a, ra = prune(m, 0.6, effective=False, reconstruct=True, calibration=cal)
+    assert len(read) == 2 * 4  # w1..w4, two batches each (w0 runs before anything changed)
+    monkeypatch.setattr(driver, "dense_output", lambda *a: None)
+    b, rb = prune(m, 0.6, effective=False, reconstruct=True, calibration=cal)
+    assert len(read) == 8
+    for name, (m1, m2) in got.items():
+        for f in ("H", "GW", "ymean", "ysq"):
+            u, v = getattr(m1, f), getattr(m2, f)
+            assert np.allclose(u, v, rtol=1e-4, atol=1e-5 * float(np.abs(v).max())), (name, f)
+        assert m1.rows == m2.rows
+    for la, lb in zip(ra.reconstruction["layers"], rb.reconstruction["layers"]):
+        assert la["method"] == lb["method"] != "plain", (la, lb)
+        assert np.isclose(la["rel_error_after"], lb["rel_error_after"], rtol=1e-3)

@@ -13,7 +13,7 @@ from ..errors import InputError, first_line
 from ..io.mapped import Source, spill
 from ..select import layout_perm, prune_mask
 from .activations import Capture, Frontier
-from .moments import Moments, accumulate, row_moments
+from .moments import Moments, accumulate, dense_output, row_moments
 from .problems import Graph, Unsupported, build_sites
 from .solver import Group, admm_support
 from .wide import LayerRows, by_blocks, solve_wide
@@ -226,8 +226,11 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             if d > options.max_inputs:
                 raise Unsupported(f"{d} inputs per output row > {options.max_inputs}: H would not fit")
             names = [s.act for s in sites]
-            dense = Capture(model, names, calibration, options.threads, dense_front, advance=True,
-                            fed=dense_fed())
+            # the dense outputs read from the model (no dense im2col) once the pruned prefix differs
+            output = dense_output(sites[0], by_blocks(g, og, d, sites, _mask_for(options, g, og, d))) \
+                if changed and len(sites) == 1 else None
+            dense = Capture(model, names + ([output[0]] if output else []), calibration, options.threads,
+                            dense_front, advance=True, fed=dense_fed())
             # a tied weight's later inputs depend on itself: the reconstructed model's frontier waits
             current = Capture(model, names, calibration, options.threads, front, overrides,
                               advance=len(sites) == 1, fed=current_fed()) if changed else None
@@ -249,7 +252,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                 rows = options.max_rows if d <= options.admm_max_inputs else min(options.max_rows or wide, wide)
                 if rows and options.rows_per_input:  # H of p inputs is well estimated from some multiple of p rows
                     rows = min(rows, max(-(-options.min_rows // g), options.rows_per_input * (d + 1)))
-                mom = accumulate(sites, calibration, dense, current, rows, Wt)
+                mom = accumulate(sites, calibration, dense, current, rows, Wt, output)
             except InputError as exc:
                 raise InputError(f"{layer.name}: {exc}") from None
             finally:
