@@ -90,6 +90,39 @@ def test_frontier_runs_each_node_once_per_batch(monkeypatch):
     assert max(ran) <= 2 and sum(ran) <= 2 * 2 * 5
 
 
+def test_reconstructed_model_starts_from_the_dense_frontier(monkeypatch, tmp_path):
+    """Until the first layer changes, both models computed the same values: the reconstructed model's first
+    prefix starts where the dense one stopped (three unary nodes before w0 are not run again), spilled or not."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Abs", ["x"], ["u0"]), helper.make_node("Neg", ["u0"], ["u1"]),
+             helper.make_node("Tanh", ["u1"], ["u2"])]
+    prev = "u2"
+    for k in range(3):
+        nodes += [helper.make_node("MatMul", [prev, f"w{k}"], [f"h{k}"]),
+                  helper.make_node("Tanh", [f"h{k}"], [f"t{k}"])]
+        prev = f"t{k}"
+    m = make_model(nodes, [vi("x", ["N", 16])], [vi(prev, ["N", 16])],
+                   [init(f"w{k}", rng.standard_normal((16, 16)).astype(np.float32)) for k in range(3)])
+    ran = []
+    real = activations.prefix_model
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        ran.append(len(r[2]))
+        return r
+    monkeypatch.setattr(activations, "prefix_model", spy)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    x = rng.standard_normal((64, 16)).astype(np.float32)
+    cal = [{"x": x[:32]}, {"x": x[32:]}]
+    a, _ = prune(m, 0.5, effective=False, reconstruct=True, calibration=cal)
+    assert ran == [3, 2, 2, 2, 2]  # w0 dense; w1 dense, reconstructed (from x: 5); w2 dense, reconstructed
+    b, _ = prune(m, 0.5, effective=False, reconstruct=True, calibration=cal, reconstruct_cache_bytes=0)
+    assert a.SerializeToString() == b.SerializeToString()  # shared arrays or linked files, the same values
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_frontier_spills_beyond_its_budget_and_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile

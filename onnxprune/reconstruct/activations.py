@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -354,7 +355,33 @@ class Frontier:
                 self._drop(name)
             self.done = set()
 
-    def _spill(self, arr: np.ndarray) -> str:
+    def adopt(self, other: "Frontier") -> None:
+        """Start from ``other``'s state (an empty frontier of a model that has computed the same values so far):
+        its arrays shared, its files hard-linked (copied where linking fails) into this frontier's directory."""
+        self.close()
+        self.done = set(other.done)
+        for name, per in other.values.items():
+            kept = []
+            for a in per:
+                if isinstance(a, str):
+                    path = self._new_path()
+                    try:
+                        os.link(a, path)
+                    except OSError:
+                        try:
+                            shutil.copyfile(a, path)
+                        except OSError as exc:
+                            raise OutputError(f"reconstruction cannot write its temporary file {path}: "
+                                              f"{first_line(exc)} (set TMPDIR to a place with room for the "
+                                              f"captured activations)") from exc
+                    kept.append(path)
+                else:
+                    self.used += a.nbytes
+                    kept.append(a)
+            self.values[name] = kept
+            self.meta[name] = other.meta[name]
+
+    def _new_path(self) -> str:
         if self._dir is None:  # a staging directory: named for this process, removed at exit, and a SIGKILLed
             from ..io import staging  # run's is removed by the next run that spills
             tmp = tempfile.gettempdir()
@@ -366,6 +393,10 @@ class Frontier:
                                   f"{first_line(exc)} (set TMPDIR to a writable place)") from exc
         path = os.path.join(self._dir, f"{self._files}.npy")
         self._files += 1
+        return path
+
+    def _spill(self, arr: np.ndarray) -> str:
+        path = self._new_path()
         try:
             np.save(path, arr, allow_pickle=False)
         except OSError as exc:

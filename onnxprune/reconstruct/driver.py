@@ -188,6 +188,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
         return arr
 
     changed = False
+    seeded = False  # the reconstructed model's frontier taken over from the dense one at the first change
     records = []
     underdetermined = []
     zeros = [int(values[i].size - np.count_nonzero(values[i])) for i in idx]
@@ -203,6 +204,12 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
         gains = n_prune > zeros_before
         if not gains and not changed:
             continue
+        if changed and not seeded:
+            # until the first change the two models computed the same values: the reconstructed model starts
+            # from the dense frontier (not from the graph inputs), less what read a weight changed since
+            front.adopt(dense_front)
+            front.invalidate(list(overrides))
+            seeded = True
         t = time.perf_counter()
         if progress is not None:
             elapsed = t - t0
