@@ -67,6 +67,19 @@ def test_prefix_feeds_or_computes_each_value_once():
     assert len(defined) == len(set(defined))
 
 
+def _prefix_sizes(monkeypatch) -> list:
+    """The number of nodes of every prefix model built from now on (a list filled as they are built)."""
+    ran = []
+    real = activations.prefix_model
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        ran.append(len(r[2]))
+        return r
+    monkeypatch.setattr(activations, "prefix_model", spy)
+    return ran
+
+
 def test_frontier_runs_each_node_once_per_batch(monkeypatch):
     """Every node of the chain runs once per model (dense, reconstructed) and batch over the whole run."""
     rng = np.random.default_rng(2)
@@ -76,14 +89,7 @@ def test_frontier_runs_each_node_once_per_batch(monkeypatch):
         nodes += [helper.make_node("MatMul", [prev, f"w{k}"], [f"h{k}"]), helper.make_node("Tanh", [f"h{k}"], [f"t{k}"])]
         prev = f"t{k}"
     m = make_model(nodes, [vi("x", ["N", 16])], [vi(prev, ["N", 16])], [init(f"w{k}", w) for k, w in enumerate(ws)])
-    ran = []
-    real = activations.prefix_model
-
-    def spy(*a, **kw):
-        r = real(*a, **kw)
-        ran.append(len(r[2]))
-        return r
-    monkeypatch.setattr(activations, "prefix_model", spy)
+    ran = _prefix_sizes(monkeypatch)
     x = rng.standard_normal((64, 16)).astype(np.float32)
     prune(m, 0.5, effective=False, reconstruct=True, calibration=[{"x": x[:32]}, {"x": x[32:]}])
     # the chain's inputs: layer k reads t(k-1); its prefix runs MatMul + Tanh of layer k-1 only
@@ -103,14 +109,7 @@ def test_reconstructed_model_starts_from_the_dense_frontier(monkeypatch, tmp_pat
         prev = f"t{k}"
     m = make_model(nodes, [vi("x", ["N", 16])], [vi(prev, ["N", 16])],
                    [init(f"w{k}", rng.standard_normal((16, 16)).astype(np.float32)) for k in range(3)])
-    ran = []
-    real = activations.prefix_model
-
-    def spy(*a, **kw):
-        r = real(*a, **kw)
-        ran.append(len(r[2]))
-        return r
-    monkeypatch.setattr(activations, "prefix_model", spy)
+    ran = _prefix_sizes(monkeypatch)
     monkeypatch.setenv("TMPDIR", str(tmp_path))
     import tempfile
     monkeypatch.setattr(tempfile, "tempdir", None)

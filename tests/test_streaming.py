@@ -141,7 +141,10 @@ def test_large_initializers_are_handed_not_serialised(tmp_path, monkeypatch):
 
     def spy(*a, **kw):
         r = real(*a, **kw)
-        sizes.append((len(r[0]), len(r[4])))
+        pm = onnx.load_from_string(r[0])
+        floats = [t for t in pm.graph.initializer if t.data_type == onnx.TensorProto.FLOAT]
+        held = [t for t in floats if t.data_location != onnx.TensorProto.EXTERNAL and t.raw_data]
+        sizes.append((len(r[0]), len(r[4]), len(floats), len(held)))
         return r
     monkeypatch.setattr(activations, "prefix_model", spy)
     outs, default = {}, activations.HANDED
@@ -153,9 +156,11 @@ def test_large_initializers_are_handed_not_serialised(tmp_path, monkeypatch):
         outs[handed] = tree(d)
     assert outs[1] == outs[default]
     half = len(sizes) // 2
-    # (a prefix may hold no weight at all: a dense prefix that starts after the last layer's Conv)
-    assert not any(n for _, n in sizes[:half]) and sum(n for _, n in sizes[half:]) >= half // 2
-    assert sum(b for b, _ in sizes[half:]) < sum(b for b, _ in sizes[:half]) / 10  # the weights left the protobuf
+    assert not any(n for _, n, _, _ in sizes[:half])
+    # every float weight a prefix uses is handed (a dense prefix that starts after the last layer's Conv may use
+    # none), none is held in the protobuf
+    assert all(n == f and h == 0 for _, n, f, h in sizes[half:]) and any(n for _, n, _, _ in sizes[half:])
+    assert sum(s[0] for s in sizes[half:]) < sum(s[0] for s in sizes[:half]) / 10  # the weights left the protobuf
 
 
 def test_only_prunable_weights_are_mapped(tmp_path):

@@ -266,6 +266,11 @@ class Capture:
         self._held = []
 
 
+def _write_error(path: str, exc: OSError) -> OutputError:
+    return OutputError(f"reconstruction cannot write its temporary file {path}: {first_line(exc)} (set TMPDIR to a "
+                       f"place with room for the captured activations)")
+
+
 class Frontier:
     """The computed values of one model (dense, or partly reconstructed) that a node not yet run still reads, per
     calibration batch: later prefixes start from them, so every node runs once per batch over the whole
@@ -371,9 +376,7 @@ class Frontier:
                         try:
                             shutil.copyfile(a, path)
                         except OSError as exc:
-                            raise OutputError(f"reconstruction cannot write its temporary file {path}: "
-                                              f"{first_line(exc)} (set TMPDIR to a place with room for the "
-                                              f"captured activations)") from exc
+                            raise _write_error(path, exc) from exc
                     kept.append(path)
                 else:
                     self.used += a.nbytes
@@ -400,8 +403,7 @@ class Frontier:
         try:
             np.save(path, arr, allow_pickle=False)
         except OSError as exc:
-            raise OutputError(f"reconstruction cannot write its temporary file {path}: {first_line(exc)} (set "
-                              f"TMPDIR to a place with room for the captured activations)") from exc
+            raise _write_error(path, exc) from exc
         return path
 
     def _free(self, a) -> None:

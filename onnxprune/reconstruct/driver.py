@@ -233,9 +233,10 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             if d > options.max_inputs:
                 raise Unsupported(f"{d} inputs per output row > {options.max_inputs}: H would not fit")
             names = [s.act for s in sites]
+            mask_used = _mask_for(options, g, og, d)
+            blocks = by_blocks(g, og, d, sites, mask_used)  # rows built a block at a time, never [out, p] at once
             # the dense outputs read from the model (no dense im2col) once the pruned prefix differs
-            output = dense_output(sites[0], by_blocks(g, og, d, sites, _mask_for(options, g, og, d))) \
-                if changed and len(sites) == 1 else None
+            output = dense_output(sites[0], blocks) if changed and len(sites) == 1 else None
             dense = Capture(model, names + ([output[0]] if output else []), calibration, options.threads,
                             dense_front, advance=True, fed=dense_fed())
             # a tied weight's later inputs depend on itself: the reconstructed model's frontier waits
@@ -243,8 +244,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                               advance=len(sites) == 1, fed=current_fed()) if changed else None
             scale = sites[0].scale
             sink = sites[0].bias
-            mask_used = _mask_for(options, g, og, d)
-            if by_blocks(g, og, d, sites, mask_used):  # rows built a block at a time, never [out, p] at once
+            if blocks:
                 R, Wt = None, LayerRows(w, index[0], scale, sink.dense if sink is not None else None)
             else:
                 R = w.reshape(-1).astype(np.float64)[index] * scale  # [g, og, d]
