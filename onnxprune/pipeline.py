@@ -10,15 +10,16 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .allocation import ALLOCATIONS, Context, LayerInfo
+from .allocation import ALLOCATIONS, LayerInfo
+from .effective import Dense, Weights, connectivity_stage
 from .errors import ConfigError, InputError, RequestError
 from .graph import find_layers, find_quantized_ops
 from .io import LoadedModel, hold, load_model, read_tensor, write_tensor
-from .io.mapped import Streamed, Values, mask_values
+from .io.mapped import Streamed, Values
 from .io.model import STREAM_ABOVE
 from .report import LayerReport, Report
-from .scores import SCORES, MagnitudeBuffer
-from .select import BLOCK, apply_mask, layout_perm, magnitude_mask, prune_mask
+from .scores import MagnitudeBuffer
+from .selection import Selector
 
 log = logging.getLogger("onnxprune")
 
@@ -208,7 +209,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
     report.options["target"] = config.target
     infos = [LayerInfo(size=rows[i].params, zeros=rows[i].zeros_before, shape=tuple(layers[i].shape),
                        is_conv=any(c.op in ("Conv", "ConvTranspose") for c in layers[i].consumers)) for i in idx]
-    sel = _Selector(model, layers, values, idx, infos, alloc_name, score_name, config, report, scratch)
+    sel = Selector(model, layers, values, idx, infos, alloc_name, score_name, config, report, scratch)
     target = int(round(config.sparsity * total))
     if config.target == "effective" and idx:
         target = sel.effective_target(target, zeros)
@@ -237,7 +238,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
             kept[i] = np.packbits(keep)
     t3 = time.perf_counter()
     report.timings.update({"analyse": t1 - t0, "allocate": t2 - t1, "apply": t3 - t2})
-    dense = _Dense(layers, values)  # the weights before pruning: which outputs depended on the inputs (A)
+    dense = Dense(layers, values)  # the weights before pruning: which outputs depended on the inputs (A)
     if config.reconstruct and idx:
         for i in idx:  # refit layers get new values: keep where the dense ones were non-zero (a bit each)
             dense.before[i] = np.packbits(np.not_equal(values[i], 0).reshape(-1)) if rows[i].zeros_before else None
@@ -246,7 +247,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
         _reconstruct(model, layers, values, idx, counts, kept, config, report)
         t3 = time.perf_counter()
         report.timings["reconstruct"] = report.reconstruction["time_s"]
-    weights = _Weights(layers, values, kept, sel.buffer)
+    weights = Weights(layers, values, kept, sel.buffer)
     written = set()
 
     def store(layer, w, owned=False):
@@ -280,7 +281,7 @@ def _prune(loaded: LoadedModel, config: PruneConfig):
             store(layer, w, owned=True)
         written.add(i)
 
-    _connectivity(model, layers, rows, weights, config, report, sel.shapes, flush, write_removed, loaded.pending,
+    connectivity_stage(model, layers, rows, weights, config, report, sel.shapes, flush, write_removed, loaded.pending,
                   dense)
     t4 = time.perf_counter()
     flush()
@@ -417,204 +418,3 @@ def _label_balance(labels) -> str | None:
         return (f"calibration labels look unbalanced ({len(counts)} classes, {counts.min()} to {counts.max()} "
                 f"samples each); a class-balanced calibration set reconstructs better")
     return None
-
-
-class _Selector:
-    """Allocation + selection for a given direct count: the one path every run and every probe takes."""
-
-    def __init__(self, model, layers, values, idx, infos, alloc_name, score_name, config, report, buffer=None):
-        self.model, self.layers, self.values, self.idx, self.infos = model, layers, values, idx, infos
-        self.alloc_name, self.score_name, self.config, self.report = alloc_name, score_name, config, report
-        self.buffer = buffer or MagnitudeBuffer()
-        self.zeros = np.array([i.zeros for i in infos], dtype=np.int64)
-        self.shapes = None
-        self._lap = None
-
-    def allocate(self, target: int):
-        if not self.idx:
-            return np.zeros(0, dtype=np.int64), []
-        if self.zeros.sum() >= target:
-            return self.zeros.copy(), []
-        ctx = Context(layers=self.infos, prune_total=target, min_keep=self.report.options["min_keep_count"],
-                      buffer=self.buffer, values=self.values.subset(self.idx))
-        counts = ALLOCATIONS[self.alloc_name](ctx)
-        assert int(counts.sum()) == target, (counts.sum(), target)
-        return counts, ctx.hints
-
-    def masks(self, counts, hints):
-        """Yield (position, layer index, flat pruned mask) for every layer that gains zeros (the mask lives in a
-        reused buffer: valid until the next item)."""
-        score_fn = SCORES[self.score_name] if self.score_name != "lap" else None
-        for k, i in enumerate(self.idx):
-            n_prune = int(counts[k])
-            if n_prune == self.infos[k].zeros:
-                continue  # nothing new: leave the tensor's bytes untouched
-            w = self.values[i]
-            layout = self.layers[i].layout
-            perm = layout_perm(w.shape, layout.out_axis, layout.in_axis)
-            hint = hints[k] if self.score_name == "magnitude" and k < len(hints) else None
-            if hint is not None and w.size > BLOCK:  # a large layer: block by block, no magnitude array
-                pruned = magnitude_mask(w, n_prune, w.shape, perm, hint, out=self.buffer.bools(w.size))
-                if pruned is not None:
-                    yield k, i, pruned
-                    continue
-            if self.score_name == "lap":
-                scores = self.lap_scores(i)
-            else:
-                mag = self.buffer.of(w) if self.score_name == "magnitude" else None
-                scores = score_fn(w, self.config.seed, k, perm, mag=mag)
-            yield k, i, prune_mask(scores, n_prune, w.shape, perm, hint=hint, out=self.buffer.bools(w.size))
-
-    def lap_scores(self, i):
-        from .lookahead import lap_scores, lookahead_factors
-        if self._lap is None:
-            self._lap = lookahead_factors(self.model, self.layers, self.values, self._shapes())
-        return lap_scores(self.values[i], self.layers[i], self._lap)
-
-    def _shapes(self):
-        if self.shapes is None:
-            from .shapes import infer_shapes
-            self.shapes = infer_shapes(self.model)
-        return self.shapes
-
-    def effective_zeros(self, target: int) -> int:
-        from .connectivity import effective_counts
-        counts, hints = self.allocate(target)
-        weights = {l.name: self.values[i] for i, l in enumerate(self.layers)}
-        for k, i, pruned in self.masks(counts, hints):
-            weights[self.layers[i].name] = apply_mask(self.values[i], pruned)
-        counts = None
-        if self.config.effective_mode == "exact":
-            counts, _ = _exact_counts(self.model, self.layers, weights, self._shapes(), self.config.input_shapes)
-        if counts is None:
-            counts = effective_counts(self.model, self.layers, weights, self._shapes()).effective_count
-        return sum(self.infos[k].size - counts[self.layers[i].name] for k, i in enumerate(self.idx))
-
-    def effective_target(self, wanted: int, zeros: int) -> int:
-        """Largest direct count whose effective zeros stay <= ``wanted`` (bisection; masks are nested)."""
-        total = sum(i.size for i in self.infos)
-        lo, hi = zeros, total
-        probes = []
-        e_lo = self.effective_zeros(lo)
-        probes.append((lo, e_lo))
-        if e_lo > wanted:
-            hi = lo
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            e = self.effective_zeros(mid)
-            probes.append((mid, e))
-            if e <= wanted:
-                lo = mid
-            else:
-                hi = mid
-        achieved = dict(probes).get(lo, e_lo)
-        self.report.options["effective_target"] = {"wanted_zeros": wanted, "direct_count": lo,
-                                                   "effective_zeros": int(achieved), "probes": len(probes)}
-        return lo
-
-
-def _exact_counts(model, layers, weights, shapes, input_shapes=None):
-    from .exact import Unsupported, effective_exact
-    try:
-        return effective_exact(model, layers, weights, shapes, input_shapes), None
-    except Unsupported as exc:
-        return None, str(exc)
-
-
-class _Weights:
-    """layer name -> values after selection, rebuilt from the original values and the kept flags on each access
-    (no second copy of the model is held; the array may live in a reused buffer)."""
-
-    def __init__(self, layers, values, kept, buffer):
-        self.index = {l.name: i for i, l in enumerate(layers)}
-        self.values, self.kept, self.buffer = values, kept, buffer
-
-    def _flags(self, i):
-        w = self.values[i]
-        return np.unpackbits(self.kept[i], count=w.size).view(bool).reshape(w.shape)
-
-    def masked(self, i, fresh: bool = False):
-        """The layer's values after selection: in the reused scratch buffer, or a new array when ``fresh``."""
-        w = self.values[i]
-        if i not in self.kept:
-            return w
-        out = np.empty_like(w) if fresh else self.buffer.like(w)
-        return mask_values(w, self._flags(i), out)
-
-    def __getitem__(self, name):
-        return self.masked(self.index[name])
-
-    def own(self, name):
-        """A new, writable array of the layer's values after selection (the caller may keep it)."""
-        i = self.index[name]
-        return self.masked(i, fresh=True) if i in self.kept else np.array(self.values[i])
-
-    def nonzero(self, name):
-        """Boolean non-zero flags after selection (what the unit graph needs), without rebuilding the values."""
-        i = self.index[name]
-        return self._flags(i) if i in self.kept else (self.values[i] != 0)
-
-
-class _Dense:
-    """layer name -> non-zero flags of the weights before pruning (``before``: packed flags of the layers that
-    reconstruction refit, None where every weight was non-zero)."""
-
-    def __init__(self, layers, values):
-        self.index = {l.name: i for i, l in enumerate(layers)}
-        self.layers, self.values, self.before = layers, values, {}
-
-    def nonzero(self, name):
-        i = self.index[name]
-        w = self.values[i]
-        if i not in self.before:
-            return w != 0
-        if self.before[i] is None:
-            return np.ones(w.shape, dtype=bool)
-        return np.unpackbits(self.before[i], count=w.size).view(bool).reshape(w.shape)
-
-    def __getitem__(self, name):
-        return self.nonzero(name)
-
-
-def _connectivity(model, layers, rows, weights, config, report, shapes=None, flush=None, write=None,
-                  pending=None, dense=None) -> None:
-    """Effective sparsity for the report; detached-unit removal unless switched off (or a dry run), its new
-    values stored through ``write``; outputs the pruning cut off from the inputs (``dense``: the weights before
-    pruning)."""
-    from .connectivity import collapsed_outputs, effective_counts
-    from .removal import remove_detached
-    res = effective_counts(model, layers, weights, shapes)
-    info = {"mode": "channel", "note": "exact for MLPs; a lower bound on effective sparsity for CNNs",
-            "unknown_ops": res.unknown_ops, "layers_not_analysed": [l.name for l in layers
-                                                                     if l.name not in res.exact_layers]}
-    counts = res.effective_count
-    if config.effective_mode == "exact":
-        exact, why = _exact_counts(model, layers, weights, res.shapes, config.input_shapes)
-        if exact is not None:
-            counts = exact
-            info.update(mode="exact", note="per (channel, position): also catches taps that only read padding")
-        else:
-            info["note"] += f"; exact mode not possible here ({why}), channel-level used"
-            report.warnings.append(f"--effective-mode exact: {why}; channel-level analysis used instead")
-    for row in rows:
-        row.effective_zeros = row.params - counts[row.name]
-    if config.effective and not config.dry_run:
-        removal = remove_detached(model, res, layers, weights, before_probe=flush, write=write, pending=pending)
-        for row, layer in zip(rows, layers):
-            row.zeros_after_selection = row.zeros_after
-            row.zeros_after += removal.rewritten.get(layer.name, 0)
-        info["removal"] = {"zeroed_dead_outputs": removal.zeroed_dead_out,
-                           "folded_constant_inputs": removal.folded_const_in,
-                           "left_in_place": removal.left_in_place, "biases_changed": removal.biases_changed,
-                           "passes": removal.passes, "fixed_point": removal.converged}
-        for note in removal.notes:
-            report.warnings.append(note)
-    report.connectivity = info
-    if dense is not None:
-        # from the weights as selected: removal changes no output's reach (it zeroes only weights of units that
-        # reach no output or that no input reaches), but it may empty the layers around the one pruning emptied
-        collapse = collapsed_outputs(model, layers, res, dense)
-        report.collapsed_outputs = collapse.outputs
-        for msg in collapse.warnings():
-            report.warnings.append(msg)
-            log.warning(msg)
