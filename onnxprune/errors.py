@@ -57,4 +57,9 @@ def first_line(exc: BaseException, join: bool = False, limit: int = 300) -> str:
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
-    return (" ".join(lines) if join else lines[0])[:limit]
+    text = " ".join(lines) if join else lines[0]
+    if len(text) <= limit:
+        return text
+    cut = text[:limit - 4]  # cut at a word's end, marked: never a word broken off as if it were the message
+    return (cut[:cut.rfind(" ")] if " " in cut[limit // 2:] else cut) + " ..."
+

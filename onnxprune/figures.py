@@ -155,6 +155,7 @@ def _macs(model, layers, input_shapes, batch_one: bool = False) -> tuple:
             tt = vi.type.tensor_type
             if vi.name in input_shapes:
                 tt.ClearField("shape")
+                tt.shape.SetInParent()  # a scalar (no dims) has a shape of rank 0, not an unknown one
                 for d in input_shapes[vi.name]:
                     tt.shape.dim.add().dim_value = int(d)
             elif batch_one and vi.name not in inits and tt.HasField("shape") and len(tt.shape.dim) >= 2 \

@@ -156,6 +156,24 @@ def test_macs_need_known_shapes():
         _plan(m, 0.5, target="flops")
 
 
+def test_a_scalar_input_given_its_shape_keeps_the_layers_shapes_known():
+    """x * scale[] with scale given as "scale:" (rank 0): the layers' MACs are known (a cleared shape with no dims
+    read as an unknown rank, and every layer downstream lost its shape)."""
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Mul", ["x", "scale"], ["xs"]),
+             helper.make_node("Conv", ["xs", "w1"], ["a"], pads=[1] * 4), helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["y"], pads=[1] * 4)]
+    m = make_model(nodes, [vi("x", ["N", 3, 8, 8]), vi("scale", [])], [vi("y", ["N", 4, 8, 8])],
+                   [init("w1", rng.standard_normal((8, 3, 3, 3)).astype(np.float32)),
+                    init("w2", rng.standard_normal((4, 8, 3, 3)).astype(np.float32))])
+    layers, _ = find_layers(m)
+    want = {"w1": 64 * 8 * 27, "w2": 64 * 4 * 72}
+    assert layer_macs(m, layers, {"x": [2, 3, 8, 8], "scale": []}) == want
+    assert layer_macs(m, layers, {"x": [2, 3, 8, 8]}) == want
+    _, _, plan = _plan(m, 0.5, target="macs", input_shapes={"x": [1, 3, 8, 8], "scale": []})
+    assert plan.macs_total == sum(want.values())
+
+
 def test_a_macs_target_spares_a_stem_that_a_params_target_empties():
     m = stem_model()
     macs = {"w1": 73728, "w2": 73728, "wf": 10240}

@@ -207,6 +207,7 @@ def _value_info(g, keep, changed_w):
             tt = vi.type.tensor_type
             if tt.HasField("shape") and [d.dim_value for d in tt.shape.dim] != list(t.dims):
                 tt.ClearField("shape")
+                tt.shape.SetInParent()  # a scalar keeps a shape of rank 0
                 for d in t.dims:
                     tt.shape.dim.add().dim_value = int(d)
         if k is not None and not k.all():

@@ -103,8 +103,10 @@ def prefix_model(model: onnx.ModelProto, names: list, cut: dict | None = None, o
     out.graph.input.extend(feeds)
     for n in cut_used:
         arr = cut[n]
+        # each dim unnamed: a symbolic name shared between two fed values would tell ONNX Runtime their sizes
+        # are equal (it then reuses a buffer of the wrong size: "Shape mismatch attempting to re-use buffer")
         out.graph.input.append(helper.make_tensor_value_info(
-            n, helper.np_dtype_to_tensor_dtype(arr.dtype), [f"d{k}" for k in range(arr.ndim)]))
+            n, helper.np_dtype_to_tensor_dtype(arr.dtype), [None] * arr.ndim))
     out.graph.input.extend(i for i in g.input if i.name in used and i.name in inits)
     out.graph.value_info.extend(v for v in g.value_info if v.name in used and v.name not in cut_used)
     for n in list(names) + extra:
@@ -193,6 +195,7 @@ class Capture:
         self.kept = []  # the asked-for values the frontier also keeps (a node not yet run reads them)
         self.nodes = set()
         self.advance = bool(advance and frontier is not None)
+        self._model, self._fed = model, fed  # (for telling a failed batch's cause: the data's or the cut's)
         fed = fed or {}  # initializer name -> a function giving its values (handed to the session once)
         self._held = []  # the OrtValues the session reads the fed initializers from: alive as long as it is
         if self.computed:
@@ -251,7 +254,13 @@ class Capture:
                 res = self.session.run(self.computed + self.carried,
                                        {k: cut[k] if k in cut else feed[k] for k in self.inputs}, ro)
             except Exception as exc:
-                raise InputError(f"reconstruction: ONNX Runtime failed on a calibration batch: "
+                if cut and _runs_from_inputs(self._model, self.computed, feed, self._fed):
+                    # the model runs this batch from its inputs: what failed is the prefix we cut (ours, not the
+                    # user's); that layer keeps plain selection, said in the report
+                    raise Unsupported(f"ONNX Runtime failed running the model's prefix on calibration batch "
+                                      f"{j + 1} from captured values (the model runs it from its inputs): "
+                                      f"{first_line(exc)}") from exc
+                raise InputError(f"reconstruction: ONNX Runtime failed on calibration batch {j + 1}: "
                                  f"{first_line(exc)}") from exc
             k = len(self.computed)
             out.update(zip(self.computed, res[:k]))
@@ -264,6 +273,24 @@ class Capture:
     def close(self):
         self.session = None
         self._held = []
+
+
+def _runs_from_inputs(model, names: list, feed: dict, fed) -> bool:
+    """Whether the dense model computes ``names`` on ``feed`` from its graph inputs alone (no captured values)."""
+    ort = import_ort()
+    try:
+        payload, inputs, _, _, handed = prefix_model(model, names, None, None, None, fed)
+        so = session_options(threads=1, spin=False)
+        arrays = [np.ascontiguousarray(get()) for get in handed.values()]
+        values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        if handed:
+            so.add_external_initializers(list(handed), values)
+        with quiet_native_stderr():
+            session = ort.InferenceSession(payload, so, providers=["CPUExecutionProvider"])
+            session.run(names, {k: feed[k] for k in inputs})
+        return True
+    except Exception:  # noqa: BLE001 - any failure: the model itself does not run this batch
+        return False
 
 
 def _write_error(path: str, exc: OSError) -> OutputError:

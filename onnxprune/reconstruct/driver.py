@@ -159,7 +159,9 @@ def _peak_rss() -> int | None:
 def _work(layer) -> float:
     """A layer's expected share of the time (outputs x inputs^2: its moments and its refit), for the ETA."""
     shape = layer.shape
-    out = max(int(shape[layer.layout.out_axis]) if shape else 1, 1)
+    axis = layer.layout.out_axis
+    # a 1-D weight (x @ v with v[K]) has no output axis: it is one output row of K inputs
+    out = max(int(shape[axis]) if shape and axis is not None else 1, 1)
     return float(layer.size) * (layer.size / out)
 
 

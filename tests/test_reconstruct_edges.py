@@ -1,0 +1,130 @@
+"""Calibrated reconstruction on graph edges a fuzz campaign found: 1-D MatMul weights, fed values whose dims differ,
+and telling a calibration batch the model cannot run from a prefix we cut wrong."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from conftest import init, invoke, make_model, run, vi, weights
+from onnxprune import prune
+from onnxprune.reconstruct import activations
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_one_dimensional_matmul_weight_reconstructs(left, tmp_path):
+    """x @ v with v[K] (a scoring vector) and v @ h: one output row of K inputs, solved like any other (was exit 70:
+    the progress estimate read the weight's output axis, which a 1-D weight has none of)."""
+    rng = np.random.default_rng(0)
+    w1 = (rng.standard_normal((16, 32)) / 4).astype(np.float32)
+    if left:  # v[32] @ t[N, 32, 8]
+        v = (rng.standard_normal(32) / 6).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                 helper.make_node("Transpose", ["r"], ["t"], perm=[0, 2, 1]),
+                 helper.make_node("MatMul", ["v", "t"], ["y"])]
+        shape, out = ["N", 8, 16], ["N", 8]
+    else:  # h[N, 32] @ v[32]
+        v = (rng.standard_normal(32) / 6).astype(np.float32)
+        nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                 helper.make_node("MatMul", ["r", "v"], ["y"])]
+        shape, out = ["N", 16], ["N"]
+    m = make_model(nodes, [vi("x", shape)], [vi("y", out)], [init("w1", w1), init("v", v)])
+    x = rng.standard_normal([64] + shape[1:]).astype(np.float32)
+    pruned, rep = prune(m, 0.5, effective=False, reconstruct=True, calibration=[{"x": x[:32]}, {"x": x[32:]}])
+    layers = {l["name"]: l for l in rep.reconstruction["layers"]}
+    assert layers["v"]["method"] != "plain", layers["v"]
+    assert layers["v"]["rel_error_after"] <= layers["v"]["rel_error_before"] + 1e-12
+    got = weights(pruned)
+    assert int(np.count_nonzero(got["w1"] == 0) + np.count_nonzero(got["v"] == 0)) == round(0.5 * (512 + v.size))
+    run(pruned, {"x": x})
+    path, data = tmp_path / "m.onnx", tmp_path / "cal.npz"
+    onnx.save(m, path)
+    np.savez(data, x=x)
+    res = invoke(path, "-s", "0.5", "--calibration", data, "-o", tmp_path / "out.onnx", "-q")
+    assert res.exit_code == 0, res.output
+
+
+def test_fed_values_of_different_sizes_are_declared_apart():
+    """An activation h [N, 10, 8] and a Constant-node weight [8, 8] fed to one prefix: no dim of one is declared
+    equal to a dim of the other (shared names d0, d1 made ONNX Runtime reuse a buffer of the wrong size: exit 3 on
+    a valid model)."""
+    rng = np.random.default_rng(1)
+    D, T = 8, 10
+
+    def w(*s):
+        return (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)
+    nodes = [helper.make_node("Constant", [], ["wk"], value=numpy_helper.from_array(w(D, D), "wk")),
+             helper.make_node("MatMul", ["x", "wk"], ["h0"]), helper.make_node("Add", ["x", "h0"], ["h"]),
+             helper.make_node("MatMul", ["h", "wk"], ["q"]), helper.make_node("MatMul", ["h", "wk2"], ["k"]),
+             helper.make_node("MatMul", ["h", "wv"], ["v"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]), helper.make_node("Softmax", ["s"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "v"], ["a"]), helper.make_node("MatMul", ["a", "wo"], ["o"]),
+             helper.make_node("Add", ["h", "o"], ["y"])]
+    m = make_model(nodes, [vi("x", ["N", T, D])], [vi("y", ["N", T, D])],
+                   [init("wk2", w(D, D)), init("wv", w(D, D)), init("wo", w(D, D))])
+    x = rng.standard_normal((8, T, D)).astype(np.float32)
+    payload, _, _, _, _ = activations.prefix_model(m, ["o"], {"h": x, "wk": w(D, D)})
+    fed = [i for i in onnx.load_from_string(payload).graph.input if i.name in ("h", "wk")]
+    assert fed and all(not d.dim_param and not d.HasField("dim_value")
+                       for i in fed for d in i.type.tensor_type.shape.dim)
+    pruned, rep = prune(m, 0.7, effective=False, reconstruct=True, calibration=[{"x": x}, {"x": x[::-1].copy()}])
+    assert all(l["method"] != "plain" for l in rep.reconstruction["layers"] if l["name"] != "wk"), \
+        rep.reconstruction["layers"]
+    run(pruned, {"x": x})
+
+
+def _chain(rng):
+    """x @ w1 -> Relu -> @ w2 -> Relu -> + b (a second input) -> @ w3: w3's prefix starts from captured values."""
+    w1 = rng.standard_normal((6, 12)).astype(np.float32)
+    w2 = rng.standard_normal((12, 12)).astype(np.float32)
+    w3 = rng.standard_normal((12, 4)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["h2"]), helper.make_node("Relu", ["h2"], ["r2"]),
+             helper.make_node("Add", ["r2", "b"], ["s"]), helper.make_node("MatMul", ["s", "w3"], ["y"])]
+    return make_model(nodes, [vi("x", ["N", 6]), vi("b", ["N", "K"])], [vi("y", ["N", 4])],
+                      [init("w1", w1), init("w2", w2), init("w3", w3)])
+
+
+def test_a_prefix_failing_on_a_batch_the_model_runs_falls_back_for_that_layer(monkeypatch, tmp_path):
+    """A prefix that fails at run time on captured values while the model runs the batch from its inputs is our
+    cut's fault: that layer keeps plain selection (reason in the report) and the run exits 0, never exit 3."""
+    rng = np.random.default_rng(2)
+    m = _chain(rng)
+    real = activations.prefix_model
+
+    def wrong_dims(model, names, cut=None, *a, **kw):
+        payload, inputs, nodes, extra, handed = real(model, names, cut, *a, **kw)
+        if cut:  # a fed value declared with dims it does not have: ONNX Runtime refuses the batch, not the model
+            p = onnx.load_from_string(payload)
+            for i in p.graph.input:
+                if i.name in cut:
+                    i.type.tensor_type.shape.dim[0].dim_value = 1  # (a batch holds 8 or more rows)
+            payload = p.SerializeToString()
+        return payload, inputs, nodes, extra, handed
+    monkeypatch.setattr(activations, "prefix_model", wrong_dims)
+    path, data, report = tmp_path / "m.onnx", tmp_path / "cal.npz", tmp_path / "r.json"
+    onnx.save(m, path)
+    np.savez(data, x=rng.standard_normal((16, 6)).astype(np.float32),
+             b=rng.standard_normal((16, 12)).astype(np.float32))
+    res = invoke(path, "-s", "0.6", "--calibration", data, "--no-validate", "--report", report, "-q")
+    assert res.exit_code == 0, res.output
+    layers = {l["name"]: l for l in json.loads(report.read_text())["reconstruction"]["layers"]}
+    assert layers["w1"]["method"] != "plain" and layers["w2"]["method"] != "plain"
+    assert layers["w3"]["method"] == "plain" and "from its inputs" in layers["w3"]["fallback"]
+
+
+def test_a_batch_the_model_itself_cannot_run_is_the_data_s_fault(tmp_path):
+    """Calibration arrays whose free dims disagree (r [N, 12] + b [N, 5]: the model declares b [N, K]) fail in the
+    model itself, not only in the prefix: exit 3 with a one-line error naming the batch, and no output."""
+    rng = np.random.default_rng(3)
+    m = _chain(rng)
+    path, data, out = tmp_path / "m.onnx", tmp_path / "cal.npz", tmp_path / "out.onnx"
+    onnx.save(m, path)
+    np.savez(data, x=rng.standard_normal((16, 6)).astype(np.float32),
+             b=rng.standard_normal((16, 5)).astype(np.float32))
+    res = invoke(path, "-s", "0.6", "--calibration", data, "--no-validate", "-o", out, "-q")
+    assert res.exit_code == 3, res.output
+    assert "w3: " in res.output and "calibration batch 1" in res.output and "\n" not in res.output.strip()
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cal.npz", "m.onnx"]
