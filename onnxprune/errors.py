@@ -1,4 +1,4 @@
-"""One family of typed exceptions. Exit codes live in cli.py, never here."""
+"""One family of typed exceptions. Exit codes live in cli/run.py, never here."""
 
 
 class OnnxPruneError(Exception):
