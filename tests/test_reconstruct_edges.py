@@ -128,3 +128,13 @@ def test_a_batch_the_model_itself_cannot_run_is_the_data_s_fault(tmp_path):
     assert res.exit_code == 3, res.output
     assert "w3: " in res.output and "calibration batch 1" in res.output and "\n" not in res.output.strip()
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cal.npz", "m.onnx"]
+
+
+def test_a_long_native_error_is_cut_at_a_word_and_marked():
+    from onnxprune.errors import first_line
+    text = "Non-zero status code returned while running FusedMatMul node " * 10
+    cut = first_line(RuntimeError(text + "\nsecond line"))
+    assert len(cut) <= 300 and cut.endswith(" ...") and text.startswith(cut[:-4])
+    assert cut[:-4].endswith(("code", "status", "returned", "while", "running", "FusedMatMul", "node", "Non-zero"))
+    assert first_line(RuntimeError("short\nmore")) == "short"
+    assert first_line(RuntimeError("x" * 400)) == "x" * 296 + " ..."  # one word longer than the limit
