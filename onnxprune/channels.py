@@ -42,6 +42,7 @@ class ChannelPlan:
     macs_removed: int | None = None  # MACs per sample of the weights the masks remove (what compaction deletes)
     target_macs: int | None = None  # round(sparsity * macs_total)
     macs_per_layer: dict = field(default_factory=dict, repr=False)  # layer -> MACs per sample (dense)
+    macs_excluded: list = field(default_factory=list)  # layers in If/Loop/Scan bodies: not in the MACs figures
 
     def why_short(self) -> str:
         """Why fewer channels went than the target asked for (for messages)."""
@@ -90,7 +91,7 @@ class ChannelPlan:
                 "floored": list(self.floored),
                 "params_removed_fraction": self.params_removed_fraction,
                 "macs_total": self.macs_total, "macs_removed": self.macs_removed, "target_macs": self.target_macs,
-                "macs_removed_fraction": self.macs_removed_fraction}
+                "macs_removed_fraction": self.macs_removed_fraction, "macs_excluded": list(self.macs_excluded)}
 
 
 def channel_plan(model, layers, values, sparsity: float, allocation: str = "lamp", align: int = 1, *,
@@ -240,20 +241,25 @@ def _macs(model, active, input_shapes, plan, target):
     (ValueError then if the target is MACs)."""
     from .figures import layer_macs
     per = layer_macs(model, active, input_shapes, batch_one=True)
-    unknown = [n for n, v in per.items() if v is None]
+    # a layer read inside an If/Loop/Scan body runs as often as its branch or loop does (data-dependent, no MACs
+    # per sample): it is left out of the MACs figures, named in the plan, rather than blocking the target
+    conditional = {l.name for l in active if per[l.name] is None
+                   and (l.graph or any(c.graph != "" for c in l.consumers))}
+    unknown = [n for n, v in per.items() if v is None and n not in conditional]
     if unknown:
         if target == "macs":
             named = ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else "")
             raise ValueError(f"a MACs target needs every prunable layer's MACs per sample, and the shapes of "
                              f"{named} are not known at the model's declared input shapes"
                              + (f" and {input_shapes}" if input_shapes else "")
-                             + ": give the dynamic inputs' shapes with --input-shape NAME:D1,D2,... (a layer inside "
-                             "a subgraph, If/Loop/Scan, has none)")
+                             + ": give the dynamic inputs' shapes with --input-shape NAME:D1,D2,...")
         return None
-    plan.macs_per_layer = dict(per)
-    plan.macs_total = int(sum(per.values()))
+    plan.macs_excluded = sorted(conditional)
+    plan.macs_per_layer = {n: v for n, v in per.items() if n not in conditional}
+    plan.macs_total = int(sum(plan.macs_per_layer.values()))
     plan.macs_removed = 0
-    return {l.name: (int(per[l.name]), int(l.size)) for l in active}
+    return {l.name: ((0, int(l.size)) if l.name in conditional else (int(per[l.name]), int(l.size)))
+            for l in active}
 
 
 def _hits(g, own) -> dict:

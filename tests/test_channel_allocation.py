@@ -7,7 +7,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import onnxprune
-from conftest import init, make_model, run, sample, vi
+from conftest import init, invoke, make_model, run, sample, vi
 from onnxprune.channels import DEFAULT_FLOOR, channel_plan
 from onnxprune.compact import compact
 from onnxprune.compact.labels import Graph
@@ -172,6 +172,34 @@ def test_a_scalar_input_given_its_shape_keeps_the_layers_shapes_known():
     assert layer_macs(m, layers, {"x": [2, 3, 8, 8]}) == want
     _, _, plan = _plan(m, 0.5, target="macs", input_shapes={"x": [1, 3, 8, 8], "scale": []})
     assert plan.macs_total == sum(want.values())
+
+
+def test_a_layer_inside_an_if_branch_is_left_out_of_the_macs_figures(tmp_path):
+    """A weight read inside an If branch runs only when its branch does: no MACs per sample. The MACs target plans
+    on the other layers and names it (it said every shape was unknown and asked for --input-shape, given)."""
+    rng = np.random.default_rng(0)
+    then = helper.make_graph([helper.make_node("MatMul", ["h", "wb"], ["to"])], "then", [], [vi("to", None)])
+    other = helper.make_graph([helper.make_node("Relu", ["h"], ["eo"])], "else", [], [vi("eo", None)])
+    nodes = [helper.make_node("MatMul", ["x", "w0"], ["a0"]), helper.make_node("Relu", ["a0"], ["h0"]),
+             helper.make_node("MatMul", ["h0", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["h"]),
+             helper.make_node("ReduceSum", ["x"], ["sx"], keepdims=0),
+             helper.make_node("Greater", ["sx", "thr"], ["c"]),
+             helper.make_node("If", ["c"], ["io"], then_branch=then, else_branch=other),
+             helper.make_node("MatMul", ["io", "w2"], ["y"])]
+    m = make_model(nodes, [vi("x", ["N", 8])], [vi("y", ["N", 4])],
+                   [init("w0", rng.standard_normal((8, 32)).astype(np.float32)),
+                    init("w1", rng.standard_normal((32, 16)).astype(np.float32)),
+                    init("wb", rng.standard_normal((16, 16)).astype(np.float32)),
+                    init("w2", rng.standard_normal((16, 4)).astype(np.float32)), init("thr", np.float32(-1e9))])
+    _, _, plan = _plan(m, 0.3, target="macs", input_shapes={"x": [1, 8]})
+    assert plan.macs_excluded == ["wb"] and "wb" not in plan.macs_per_layer
+    assert plan.macs_total == 8 * 32 + 32 * 16 + 16 * 4 and plan.to_dict()["macs_excluded"] == ["wb"]
+    assert plan.macs_removed_fraction >= 0.3
+    path = tmp_path / "m.onnx"
+    onnx.save(m, path)
+    res = invoke(path, "-s", "0.3", "--granularity", "channel", "--target", "macs", "--input-shape", "x:1,8",
+                 "--no-validate", "-o", tmp_path / "out.onnx", "-q")
+    assert res.exit_code == 0, res.output
 
 
 def test_a_macs_target_spares_a_stem_that_a_params_target_empties():

@@ -138,3 +138,43 @@ def test_a_long_native_error_is_cut_at_a_word_and_marked():
     assert cut[:-4].endswith(("code", "status", "returned", "while", "running", "FusedMatMul", "node", "Non-zero"))
     assert first_line(RuntimeError("short\nmore")) == "short"
     assert first_line(RuntimeError("x" * 400)) == "x" * 296 + " ..."  # one word longer than the limit
+
+
+def test_a_short_last_batch_does_not_halve_a_wide_layer_s_rows():
+    """Batches of 32, 32 and 25 samples: the row stride comes from the batches' sizes, not three times the
+    first's. 89 x 49 rows are under the layer's cap of 4 x 1171, so all are used; a stride of 2 (from 96
+    estimated samples) left 2,181 rows for 1,171 unknowns per output and a refit worse than plain selection on
+    the very samples it was given."""
+    rng = np.random.default_rng(14)
+    w = (rng.standard_normal((130, 4, 3, 3)) * np.sqrt(2 / 36)).astype(np.float32)
+    m = make_model([helper.make_node("ConvTranspose", ["x", "w"], ["y"], strides=[2, 2])],
+                   [vi("x", ["N", 130, 3, 3])], [vi("y", ["N", 4, 7, 7])], [init("w", w)])
+    x = (rng.standard_normal((89, 130, 3, 3)) + 0.3).astype(np.float32)
+    cal = [{"x": x[:32]}, {"x": x[32:64]}, {"x": x[64:]}]
+    out, rep = prune(m, 0.5, method="uniform", effective=False, reconstruct=True, calibration=cal)
+    (layer,) = rep.reconstruction["layers"]
+    assert layer["inputs"] == 1170 and layer["rows"] == 89 * 49
+    plain, _ = prune(m, 0.5, method="uniform", effective=False)
+    (dense,), (rec,), (pl,) = run(m, {"x": x}), run(out, {"x": x}), run(plain, {"x": x})
+    err = lambda y: float(np.sum((y.astype(np.float64) - dense) ** 2) / np.sum(dense.astype(np.float64) ** 2))
+    assert err(rec) < err(pl)
+
+
+def test_a_refit_beyond_float16_keeps_plain_selection():
+    """An fp16 layer whose refit bias (~1e5, finite in float64) overflows float16: the layer keeps plain selection
+    with the reason, and the model holds no inf (it was written as inf and failed the output check)."""
+    rng = np.random.default_rng(3)
+    w1 = np.tile(np.array([290.0, -300.0], np.float32), 4)[:, None] * (1 + 0.02 * rng.standard_normal((8, 4)))
+    w2 = (rng.standard_normal((4, 3)) * 0.01).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Add", ["a", "b1"], ["ab"]),
+             helper.make_node("Relu", ["ab"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    f16 = onnx.TensorProto.FLOAT16
+    m = make_model(nodes, [vi("x", ["N", 8], f16)], [vi("y", ["N", 3], f16)],
+                   [init("w1", w1.astype(np.float16)), init("b1", np.zeros(4, np.float16)),
+                    init("w2", w2.astype(np.float16))])
+    x = (100 + rng.standard_normal((64, 8))).astype(np.float16)
+    out, rep = prune(m, 0.5, effective=False, reconstruct=True, calibration=[{"x": x}])
+    layers = {l["name"]: l for l in rep.reconstruction["layers"]}
+    assert layers["w1"]["method"] == "plain" and "beyond the range of float16" in layers["w1"]["fallback"]
+    assert all(np.isfinite(v.astype(np.float64)).all() for v in weights(out).values())
+    assert np.isfinite(run(out, {"x": x})[0]).all()

@@ -14,7 +14,7 @@ from ..io.mapped import Source, spill
 from ..select import layout_perm, prune_mask
 from .activations import Capture, Frontier
 from .moments import Moments, accumulate, dense_output, row_moments
-from .problems import Graph, Unsupported, build_sites
+from .problems import Graph, Unsupported, build_sites, cast_finite, stored_finite
 from .solver import Group, admm_support
 from .wide import LayerRows, by_blocks, solve_wide
 
@@ -404,12 +404,8 @@ def _solve(layer, w, sites, mom, R, n_prune, plain_pruned, options):
     bias = None
     if sink is not None and method != "plain":
         b = rows[:, :, d].reshape(-1)
-        if not np.all(np.isfinite(b)):
-            raise Unsupported("the refit produced a non-finite bias")
-        bias = sink.stored(b)
-    if not np.all(np.isfinite(new)):
-        raise Unsupported("the refit produced non-finite weights")
-    out = new.astype(w.dtype)
+        bias = stored_finite(sink, b)
+    out = cast_finite(new, w.dtype)
     lost = np.flatnonzero((out == 0) & ~msk)
     if lost.size:  # a kept weight that rounds to zero would change the count: keep it a tiny non-zero
         out[lost] = np.copysign(np.finfo(w.dtype).smallest_subnormal, new[lost]).astype(w.dtype)

@@ -79,6 +79,12 @@ def _output_rows(y: np.ndarray, g: int, step: int, bias) -> np.ndarray:
     return rows
 
 
+def _batch_scale(feeds) -> float:
+    """The calibration batches' total size in units of the first batch's (sum of their arrays' elements)."""
+    sizes = [sum(int(np.size(a)) for a in feed.values()) for feed in feeds]
+    return sum(sizes) / sizes[0] if sizes and sizes[0] else float(len(feeds))
+
+
 def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: int, Wt: np.ndarray,
                output: tuple | None = None) -> Moments:
     """Accumulate the layer's ``Moments`` over the calibration batches; ``Wt`` [g, og, p]: the dense rows [W | b]
@@ -135,7 +141,9 @@ def accumulate(sites, feeds, dense: Capture, current: Capture | None, max_rows: 
         for site in sites:
             if max_rows and stride is None:  # fixed from the first batch: deterministic, evenly spread rows
                 n0 = site.count(od[site.act])
-                stride = max(1, -(-n0 * len(feeds) * len(sites) // max_rows))
+                # the batches' sizes scale the first one's rows (a short last batch: a whole one's estimate
+                # could double the stride and halve the rows, below what the layer's cap asked for)
+                stride = max(1, -(-int(n0 * _batch_scale(feeds) + 0.5) * len(sites) // max_rows))
             if direct is None:
                 # twice the held-out bound (a short last batch gives at least half the estimate with two or
                 # more batches): the held-out choice needs the dense sample rows themselves

@@ -42,6 +42,27 @@ class BiasSink:
         return (bias / self.scale).reshape(self.shape).astype(self.dtype)
 
 
+def cast_finite(values: np.ndarray, dtype) -> np.ndarray:
+    """``values`` in the weight's storage dtype; Unsupported where one is not finite there (a refit that
+    overflows float16 would write inf into the model)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = values.astype(dtype)
+    if not np.all(np.isfinite(out)):
+        what = "non-finite" if not np.all(np.isfinite(values)) else f"beyond the range of {np.dtype(dtype)}"
+        raise Unsupported(f"the refit produced weights {what}")
+    return out
+
+
+def stored_finite(sink, bias: np.ndarray) -> np.ndarray:
+    """``sink.stored(bias)``; Unsupported where a value is not finite in the bias's storage dtype."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = sink.stored(bias) if np.all(np.isfinite(bias)) else None
+    if out is None or not np.all(np.isfinite(out)):
+        what = "non-finite" if out is None else f"beyond the range of {np.dtype(sink.dtype)}"
+        raise Unsupported(f"the refit produced a bias {what}")
+    return out
+
+
 @dataclass
 class Site:
     """One consumer node of the weight."""

@@ -10,7 +10,7 @@ import tempfile
 import numpy as np
 
 from ..select import canonical_index, layout_perm
-from .problems import Unsupported
+from .problems import cast_finite, stored_finite
 from .solver import Group, Rows
 
 ROW_BYTES = 1 << 26  # float64 bytes of one block of rows [rows, p]
@@ -226,9 +226,7 @@ def solve_wide(layer, w, site, mom, rows: LayerRows, n_prune: int, plain_pruned:
             new = block[:, :d] / site.scale
             m = msk[index[a:b]]
             new[m] = 0.0
-            if not np.all(np.isfinite(new)):
-                raise Unsupported("the refit produced non-finite weights")
-            o = new.astype(w.dtype)
+            o = cast_finite(new, w.dtype)
             lost = (o == 0) & ~m
             if lost.any():  # a kept weight that rounds to zero would change the count: a tiny non-zero
                 o[lost] = np.copysign(np.finfo(w.dtype).smallest_subnormal, new[lost]).astype(w.dtype)
@@ -238,9 +236,7 @@ def solve_wide(layer, w, site, mom, rows: LayerRows, n_prune: int, plain_pruned:
             f.close()
     bias = None
     if stored_bias is not None:
-        if not np.all(np.isfinite(stored_bias)):
-            raise Unsupported("the refit produced a non-finite bias")
-        bias = sink.stored(stored_bias)
+        bias = stored_finite(sink, stored_bias)
     energy = max(energy, 1e-300)
     fields = {"method": method, "mask": mask_used if msk is pruned else "plain", "groups": 1, "inputs": d,
               "outputs": og, "bias": None if sink is None else sink.kind, "lambda": float(first.lam),
