@@ -9,7 +9,9 @@ from onnx import helper, numpy_helper
 
 from conftest import init, invoke, make_model, run, vi, weights
 from onnxprune import prune
+from onnxprune.graph import find_layers
 from onnxprune.reconstruct import activations
+from onnxprune.reconstruct.problems import Graph, other_readers
 
 
 @pytest.mark.parametrize("left", [False, True])
@@ -178,3 +180,44 @@ def test_a_refit_beyond_float16_keeps_plain_selection():
     assert layers["w1"]["method"] == "plain" and "beyond the range of float16" in layers["w1"]["fallback"]
     assert all(np.isfinite(v.astype(np.float64)).all() for v in weights(out).values())
     assert np.isfinite(run(out, {"x": x})[0]).all()
+
+
+def _tied_embedding_model(rng, V=40, D=16):
+    """ids -> Gather(E) -> MatMul W1 -> Relu -> Gemm(h, E, transB=1): logits over the vocabulary (E tied)."""
+    E = (rng.standard_normal((V, D)) / 2).astype(np.float32)
+    W1 = (rng.standard_normal((D, D)) / 4).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"]), helper.make_node("MatMul", ["e", "W1"], ["h0"]),
+             helper.make_node("Relu", ["h0"], ["h"]), helper.make_node("Shape", ["E"], ["es"]),
+             helper.make_node("Gemm", ["h", "E"], ["y"], transB=1)]
+    return make_model(nodes, [vi("ids", ["N"], onnx.TensorProto.INT64)], [vi("y", ["N", V]), vi("es", [2],
+                      onnx.TensorProto.INT64)], [init("E", E), init("W1", W1)])
+
+
+def test_a_weight_also_read_by_a_gather_keeps_plain_selection_seen_pruned_by_every_capture():
+    """A tied embedding (Gather and the output Gemm read E): a refit for the Gemm would change the embeddings
+    unseen, so E keeps plain selection with the reason; W1 is fitted on the embeddings the pruned model's Gather
+    gives (E pruned from the first capture on), so its reported error is what the written model has."""
+    rng = np.random.default_rng(5)
+    m = _tied_embedding_model(rng)
+    layers, _ = find_layers(m)
+    graph = Graph(m)
+    assert {l.name: other_readers(graph, l) for l in layers} == {"E": ["Gather"], "W1": []}  # Shape: no values
+    ids = rng.integers(0, 40, 256).astype(np.int64)
+    out, rep = prune(m, 0.5, effective=False, reconstruct=True, calibration=[{"ids": ids[:128]}, {"ids": ids[128:]}])
+    rec = {l["name"]: l for l in rep.reconstruction["layers"]}
+    assert rec["E"]["method"] == "plain" and "also read by Gather" in rec["E"]["fallback"]
+    assert rec["W1"]["method"] != "plain"
+    got = weights(out)
+    # W1's own output on the written model's embeddings: the error the report gives
+    e_pruned, e_dense = got["E"][ids].astype(np.float64), m_E(m)[ids].astype(np.float64)
+    y_dense, y_new = e_dense @ m_W1(m), e_pruned @ got["W1"].astype(np.float64)
+    measured = float(np.sum((y_new - y_dense) ** 2) / np.sum(y_dense ** 2))
+    assert measured == pytest.approx(rec["W1"]["rel_error_after"], rel=0.05)
+
+
+def m_E(m):
+    return weights(m)["E"]
+
+
+def m_W1(m):
+    return weights(m)["W1"].astype(np.float64)

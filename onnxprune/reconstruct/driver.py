@@ -14,7 +14,7 @@ from ..io.mapped import Source, spill
 from ..select import layout_perm, prune_mask
 from .activations import Capture, Frontier
 from .moments import Moments, accumulate, dense_output, row_moments
-from .problems import Graph, Unsupported, build_sites, cast_finite, stored_finite
+from .problems import Graph, Unsupported, build_sites, cast_finite, other_readers, stored_finite
 from .solver import Group, admm_support
 from .wide import LayerRows, by_blocks, solve_wide
 
@@ -198,6 +198,27 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
     # from the first layer that gains zeros on, every layer is solved
     work = {k: _work(layers[idx[k]]) for k in range(first, len(idx))}
     total_work, done_work = sum(work.values()) or 1.0, 0.0
+    def plain_mask(i):
+        if i in kept:
+            return ~np.unpackbits(kept[i], count=values[i].size).view(bool)
+        return values[i].reshape(-1) == 0
+
+    # a weight also read outside its layer (a tied embedding's Gather) keeps plain selection, and every capture
+    # sees it pruned from the start: the layers before its own fit the values the pruned model's Gather gives
+    shared = {}
+    for k, i in enumerate(idx):
+        others = other_readers(graph, layers[i]) if not layers[i].graph else []
+        if others:
+            shared[i] = others
+            if int(counts[k]) > zeros[k] and graph.stored(layers[i].name) is not None:
+                w = values[i]
+                overrides[layers[i].name] = held(i, np.where(plain_mask(i).reshape(w.shape),
+                                                             np.zeros((), w.dtype), w))
+                changed = True
+    if changed:  # from the first layer on, inputs differ from the dense model's: every layer is solved
+        first = 0
+        work = {k: _work(layers[idx[k]]) for k in range(len(idx))}
+        total_work = sum(work.values()) or 1.0
     for k, i in enumerate(idx):
         layer = layers[i]
         w = values[i]
@@ -220,15 +241,14 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
                 if elapsed >= 2 and done_work >= 0.05 * total_work else None
             progress(k - first + 1, len(idx) - first, layer.name, elapsed, eta)
         done_work += work.get(k, 0.0)
-        flat_w = w.reshape(-1)
-        if i in kept:
-            plain_pruned = ~np.unpackbits(kept[i], count=w.size).view(bool)
-        else:
-            plain_pruned = flat_w == 0
+        plain_pruned = plain_mask(i)
         rec = {"name": layer.name, "op": layer.op, "params": int(w.size), "pruned": n_prune}
         try:
             if w.dtype.kind != "f" or w.dtype.itemsize < 2 or str(w.dtype) == "bfloat16":
                 raise Unsupported(f"{w.dtype} weights are not reconstructed")
+            if i in shared:
+                raise Unsupported(f"also read by {', '.join(shared[i][:3])}: a refit for its {layer.op} reader(s) "
+                                  f"would change, unseen, what that reader gives")
             sites = build_sites(graph, layer, tuple(w.shape))
             index = sites[0].index
             g, og, d = index.shape
