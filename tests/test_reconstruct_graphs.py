@@ -261,7 +261,7 @@ def test_few_rows_choose_on_held_out_rows(monkeypatch):
         assert a["x10"] == pytest.approx(b["x10"], rel=1e-9) and a["plain"] == b["plain"]
     for layer in rep.reconstruction["layers"]:
         held = layer["held_out"]
-        assert held["rows"] == 10 and held["chosen"] == min(held["rel_error"], key=held["rel_error"].get)
+        assert held["rows"] == 40 and held["folds"] == 4 and held["chosen"] == min(held["rel_error"], key=held["rel_error"].get)
         assert (layer["method"] == "plain") == (held["chosen"] == "plain")
 
 

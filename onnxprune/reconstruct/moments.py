@@ -16,9 +16,9 @@ GRAM_BLOCK = 1024  # columns of H updated per product
 SMALL_GRAM = 64  # inputs per group up to which every group's H is updated in one batched product
 HOLDOUT_BELOW = 0.5  # layers with fewer sample rows than this many times their inputs choose on held-out rows
 #                       (PP-OCRv4 rec's 2881-input Conv with 2560 rows: four solves, 12 s, for the same choice)
-HOLDOUT_MAX_INPUTS = 1024  # ... for layers up to this wide (wider ones: four O(p^3) solves; the 30 M benchmark
-#                            model's 2048-wide Gemms with 128 rows took 2.5x the time and 1.7x the memory)
-HOLDOUT_MIN_TEST = 8  # ... given at least this many held-out rows (a quarter of the rows; fewer: default damping)
+HOLDOUT_MAX_INPUTS = 1024  # ... for layers up to this wide (wider ones: 13 O(p^3) solves; with one split's four, the
+#                            30 M benchmark model's 2048-wide Gemms with 128 rows took 2.5x the time, 1.7x the memory)
+HOLDOUT_MIN_TEST = 8  # ... given at least this many rows per fold (a quarter of the rows; fewer: default damping)
 F32_ROWS = 8192  # float32 sample rows per product (its float32 sums then go into the float64 moments)
 F32_SAFE = 1e36  # a float32 step whose sums could come near float32's 3.4e38 runs in float64 instead
 
