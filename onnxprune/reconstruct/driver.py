@@ -213,18 +213,23 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             return ~np.unpackbits(kept[i], count=values[i].size).view(bool)
         return values[i].reshape(-1) == 0
 
-    # a weight also read outside its layer (a tied embedding's Gather) keeps plain selection, and every capture
-    # sees it pruned from the start: the layers before its own fit the values the pruned model's Gather gives
-    shared = {}
+    # a weight also read outside its layer (a tied embedding's Gather), or read inside an If/Loop/Scan body, keeps
+    # plain selection, and every capture sees it pruned from the start: the layers before its own position fit
+    # the values the pruned model's Gather (or branch) gives
+    shared, preset = {}, set()
     for k, i in enumerate(idx):
-        others = other_readers(graph, layers[i]) if not layers[i].graph else []
+        layer = layers[i]
+        if layer.graph:
+            continue
+        others = other_readers(graph, layer)
         if others:
             shared[i] = others
-            if int(counts[k]) > zeros[k] and graph.stored(layers[i].name) is not None:
-                w = values[i]
-                overrides[layers[i].name] = held(i, np.where(plain_mask(i).reshape(w.shape),
-                                                             np.zeros((), w.dtype), w))
-                changed = True
+        if (others or any(c.graph for c in layer.consumers)) and int(counts[k]) > zeros[k] \
+                and graph.stored(layer.name) is not None:
+            w = values[i]
+            overrides[layer.name] = held(i, np.where(plain_mask(i).reshape(w.shape), np.zeros((), w.dtype), w))
+            preset.add(i)
+            changed = True
     if changed:  # from the first layer on, inputs differ from the dense model's: every layer is solved
         first = 0
         work = {k: _work(layers[idx[k]]) for k in range(len(idx))}
@@ -338,7 +343,7 @@ def _reconstruct(model, layers, values, idx, counts, kept, calibration, options,
             msg = f"{layer.name}: not reconstructed ({reason}); plain selection used"
             res.warnings.append(msg)
             log.warning(msg)
-            if gains:  # the next layers must see this layer pruned
+            if gains and i not in preset:  # the next layers must see this layer pruned
                 masked = np.where(plain_pruned.reshape(w.shape), np.zeros((), w.dtype), w)
                 if graph.stored(layer.name) is not None:
                     overrides[layer.name] = held(i, masked)

@@ -322,7 +322,7 @@ def other_readers(graph: Graph, layer) -> list:
         return []  # read inside a subgraph: ``build_sites`` says why that layer keeps plain selection
     nodes = graph.graph.node
     mine = {id(nodes[c.index]) for c in layer.consumers if not c.graph and 0 <= c.index < len(nodes)}
-    found, stack, seen = [], [layer.tensor.name], set()
+    found, stack, seen = [], [layer.name], set()  # the value's name (a Constant's tensor may differ)
     while stack:
         name = stack.pop()
         if name in seen:
