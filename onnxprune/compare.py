@@ -116,11 +116,15 @@ def channel_parts(batches, sizes) -> tuple | None:
     2..MAX_CHANNELS long, shorter than another) along which the dense RMS jumps by PART_RATIO or more between
     neighbours: up to MAX_PARTS contiguous parts, cut at the largest jumps. None otherwise."""
     a0 = batches[0]
+    if any(b.ndim != a0.ndim for b in batches):
+        return None
     sax = sample_axis(batches, sizes)
     other = [ax for ax in range(a0.ndim) if ax != sax]
-    if len(other) < 2:
+    # a channel axis has one length in every batch (a flattened [batch x seq, C] output's first axis does not)
+    fixed = [ax for ax in other if all(b.shape[ax] == a0.shape[ax] for b in batches)]
+    if len(other) < 2 or not fixed:
         return None
-    c, cax = min((a0.shape[ax], ax) for ax in other)
+    c, cax = min((a0.shape[ax], ax) for ax in fixed)
     if not 2 <= c <= MAX_CHANNELS or c >= max(a0.shape[ax] for ax in other):
         return None
     sq = np.zeros(c)

@@ -62,6 +62,24 @@ def test_channel_parts_split_boxes_from_class_scores():
     assert st2.parts is None
 
 
+def test_a_flattened_output_with_a_short_last_batch_has_no_channel_axis(tmp_path):
+    """[batch x seq, C] logits (Reshape to [-1, D] before the head) with a short last --data batch: the first axis
+    is 8 long in the first batches and 4 in the last, so it is no channel axis (it was: exit 70 on reshaping)."""
+    r = np.random.default_rng(0)
+    batches = [r.standard_normal((8, 47)) * np.r_[np.full(2, 300.0), np.ones(45)], r.standard_normal((8, 47)),
+               r.standard_normal((4, 47))]
+    assert channel_parts(batches, [2, 2, 1]) is None
+    nodes = [helper.make_node("Reshape", ["x", "shp"], ["x2"]), helper.make_node("Gemm", ["x2", "w"], ["y"])]
+    model = make_model(nodes, [vi("x", ["N", 4, 8])], [vi("y", ["R", 47])],
+                       [init("shp", np.array([-1, 8], dtype=np.int64)),
+                        init("w", r.standard_normal((8, 47)).astype(np.float32))])
+    path = _save(tmp_path, model)
+    np.savez(tmp_path / "d.npz", x=r.standard_normal((5, 4, 8)).astype(np.float32))
+    res = invoke(path, "-s", "0.5", "--data", tmp_path / "d.npz", "--batch-size", "2", "-o", tmp_path / "o.onnx",
+                 "-q")
+    assert res.exit_code == 0, res.output
+
+
 def test_detector_gate_fails_on_the_class_part_and_names_it(tmp_path):
     path = _save(tmp_path, detector())
     r = invoke(path, "-s", "0.9", "--exclude", "wb", "--max-rel-error", "0.15", "--synthetic", "uniform:0,1",
