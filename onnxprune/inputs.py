@@ -82,8 +82,9 @@ def input_specs(model: onnx.ModelProto) -> list:
     state ``[2, batch, 128]`` has it on axis 1, a time-major ``[time, batch, C]`` input too); otherwise the dynamic
     leading dimension of the first non-scalar input, and then every input with a dynamic leading dimension is
     batched on axis 0 (exporters that name each input's axes apart). A static model batches on axis 0 of inputs
-    sharing the first non-scalar input's leading size. An input holding a batched input's batch ``dim_param`` on
-    another axis is batched there (``[2, unk_0, 128]`` next to ``[unk_0, T]``), and a recurrent state (a float
+    sharing the first non-scalar input's leading size, and so does a model with a fixed batch of 1 with dynamic
+    axes after it (``[1, seq]``). An input holding a batched input's batch ``dim_param`` on another axis is
+    batched there (``[2, unk_0, 128]`` next to ``[unk_0, T]``), and a recurrent state (a float
     input named like state/hidden/h0/c0/past/cache/memory) whose only dynamic dimension is unnamed or named apart
     (``[2, ?, 128]``, ``[2, M, 128]``) is batched on that axis when the other inputs have a dynamic batch. Other
     inputs (scalars, fixed states) have no batch axis and are fed whole to every batch.
@@ -114,8 +115,8 @@ def input_specs(model: onnx.ModelProto) -> list:
         elif named is None and not isinstance(lead, int) and not isinstance(s.dims[0], int):
             s.batch_axis = 0
         elif named is None and isinstance(lead, int) and s.dims[0] == lead and (s is shaped[0] or s.rank >= 2) \
-                and not any(not isinstance(d, int) for d in s.dims):
-            s.batch_axis = 0
+                and (lead == 1 or not any(not isinstance(d, int) for d in s.dims)):
+            s.batch_axis = 0  # a fixed batch of 1 with dynamic axes after it ([1, 'seq']) too
     generic = set().union(*(_repeated(s.dims) for s in shaped))
     batch_params = {s.dims[s.batch_axis] for s in shaped if s.batch_axis is not None
                     and isinstance(s.dims[s.batch_axis], str)} - generic

@@ -335,3 +335,25 @@ def test_exact_mode_on_a_graph_it_cannot_follow_is_a_warning_never_exit_70(tmp_m
     doc = json.loads(r.stdout)
     assert r.exit_code == 0 and doc["connectivity"]["mode"] == "channel"
     assert any("Conv node 'pos_conv'" in w for w in doc["warnings"])
+
+
+def test_a_fixed_batch_of_one_with_a_dynamic_sequence_takes_samples_on_axis_0(tmp_model, tmp_path):
+    """ids and mask [1, 'seq'] (a token model exported at batch 1): --data holds N samples stacked on axis 0 and
+    they run one at a time, as for a static [1, 3, H, W] model (before: the data was refused, since 'seq' was
+    taken for no batch axis and [N, T] then contradicted the fixed 1)."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"]), helper.make_node("Cast", ["mask"], ["mf"], to=1),
+             helper.make_node("Unsqueeze", ["mf", "ax"], ["m3"]), helper.make_node("Mul", ["e", "m3"], ["em"]),
+             helper.make_node("MatMul", ["em", "W"], ["y"])]
+    m = make_model(nodes, [vi("ids", [1, "seq"], TensorProto.INT64), vi("mask", [1, "seq"], TensorProto.INT64)],
+                   [vi("y", [1, "seq", 8])], [init("E", rng.standard_normal((20, 8)).astype(np.float32)),
+                                              init("W", rng.standard_normal((8, 8)).astype(np.float32)),
+                                              init("ax", np.array([-1], np.int64))])
+    specs = input_specs(m)
+    assert [s.batch_axis for s in specs] == [0, 0]
+    data = tmp_path / "d.npz"
+    np.savez(data, ids=rng.integers(0, 20, (6, 5)), mask=np.ones((6, 5), np.int64))
+    r = invoke(tmp_model(m), "-s", "0.5", "--data", data, "--json", "-q")
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.stdout)["validation"]
+    assert v["status"] == "ok" and v["samples"] == 6 and v["batches"] == 6
