@@ -259,6 +259,44 @@ def node_reads(node) -> list:
     return [i for i in list(node.input) + _implicit_inputs(node) if i]
 
 
+VALUE_FREE = {"Shape", "Size"}  # readers that see a weight's shape, never its values
+
+
+def reader_map(graph) -> dict:
+    """name -> the main-graph nodes that read it (their inputs, and what their bodies read from outside)."""
+    uses = {}
+    for node in graph.node:
+        for name in node_reads(node):
+            uses.setdefault(name, []).append(node)
+    return uses
+
+
+def other_readers(layer, nodes, uses: dict, outputs) -> list:
+    """What reads ``layer``'s weight besides its Conv/Gemm/MatMul consumers (through Identity, Cast and
+    Transpose): a Gather of a tied embedding, a graph output, a Mul, an If reading it in a branch. Units dead for
+    the consumers may live for these, and a refit for the consumers would change what these compute. [] for a
+    weight read inside a subgraph (never analysed as a unit graph: the callers leave it alone)."""
+    if layer.graph or any(c.graph for c in layer.consumers):
+        return []
+    mine = {id(nodes[c.index]) for c in layer.consumers if 0 <= c.index < len(nodes)}
+    found, stack, seen = [], [layer.name], set()  # the value's name (a Constant's tensor may be named otherwise)
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name in outputs:
+            found.append(f"graph output {name}")
+        for node in uses.get(name, []):
+            if id(node) in mine or node.op_type in VALUE_FREE:
+                continue
+            if node.op_type in ("Identity", "Cast", "Transpose"):
+                stack.extend(o for o in node.output if o)
+            else:
+                found.append(f"{node.op_type} {node.name}".strip())
+    return sorted(set(found))
+
+
 def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes | None = None,
             mode: Mode = BOOL, layer_fwd=None, layer_bwd=None) -> Analysis:
     """Forward/backward unit propagation over the main graph.
@@ -398,17 +436,18 @@ def unit_flags(res: Analysis, idx: int, node) -> tuple:
 def effective_counts(model, layers, weights, shapes=None) -> Analysis:
     """Channel-level effective weight counts for every layer, without materialising masks.
 
-    A layer with a use the unit graph cannot see (a subgraph, a batched weight) counts every non-zero as
-    effective: never claimed dead. A tied weight takes the union over its consumers.
+    A layer with a use the unit graph cannot see (a subgraph, a batched weight, a reader besides its layers such
+    as a tied embedding's Gather) counts every non-zero as effective: never claimed dead. A tied weight takes the union over its consumers.
     """
     res = analyse(model, layers, weights, shapes)
     nodes = list(model.graph.node)
     per_layer = {}
     for idx, lop in res.ops.items():
         per_layer.setdefault(lop.layer.name, []).append(idx)
+    uses, outputs = reader_map(model.graph), {o.name for o in model.graph.output}
     for layer in layers:
         idxs = per_layer.get(layer.name, [])
-        if len(idxs) < len(layer.consumers):
+        if len(idxs) < len(layer.consumers) or other_readers(layer, nodes, uses, outputs):
             res.effective_count[layer.name] = int(np.count_nonzero(weights[layer.name]))
             continue
         res.exact_layers.add(layer.name)

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .connectivity import Analysis, _in_axis, analyse, node_reads, per_out_counts, unit_flags
+from .connectivity import Analysis, _in_axis, analyse, node_reads, other_readers, per_out_counts, reader_map, \
+    unit_flags
 from .graph import _resolve, _Scope
 from .errors import raise_if_interrupted
 from .io import read_tensor, write_tensor
@@ -155,10 +156,14 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
     out = Removal()
     current = _Current(weights)
     unfoldable = {}  # layer name -> unreached input flags the probe could not fold (not probed again for those)
+    # a weight also read besides its layers (a tied embedding's Gather, a graph output) is left as selected: a unit
+    # dead for its layer may live for that reader
+    uses, outputs, nodes = reader_map(model.graph), {o.name for o in model.graph.output}, list(model.graph.node)
+    shared = {l.name for l in layers if other_readers(l, nodes, uses, outputs)}
     for k in range(MAX_PASSES):
         if k:
             res = analyse(model, layers, current, res.shapes)
-        step = _remove_once(model, res, current, before_probe, write, pending, unfoldable)
+        step = _remove_once(model, res, current, before_probe, write, pending, unfoldable, shared)
         out.passes = k + 1
         out.zeroed_dead_out += step.zeroed_dead_out
         out.folded_const_in += step.folded_const_in
@@ -177,7 +182,7 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
     return out
 
 
-def _remove_once(model, res: Analysis, weights, before_probe, write, pending, unfoldable) -> Removal:
+def _remove_once(model, res: Analysis, weights, before_probe, write, pending, unfoldable, shared) -> Removal:
     """One removal pass on the analysis ``res`` of the current weights; ``changed`` says whether it changed a
     weight or a bias (writes go through ``weights.new`` too, so the next pass sees them)."""
     out = Removal()
@@ -193,8 +198,8 @@ def _remove_once(model, res: Analysis, weights, before_probe, write, pending, un
         per_layer.setdefault(lop.layer.name, []).append(idx)
     plans, need_probe = [], []
     for name, idxs in per_layer.items():
-        if len(idxs) != 1 or len(res.ops[idxs[0]].layer.consumers) != 1:
-            continue  # a tied weight: what is dead for one use may live for another
+        if len(idxs) != 1 or len(res.ops[idxs[0]].layer.consumers) != 1 or name in shared:
+            continue  # a tied weight, or one read besides its layer: what is dead for one use may live for another
         idx = idxs[0]
         node, lop = nodes[idx], res.ops[idx]
         in_vec, out_vec = unit_flags(res, idx, node)

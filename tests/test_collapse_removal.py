@@ -270,3 +270,51 @@ def test_an_output_cut_off_under_a_gate_is_exit_4(tmp_model, tmp_path):
     res = invoke(path, "--method", "global", "-s", "0.5", "--max-rel-error", "10", "-o", out)
     assert res.exit_code == 4, res.output
     assert "cuts output(s) 'y' (w2) off from the inputs" in res.stderr and not out.exists()
+
+
+def _read_besides(kind):
+    """x -> W1 -> Relu -> W2 -> y with W2's row 0 tiny (pruned: unit 0 of h reaches no output through W2), W1 also
+    read besides its layer: a graph output, a Mul -> ReduceSum term, or a tied embedding (ids -> Gather(E) -> Wa
+    with Wa's unit 0 tiny -> Relu -> MatMul with E^T: E's column 0 meets a constant input)."""
+    rng = np.random.default_rng(0)
+    if kind == "tied":
+        E = (rng.standard_normal((12, 4)) + 2).astype(np.float32)
+        wa = (rng.standard_normal((4, 4)) + 2).astype(np.float32)
+        wa[:, 0] = 1e-3
+        nodes = [helper.make_node("Gather", ["E", "ids"], ["e"]), helper.make_node("MatMul", ["e", "wa"], ["a"]),
+                 helper.make_node("Relu", ["a"], ["h"]), helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["h", "Et"], ["z"]), helper.make_node("Add", ["z", "hb"], ["y"])]
+        model = make_model(nodes, [vi("ids", ["N", 5], TensorProto.INT64)], [vi("y", ["N", 5, 12])],
+                           [init("E", E), init("wa", wa), init("hb", np.full(12, 0.1, np.float32))])
+        return model, {"ids": rng.integers(0, 12, (6, 5)).astype(np.int64)}
+    w1 = (rng.standard_normal((4, 4)) + 2).astype(np.float32)
+    w2 = rng.standard_normal((4, 3)).astype(np.float32)
+    w2[0] = 1e-3
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["a"]), helper.make_node("Relu", ["a"], ["h"]),
+             helper.make_node("MatMul", ["h", "w2"], ["y"])]
+    outs = [vi("y", ["N", 3])]
+    if kind == "output":
+        nodes.append(helper.make_node("Identity", ["w1"], ["w1_out"]))
+        outs.append(vi("w1_out", [4, 4]))
+    else:
+        nodes += [helper.make_node("Mul", ["w1", "w1"], ["sq"]), helper.make_node("ReduceSum", ["sq"], ["l2"],
+                                                                                 keepdims=0)]
+        outs.append(vi("l2", []))
+    model = make_model(nodes, [vi("x", ["N", 4])], outs, [init("w1", w1), init("w2", w2)])
+    return model, {"x": rng.standard_normal((6, 4)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("kind", ["output", "mul", "tied"])
+def test_removal_leaves_a_weight_read_besides_its_layer(kind):
+    """Units dead for a weight's layer may live for its other reader: removal leaves such a weight as selected
+    and its effective count claims none of it dead (before: a graph output of W1 moved by 2.1, a tied
+    embedding's logits by 42)."""
+    model, feeds = _read_besides(kind)
+    on, rep = prune(model, 0.5, method="global")
+    off, _ = prune(model, 0.5, method="global", effective=False)
+    for a, b in zip(run(on, feeds), run(off, feeds)):
+        np.testing.assert_array_equal(a, b)
+    name = "E" if kind == "tied" else "w1"
+    row = next(r for r in rep.layers if r.name == name)
+    assert row.zeros_after == row.zeros_after_selection == row.effective_zeros
+    assert name in rep.connectivity["layers_not_analysed"]

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..connectivity import node_reads
+from ..connectivity import node_reads, other_readers as _other_readers
 from ..layout import node_attr
 from .im2col import conv_out, conv_pads, im2col, sample_dtype
 
@@ -311,33 +311,10 @@ def _conv_bias(graph: Graph, node, out: int, n_sp: int) -> BiasSink | None:
     return _bias_after(graph, node.output[0], out, n_sp + 1)
 
 
-VALUE_FREE = {"Shape", "Size"}  # readers that see a weight's shape, never its values
-
-
 def other_readers(graph: Graph, layer) -> list:
-    """What reads the layer's weight besides its Conv/Gemm/MatMul consumers (through Identity, Cast and
-    Transpose): a Gather of a tied embedding, a graph output, an If reading it in a branch. A refit for the
+    """What reads the layer's weight besides its consumers (``connectivity.other_readers``): a refit for the
     consumers would change what these compute, unseen by the layer's problem."""
-    if any(c.graph for c in layer.consumers):
-        return []  # read inside a subgraph: ``build_sites`` says why that layer keeps plain selection
-    nodes = graph.graph.node
-    mine = {id(nodes[c.index]) for c in layer.consumers if not c.graph and 0 <= c.index < len(nodes)}
-    found, stack, seen = [], [layer.name], set()  # the value's name (a Constant's tensor may differ)
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in graph.outputs:
-            found.append(f"graph output {name}")
-        for node in graph.uses.get(name, []):
-            if id(node) in mine or node.op_type in VALUE_FREE:
-                continue
-            if node.op_type in ("Identity", "Cast", "Transpose"):
-                stack.extend(o for o in node.output if o)
-            else:
-                found.append(f"{node.op_type} {node.name}".strip())
-    return sorted(set(found))
+    return _other_readers(layer, graph.graph.node, graph.uses, graph.outputs)
 
 
 def build_sites(graph: Graph, layer, shape: tuple) -> list:
