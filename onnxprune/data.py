@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .inputs import (MAX_BATCH_SIZE, InputSpec, input_specs, parse_input_shapes, resolve_shapes,  # noqa: F401
-                     synthetic_batches)
+from .inputs import (MAX_BATCH_SIZE, InputSpec, _repeated, input_specs, parse_input_shapes,  # noqa: F401
+                     resolve_shapes, synthetic_batches)
 
 LABEL_KEYS = ("y", "labels")
 
@@ -200,6 +200,7 @@ def load_data(path: str, specs, batch_size: int) -> Dataset:
             raise InputError(f"{path}: '{s.name}' holds {bad} value(s) beyond the range of the model's "
                              f"{np.dtype(s.dtype).name} input (largest magnitude {float(np.abs(a).max()):.3g})")
         feeds[s.name] = cast
+    _check_shared_dims(specs, feeds, path)
     if n is None:  # no input has a batch axis: the arrays are one feed
         n = 1
     if n == 0:
@@ -225,6 +226,23 @@ def load_data(path: str, specs, batch_size: int) -> Dataset:
     return Dataset(batches, labels[:usable] if labels is not None else None, path, bs, samples=usable,
                    notes=notes, batch_sizes=sizes, sha256=digest,
                    batch_axes={s.name: s.batch_axis for s in specs})
+
+
+def _check_shared_dims(specs, feeds, path) -> None:
+    """Inputs naming a dimension alike (ids and mask [batch, 'seq']) must give it one size: a mask [N, 1] next to
+    ids [N, 6] would broadcast inside the model and be validated on data the model's shapes rule out. Names an
+    input repeats on several of its axes (Paddle's 'H?' for H and W) say nothing of one size and are not held."""
+    generic = set().union(*(_repeated(s.dims) for s in specs))
+    seen = {}
+    for s in specs:
+        for axis, d in enumerate(s.dims):
+            if not isinstance(d, str) or axis == s.batch_axis or d in generic:
+                continue
+            size = int(feeds[s.name].shape[axis])
+            first = seen.setdefault(d, (s.name, axis, size))
+            if first[2] != size:
+                raise InputError(f"{path}: '{s.name}' has {size} on axis {axis} ('{d}'), '{first[0]}' has "
+                                 f"{first[2]} on axis {first[1]}: inputs naming a dimension alike must agree")
 
 
 def take(dataset: Dataset, start: int, stop: int | None, source: str) -> Dataset:

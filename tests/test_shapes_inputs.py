@@ -357,3 +357,27 @@ def test_a_fixed_batch_of_one_with_a_dynamic_sequence_takes_samples_on_axis_0(tm
     assert r.exit_code == 0, r.output
     v = json.loads(r.stdout)["validation"]
     assert v["status"] == "ok" and v["samples"] == 6 and v["batches"] == 6
+
+
+@pytest.mark.parametrize("lead", [1, "batch"])
+def test_inputs_naming_a_dimension_alike_must_agree_in_the_data(tmp_model, tmp_path, lead):
+    """ids [N, 5] with a mask [N, 1]: the mask would broadcast in the model's Mul and pass validation on data the
+    model's shapes rule out; it is refused with one line naming both inputs, and nothing is written."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Gather", ["E", "ids"], ["e"]), helper.make_node("Cast", ["mask"], ["mf"], to=1),
+             helper.make_node("Unsqueeze", ["mf", "ax"], ["m3"]), helper.make_node("Mul", ["e", "m3"], ["em"]),
+             helper.make_node("MatMul", ["em", "W"], ["y"])]
+    m = make_model(nodes, [vi("ids", [lead, "seq"], TensorProto.INT64), vi("mask", [lead, "seq"], TensorProto.INT64)],
+                   [vi("y", [lead, "seq", 8])], [init("E", rng.standard_normal((20, 8)).astype(np.float32)),
+                                                 init("W", rng.standard_normal((8, 8)).astype(np.float32)),
+                                                 init("ax", np.array([-1], np.int64))])
+    path = tmp_model(m)
+    for mask_len, code in ((5, 0), (1, 3), (4, 3)):
+        data, out = tmp_path / f"d{mask_len}.npz", tmp_path / f"o{mask_len}.onnx"
+        np.savez(data, ids=rng.integers(0, 20, (6, 5)), mask=np.ones((6, mask_len), np.int64))
+        r = invoke(path, "-s", "0.5", "--data", data, "-o", out, "-q")
+        assert r.exit_code == code, r.output
+        assert out.exists() == (code == 0)
+        if code:
+            line = r.output.strip()
+            assert "\n" not in line and "'mask' has" in line and "'ids' has 5" in line
