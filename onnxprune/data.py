@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .errors import ConfigError, InputError
-from .inputs import (MAX_BATCH_SIZE, InputSpec, _repeated, input_specs, parse_input_shapes,  # noqa: F401
+from .inputs import (MAX_BATCH_SIZE, InputSpec, input_specs, parse_input_shapes, repeated_dims,  # noqa: F401
                      resolve_shapes, synthetic_batches)
 
 LABEL_KEYS = ("y", "labels")
@@ -232,7 +232,7 @@ def _check_shared_dims(specs, feeds, path) -> None:
     """Inputs naming a dimension alike (ids and mask [batch, 'seq']) must give it one size: a mask [N, 1] next to
     ids [N, 6] would broadcast inside the model and be validated on data the model's shapes rule out. Names an
     input repeats on several of its axes (Paddle's 'H?' for H and W) say nothing of one size and are not held."""
-    generic = set().union(*(_repeated(s.dims) for s in specs))
+    generic = set().union(*(repeated_dims(s.dims) for s in specs))
     seen = {}
     for s in specs:
         for axis, d in enumerate(s.dims):

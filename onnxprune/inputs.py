@@ -65,7 +65,7 @@ def _batch_like(d) -> bool:
     return isinstance(d, str) and d.lower() in _BATCH_NAMES
 
 
-def _repeated(dims) -> set:
+def repeated_dims(dims) -> set:
     """dim_params that name several axes of one input (Paddle's 'H?' for both H and W): not one size."""
     names = [d for d in dims if isinstance(d, str)]
     return {d for d in names if names.count(d) > 1}
@@ -117,7 +117,7 @@ def input_specs(model: onnx.ModelProto) -> list:
         elif named is None and isinstance(lead, int) and s.dims[0] == lead and (s is shaped[0] or s.rank >= 2) \
                 and (lead == 1 or not any(not isinstance(d, int) for d in s.dims)):
             s.batch_axis = 0  # a fixed batch of 1 with dynamic axes after it ([1, 'seq']) too
-    generic = set().union(*(_repeated(s.dims) for s in shaped))
+    generic = set().union(*(repeated_dims(s.dims) for s in shaped))
     batch_params = {s.dims[s.batch_axis] for s in shaped if s.batch_axis is not None
                     and isinstance(s.dims[s.batch_axis], str)} - generic
     dynamic_batch = any(s.batch_axis is not None and not isinstance(s.dims[s.batch_axis], int) for s in shaped)
@@ -185,7 +185,7 @@ def resolve_shapes(model, specs: list, batch_size: int, given: dict) -> list:
             if len(shape) != s.rank:
                 raise ConfigError(f"--input-shape {s.name}: {len(shape)} dims given, the model has {s.rank} "
                                   f"({_fmt_dims(s.dims)})")
-            repeated = _repeated(s.dims)
+            repeated = repeated_dims(s.dims)
             for i, (d, g) in enumerate(zip(s.dims, shape)):
                 if isinstance(d, int) and d != g:
                     raise ConfigError(f"--input-shape {s.name}: dimension {i} is fixed at {d} in the model, "
