@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from .graph import _implicit_inputs, node_reads, other_readers, reader_map  # noqa: F401 - also imported from here
 from .layout import node_attr
 from .shapes import infer_shapes  # noqa: F401 - also imported from here
 from .unitops import BINARY, HANDLED, UNARY, Mode, Shapes, Units, backward, flatten_back, forward
@@ -236,65 +237,6 @@ class Analysis:
     nonzero: dict = field(default_factory=dict)  # layer name -> non-zero weights
     effective_count: dict = field(default_factory=dict)  # layer name -> effective weights
     exact_layers: set = field(default_factory=set)  # layers the unit graph analysed (others: effective = direct)
-
-
-def _implicit_inputs(node) -> list:
-    """Outer-scope names a node's subgraphs read (If/Loop/Scan bodies)."""
-    names = []
-    for a in node.attribute:
-        subs = [a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)
-        for g in subs:
-            defined = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                defined.update(n.output)
-            for n in g.node:
-                for i in node_reads(n):
-                    if i not in defined and i not in names:
-                        names.append(i)
-    return names
-
-
-def node_reads(node) -> list:
-    """Every outer-scope name a node reads: its inputs, then what its subgraphs read from outside them."""
-    return [i for i in list(node.input) + _implicit_inputs(node) if i]
-
-
-VALUE_FREE = {"Shape", "Size"}  # readers that see a weight's shape, never its values
-
-
-def reader_map(graph) -> dict:
-    """name -> the main-graph nodes that read it (their inputs, and what their bodies read from outside)."""
-    uses = {}
-    for node in graph.node:
-        for name in node_reads(node):
-            uses.setdefault(name, []).append(node)
-    return uses
-
-
-def other_readers(layer, nodes, uses: dict, outputs) -> list:
-    """What reads ``layer``'s weight besides its Conv/Gemm/MatMul consumers (through Identity, Cast and
-    Transpose): a Gather of a tied embedding, a graph output, a Mul, an If reading it in a branch. Units dead for
-    the consumers may live for these, and a refit for the consumers would change what these compute. [] for a
-    weight read inside a subgraph (never analysed as a unit graph: the callers leave it alone)."""
-    if layer.graph or any(c.graph for c in layer.consumers):
-        return []
-    mine = {id(nodes[c.index]) for c in layer.consumers if 0 <= c.index < len(nodes)}
-    found, stack, seen = [], [layer.name], set()  # the value's name (a Constant's tensor may be named otherwise)
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        if name in outputs:
-            found.append(f"graph output {name}")
-        for node in uses.get(name, []):
-            if id(node) in mine or node.op_type in VALUE_FREE:
-                continue
-            if node.op_type in ("Identity", "Cast", "Transpose"):
-                stack.extend(o for o in node.output if o)
-            else:
-                found.append(f"{node.op_type} {node.name}".strip())
-    return sorted(set(found))
 
 
 def analyse(model: onnx.ModelProto, layers: list, weights: dict, shapes: Shapes | None = None,

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from .connectivity import Analysis, _in_axis, analyse, node_reads, other_readers, per_out_counts, reader_map, \
-    unit_flags
-from .graph import _resolve, _Scope
+from .connectivity import Analysis, _in_axis, analyse, node_reads, per_out_counts, unit_flags
+from .graph import _resolve, _Scope, other_readers, reader_map
 from .errors import raise_if_interrupted
 from .io import read_tensor, write_tensor
 from .layout import node_attr, unpadded

@@ -274,7 +274,7 @@ def test_an_output_cut_off_under_a_gate_is_exit_4(tmp_model, tmp_path):
 
 def _read_besides(kind):
     """x -> W1 -> Relu -> W2 -> y with W2's row 0 tiny (pruned: unit 0 of h reaches no output through W2), W1 also
-    read besides its layer: a graph output, a Mul -> ReduceSum term, or a tied embedding (ids -> Gather(E) -> Wa
+    read besides its layer: a graph output, a Mul -> ReduceSum term, W1 @ W1, or a tied embedding (ids -> Gather(E) -> Wa
     with Wa's unit 0 tiny -> Relu -> MatMul with E^T: E's column 0 meets a constant input)."""
     rng = np.random.default_rng(0)
     if kind == "tied":
@@ -296,6 +296,9 @@ def _read_besides(kind):
     if kind == "output":
         nodes.append(helper.make_node("Identity", ["w1"], ["w1_out"]))
         outs.append(vi("w1_out", [4, 4]))
+    elif kind == "self":  # W1 @ W1: the node is W1's layer on one input and reads W1 as data on the other
+        nodes.append(helper.make_node("MatMul", ["w1", "w1"], ["w11"]))
+        outs.append(vi("w11", [4, 4]))
     else:
         nodes += [helper.make_node("Mul", ["w1", "w1"], ["sq"]), helper.make_node("ReduceSum", ["sq"], ["l2"],
                                                                                  keepdims=0)]
@@ -304,7 +307,7 @@ def _read_besides(kind):
     return model, {"x": rng.standard_normal((6, 4)).astype(np.float32)}
 
 
-@pytest.mark.parametrize("kind", ["output", "mul", "tied"])
+@pytest.mark.parametrize("kind", ["output", "mul", "self", "tied"])
 def test_removal_leaves_a_weight_read_besides_its_layer(kind):
     """Units dead for a weight's layer may live for its other reader: removal leaves such a weight as selected
     and its effective count claims none of it dead (before: a graph output of W1 moved by 2.1, a tied

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..connectivity import node_reads, other_readers as _other_readers
+from ..graph import node_reads, other_readers as _other_readers
 from ..layout import node_attr
 from .im2col import conv_out, conv_pads, im2col, sample_dtype
 
