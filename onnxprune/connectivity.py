@@ -379,7 +379,8 @@ def effective_counts(model, layers, weights, shapes=None) -> Analysis:
     """Channel-level effective weight counts for every layer, without materialising masks.
 
     A layer with a use the unit graph cannot see (a subgraph, a batched weight, a reader besides its layers such
-    as a tied embedding's Gather) counts every non-zero as effective: never claimed dead. A tied weight takes the union over its consumers.
+    as a tied embedding's Gather) counts every non-zero as effective: never claimed dead, never in ``exact_layers``
+    (what removal may change). A tied weight takes the union over its consumers.
     """
     res = analyse(model, layers, weights, shapes)
     nodes = list(model.graph.node)

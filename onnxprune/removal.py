@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from .connectivity import Analysis, _in_axis, analyse, node_reads, per_out_counts, unit_flags
-from .graph import _resolve, _Scope, other_readers, reader_map
+from .graph import _resolve, _Scope
 from .errors import raise_if_interrupted
 from .io import read_tensor, write_tensor
 from .layout import node_attr, unpadded
@@ -142,7 +142,8 @@ class _Current:
 
 def remove_detached(model, res: Analysis, layers, weights, before_probe=None, write=None,
                     pending=None) -> Removal:
-    """Apply removal in place on ``model``, to its fixed point. ``weights.own(name)`` gives a new array of a
+    """Apply removal in place on ``model``, to its fixed point, on the layers ``res`` (``effective_counts``'s
+    analysis) analysed exactly. ``weights.own(name)`` gives a new array of a
     layer's current (masked) values; only layers that lose weights are read again and rewritten, by
     ``write(layer, values)`` (which keeps the array) when given, else into the layer's tensor. ``before_probe``
     stores every pruned weight (in the model or in ``pending``) before the constant probe runs the pruned model.
@@ -155,14 +156,13 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
     out = Removal()
     current = _Current(weights)
     unfoldable = {}  # layer name -> unreached input flags the probe could not fold (not probed again for those)
-    # a weight also read besides its layers (a tied embedding's Gather, a graph output) is left as selected: a unit
-    # dead for its layer may live for that reader
-    uses, outputs, nodes = reader_map(model.graph), {o.name for o in model.graph.output}, list(model.graph.node)
-    shared = {l.name for l in layers if other_readers(l, nodes, uses, outputs)}
+    # only the layers ``effective_counts`` analysed exactly: a weight also read besides its layers (a tied
+    # embedding's Gather, a graph output) is left as selected, as a unit dead for its layer may live for that reader
+    exact = set(res.exact_layers)
     for k in range(MAX_PASSES):
         if k:
             res = analyse(model, layers, current, res.shapes)
-        step = _remove_once(model, res, current, before_probe, write, pending, unfoldable, shared)
+        step = _remove_once(model, res, current, before_probe, write, pending, unfoldable, exact)
         out.passes = k + 1
         out.zeroed_dead_out += step.zeroed_dead_out
         out.folded_const_in += step.folded_const_in
@@ -181,7 +181,7 @@ def remove_detached(model, res: Analysis, layers, weights, before_probe=None, wr
     return out
 
 
-def _remove_once(model, res: Analysis, weights, before_probe, write, pending, unfoldable, shared) -> Removal:
+def _remove_once(model, res: Analysis, weights, before_probe, write, pending, unfoldable, exact) -> Removal:
     """One removal pass on the analysis ``res`` of the current weights; ``changed`` says whether it changed a
     weight or a bias (writes go through ``weights.new`` too, so the next pass sees them)."""
     out = Removal()
@@ -197,7 +197,7 @@ def _remove_once(model, res: Analysis, weights, before_probe, write, pending, un
         per_layer.setdefault(lop.layer.name, []).append(idx)
     plans, need_probe = [], []
     for name, idxs in per_layer.items():
-        if len(idxs) != 1 or len(res.ops[idxs[0]].layer.consumers) != 1 or name in shared:
+        if len(idxs) != 1 or len(res.ops[idxs[0]].layer.consumers) != 1 or name not in exact:
             continue  # a tied weight, or one read besides its layer: what is dead for one use may live for another
         idx = idxs[0]
         node, lop = nodes[idx], res.ops[idx]

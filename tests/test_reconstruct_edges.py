@@ -89,11 +89,20 @@ def _chain(rng):
                       [init("w1", w1), init("w2", w2), init("w3", w3)])
 
 
+def _chain_files(tmp_path, rng, k):
+    """``_chain`` saved as m.onnx with 16 calibration samples (b [16, k]) in cal.npz: (model path, data path)."""
+    path, data = tmp_path / "m.onnx", tmp_path / "cal.npz"
+    onnx.save(_chain(rng), path)
+    np.savez(data, x=rng.standard_normal((16, 6)).astype(np.float32),
+             b=rng.standard_normal((16, k)).astype(np.float32))
+    return path, data
+
+
 def test_a_prefix_failing_on_a_batch_the_model_runs_falls_back_for_that_layer(monkeypatch, tmp_path):
     """A prefix that fails at run time on captured values while the model runs the batch from its inputs is our
     cut's fault: that layer keeps plain selection (reason in the report) and the run exits 0, never exit 3."""
     rng = np.random.default_rng(2)
-    m = _chain(rng)
+    path, data = _chain_files(tmp_path, rng, 12)
     real = activations.prefix_model
 
     def wrong_dims(model, names, cut=None, *a, **kw):
@@ -106,10 +115,7 @@ def test_a_prefix_failing_on_a_batch_the_model_runs_falls_back_for_that_layer(mo
             payload = p.SerializeToString()
         return payload, inputs, nodes, extra, handed
     monkeypatch.setattr(activations, "prefix_model", wrong_dims)
-    path, data, report = tmp_path / "m.onnx", tmp_path / "cal.npz", tmp_path / "r.json"
-    onnx.save(m, path)
-    np.savez(data, x=rng.standard_normal((16, 6)).astype(np.float32),
-             b=rng.standard_normal((16, 12)).astype(np.float32))
+    report = tmp_path / "r.json"
     res = invoke(path, "-s", "0.6", "--calibration", data, "--no-validate", "--report", report, "-q")
     assert res.exit_code == 0, res.output
     layers = {l["name"]: l for l in json.loads(report.read_text())["reconstruction"]["layers"]}
@@ -121,11 +127,8 @@ def test_a_batch_the_model_itself_cannot_run_is_the_data_s_fault(tmp_path):
     """Calibration arrays whose free dims disagree (r [N, 12] + b [N, 5]: the model declares b [N, K]) fail in the
     model itself, not only in the prefix: exit 3 with a one-line error naming the batch, and no output."""
     rng = np.random.default_rng(3)
-    m = _chain(rng)
-    path, data, out = tmp_path / "m.onnx", tmp_path / "cal.npz", tmp_path / "out.onnx"
-    onnx.save(m, path)
-    np.savez(data, x=rng.standard_normal((16, 6)).astype(np.float32),
-             b=rng.standard_normal((16, 5)).astype(np.float32))
+    path, data = _chain_files(tmp_path, rng, 5)
+    out = tmp_path / "out.onnx"
     res = invoke(path, "-s", "0.6", "--calibration", data, "--no-validate", "-o", out, "-q")
     assert res.exit_code == 3, res.output
     assert "w3: " in res.output and "calibration batch 1" in res.output and "\n" not in res.output.strip()

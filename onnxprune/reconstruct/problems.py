@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ..graph import node_reads, other_readers as _other_readers
+from ..graph import other_readers as _other_readers, reader_map
 from ..layout import node_attr
 from .im2col import conv_out, conv_pads, im2col, sample_dtype
 
@@ -185,7 +185,7 @@ class Graph:
         self.inits = {t.name: t for t in g.initializer}
         self.consts = {}
         self.producer = {}
-        self.uses = {}
+        self.uses = reader_map(g)
         for node in g.node:
             for o in node.output:
                 self.producer[o] = node
@@ -193,8 +193,6 @@ class Graph:
                 for a in node.attribute:
                     if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
                         self.consts[node.output[0]] = a.t
-            for name in node_reads(node):
-                self.uses.setdefault(name, []).append(node)
         self.outputs = {o.name for o in g.output}
         self.inputs = {i.name for i in g.input}
 
@@ -312,7 +310,7 @@ def _conv_bias(graph: Graph, node, out: int, n_sp: int) -> BiasSink | None:
 
 
 def other_readers(graph: Graph, layer) -> list:
-    """What reads the layer's weight besides its consumers (``connectivity.other_readers``): a refit for the
+    """What reads the layer's weight besides its consumers (``graph.other_readers``): a refit for the
     consumers would change what these compute, unseen by the layer's problem."""
     return _other_readers(layer, graph.graph.node, graph.uses, graph.outputs)
 
